@@ -1,0 +1,55 @@
+"""gradwise: PyTorch training with the judgment of a senior ML engineer.
+
+The public API is re-exported here and imported lazily, so ``import gradwise`` costs almost
+nothing until a name is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "Trainer": "gradwise.trainer",
+    "Run": "gradwise.trainer",
+    "Recipe": "gradwise.recipe",
+    "load_recipe": "gradwise.recipe",
+    "GradwiseError": "gradwise.errors",
+    "ConfigError": "gradwise.errors",
+    "DataError": "gradwise.errors",
+    "MODELS": "gradwise.models",
+    "build_model": "gradwise.models",
+    "DATASETS": "gradwise.data",
+    "load_data": "gradwise.data",
+    "load_checkpoint": "gradwise.checkpoint",
+    "nn": "gradwise.nn",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gradwise' has no attribute {name!r}")
+    mod = importlib.import_module(module)
+    value = mod if module == f"gradwise.{name}" else getattr(mod, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs; never executed
+    from gradwise import nn
+    from gradwise.checkpoint import load_checkpoint
+    from gradwise.data import DATASETS, load_data
+    from gradwise.errors import ConfigError, DataError, GradwiseError
+    from gradwise.models import MODELS, build_model
+    from gradwise.recipe import Recipe, load_recipe
+    from gradwise.trainer import Run, Trainer

@@ -1,0 +1,37 @@
+"""Errors a user can fix. The CLI prints their message and exits with code 2, without a traceback."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from typing import Any
+
+
+class GradwiseError(Exception):
+    """Base class for problems in the user's input (recipe, data, model, paths)."""
+
+
+class ConfigError(GradwiseError, ValueError):
+    """A setting has a value gradwise cannot use: names the field, the value and what was expected."""
+
+    def __init__(self, field: str, value: Any, expected: str, hint: str | None = None) -> None:
+        self.field, self.value, self.expected, self.hint = field, value, expected, hint
+        message = f"{field}: got {_short(value)}; expected {expected}"
+        if hint:
+            message += f". {hint}"
+        super().__init__(message)
+
+
+class DataError(GradwiseError, ValueError):
+    """The data cannot be used as given (missing file, bad shape, labels out of range)."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
+    """A 'did you mean ...?' hint for a misspelt name, or None when nothing is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

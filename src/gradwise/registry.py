@@ -1,0 +1,75 @@
+"""Name -> factory registries (one decorator registers a model, a data set, a rule) and import paths."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from gradwise.errors import ConfigError, did_you_mean
+
+T = TypeVar("T", bound=Callable)
+
+
+class Registry(Generic[T]):
+    """A named collection of factories: ``@MODELS.register("mlp")`` adds one, ``MODELS["mlp"]`` gets it."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str | None = None) -> Callable[[T], T]:
+        def decorator(fn: T) -> T:
+            key = name or fn.__name__
+            if key in self._entries:
+                raise ValueError(f"{self.kind} {key!r} is already registered")
+            self._entries[key] = fn
+            return fn
+
+        return decorator
+
+    def get(self, name: str, field: str | None = None) -> T:
+        """The entry called ``name``; a ConfigError naming ``field`` with a did-you-mean otherwise."""
+        try:
+            return self._entries[name]
+        except KeyError:
+            hint = did_you_mean(name, self._entries) or f"known: {', '.join(self)}"
+            expected = f"a registered {self.kind} or an import path 'module:attr'"
+            raise ConfigError(field or self.kind, name, expected, hint) from None
+
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def import_path(path: str, field: str = "import path") -> Callable:
+    """Resolve ``package.module:attr`` (or ``package.module.attr``) to the object it names."""
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ConfigError(field, path, "an import path like 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(field, path, "an importable module", f"importing {module_name!r} failed: {exc}") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            hint = did_you_mean(part, [n for n in dir(obj) if not n.startswith("_")])
+            raise ConfigError(field, path, f"an attribute of module {module_name!r}", hint)
+        obj = getattr(obj, part)
+    return obj
+
+
+def resolve(registry: Registry[T], name: str, field: str) -> T:
+    """A registry entry by name, or any callable by import path (names containing ':')."""
+    return import_path(name, field) if ":" in name else registry.get(name, field)
