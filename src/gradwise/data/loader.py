@@ -1,0 +1,151 @@
+"""DataLoaders with expert defaults and a data order that can be resumed exactly, mid-epoch.
+
+The order of epoch e depends only on (seed, e), so a resumed run skips the batches it had already
+consumed, by index, without loading them, and then sees exactly the batches the uninterrupted run saw.
+In-memory tensors are gathered a whole batch at a time (one indexing op per tensor instead of one
+``__getitem__`` per sample plus a collate), which is several times faster for tabular data.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Batches of indices in an order fixed by (seed, epoch); :meth:`set_epoch` can skip batches."""
+
+    def __init__(
+        self, n: int, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False
+    ) -> None:
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.drop_last = drop_last
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        generator = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        return torch.randperm(self.n, generator=generator)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.order()
+        for b in range(self.skip, self.num_batches()):
+            yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+
+    def num_batches(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def __len__(self) -> int:
+        return self.num_batches() - self.skip
+
+
+class _BatchedTensors(Dataset):
+    """A TensorDataset view that gathers a whole batch with one indexing op per tensor."""
+
+    def __init__(self, dataset: TensorDataset) -> None:
+        self.tensors = dataset.tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t[index] for t in self.tensors)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        index = torch.as_tensor(indices)
+        return tuple(t[index] for t in self.tensors)
+
+
+def _already_collated(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return batch
+
+
+def in_memory(dataset: Dataset) -> bool:
+    """Whether samples come from memory (worker processes would only add IPC cost)."""
+    return isinstance(dataset, TensorDataset) or bool(getattr(dataset, "in_memory", False))
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    drop_last: bool | str = "auto",
+    num_workers: int | str = "auto",
+    pin_memory: bool | str = "auto",
+    device: torch.device | None = None,
+) -> DataLoader:
+    """A DataLoader over ``dataset`` with a :class:`ResumableBatchSampler` and expert defaults.
+
+    drop_last="auto" drops the last batch only when it would hold a single sample (that breaks
+    BatchNorm and gives a very noisy step). num_workers="auto" is 0 for in-memory data, else
+    min(8, CPUs - 1) with persistent workers. pin_memory="auto" is on for CUDA.
+    """
+    n = len(dataset)
+    if drop_last == "auto":
+        drop_last = shuffle and n % batch_size == 1 and n > 1
+    if num_workers == "auto":
+        num_workers = 0 if in_memory(dataset) else max(0, min(8, (os.cpu_count() or 1) - 1))
+    if pin_memory == "auto":
+        pin_memory = device is not None and device.type == "cuda"
+    sampler = ResumableBatchSampler(
+        n, batch_size, shuffle=shuffle, seed=seed, drop_last=bool(drop_last)
+    )
+    batched = isinstance(dataset, TensorDataset) and num_workers == 0
+    return DataLoader(
+        _BatchedTensors(dataset) if batched else dataset,
+        batch_sampler=sampler,
+        collate_fn=_already_collated if batched else None,
+        num_workers=int(num_workers),
+        pin_memory=bool(pin_memory),
+        persistent_workers=int(num_workers) > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def num_batches(loader: DataLoader) -> int | None:
+    """Batches per epoch, or None for loaders without a length (iterable datasets)."""
+    sampler = loader.batch_sampler
+    if isinstance(sampler, ResumableBatchSampler):
+        return sampler.num_batches()
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def epoch_batches(loader: DataLoader, epoch: int, skip: int = 0) -> Iterator:
+    """Iterate epoch ``epoch`` of ``loader``, starting after ``skip`` batches.
+
+    For gradwise's own loaders the skip is by index (nothing is loaded) and worker seeds follow
+    (seed, epoch). A foreign DataLoader is iterated and the skipped batches discarded; the caller
+    restores the epoch-start RNG state first so that its shuffle order repeats.
+    """
+    sampler = loader.batch_sampler
+    if isinstance(sampler, ResumableBatchSampler):
+        sampler.set_epoch(epoch, skip)
+        if loader.generator is not None:
+            loader.generator.manual_seed(sampler.seed * 7919 + epoch)
+        return iter(loader)
+    for candidate in (loader.sampler, sampler):
+        if hasattr(candidate, "set_epoch"):  # e.g. DistributedSampler
+            candidate.set_epoch(epoch)
+    iterator = iter(loader)
+    for _ in range(skip):
+        next(iterator, None)
+    return iterator
+
+
+def steps_per_epoch(batches: int, accumulate: int) -> int:
+    """Optimizer steps per epoch: a trailing partial accumulation window still makes a step."""
+    return math.ceil(batches / accumulate)

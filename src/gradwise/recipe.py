@@ -1,0 +1,341 @@
+"""The Recipe: one validated object that carries every decision of a training run.
+
+The advisor produces one, YAML loads one, the CLI and ``Trainer(**overrides)`` override one, tuning
+samples one. Defaults are an expert's, not the framework's; each field says what it does and why.
+This module imports no torch, so the CLI can parse and check recipes instantly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gradwise.errors import ConfigError, did_you_mean
+
+Task = Literal[
+    "auto", "classification", "binary", "multiclass", "multilabel", "regression", "lm", "custom"
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+    )
+
+
+class ModelSpec(_Section):
+    name: str = "mlp"
+    """A zoo model (mlp, cnn, resnet, transformer, gpt, rnn) or an import path 'package.module:factory'.
+    Size arguments (input features/channels, number of outputs, vocabulary) are inferred from the data."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the model factory, e.g. {hidden: [256, 256], dropout: 0.1}."""
+
+
+class DataSpec(_Section):
+    name: str = "digits"
+    """A built-in data set (digits, iris, wine, breast_cancer, diabetes, csv, numpy, image_folder, text,
+    synthetic_*) or an import path 'package.module:factory' returning a DataBundle or (X, y) arrays."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the data factory, e.g. {path: data.csv, target: label, val_fraction: 0.2}."""
+    batch_size: int = Field(64, gt=0)
+    """Micro-batch size per optimizer step (times `train.accumulate` for the effective batch).
+    32-256 suits most CNNs and MLPs; larger batches want a proportionally larger learning rate."""
+    eval_batch_size: int | None = Field(None, gt=0)
+    """Batch size for validation; default 2x batch_size (no gradients are kept, so it fits)."""
+    num_workers: int | Literal["auto"] = "auto"
+    """DataLoader worker processes. auto: 0 for in-memory tensors (workers only add IPC cost there),
+    otherwise min(8, CPUs - 1) with persistent workers so they are not respawned every epoch."""
+    pin_memory: bool | Literal["auto"] = "auto"
+    """Page-locked host memory for faster, asynchronous host-to-GPU copies. auto: on with CUDA."""
+    drop_last: bool | Literal["auto"] = "auto"
+    """Drop the last incomplete training batch. auto: only when it would hold a single sample,
+    which breaks batch normalisation and gives a very noisy step."""
+
+
+class OptimSpec(_Section):
+    name: Literal["adamw", "adam", "sgd", "lion"] = "adamw"
+    """adamw (default; Loshchilov & Hutter 2019, decoupled weight decay), adam, sgd (Nesterov momentum),
+    lion (Chen et al. 2023; sign updates, use a 3-10x smaller lr and 3-10x larger weight decay than AdamW)."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate (after warmup). Typical: 1e-4..3e-3 for AdamW, 1e-2..1e-1 for SGD."""
+    weight_decay: float = Field(0.05, ge=0)
+    """Decoupled weight decay, never applied to biases, normalisation parameters or embeddings.
+    Typical: 0.01-0.1 for AdamW, 1e-4..5e-4 for SGD."""
+    betas: tuple[float, float] | None = None
+    """Adam/AdamW/Lion moment coefficients. null: (0.9, 0.999) for Adam/AdamW, (0.9, 0.99) for Lion.
+    A beta2 of 0.95 steadies large Transformers."""
+    eps: float = Field(1e-8, gt=0)
+    """Adam/AdamW denominator term."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """SGD momentum."""
+    nesterov: bool = True
+    """SGD Nesterov momentum (Sutskever et al. 2013): looks ahead, converges a little faster."""
+
+    @field_validator("betas")
+    @classmethod
+    def _check_betas(cls, betas: tuple[float, float] | None) -> tuple[float, float] | None:
+        if betas is not None and not all(0 <= b < 1 for b in betas):
+            raise ValueError("two coefficients, each in [0, 1)")
+        return betas
+
+
+class ScheduleSpec(_Section):
+    name: Literal["warmup_cosine", "onecycle", "step", "plateau", "constant"] = "warmup_cosine"
+    """warmup_cosine (default): linear warmup then cosine decay to a floor (Loshchilov & Hutter 2017,
+    Goyal et al. 2017). onecycle (Smith 2018): warmup and anneal with inverse momentum. step: multiply by
+    `gamma` at `milestones`. plateau: multiply by `gamma` when the monitored metric stalls. constant."""
+    warmup: float = Field(0.05, ge=0)
+    """Warmup length: a fraction of all optimizer steps if < 1, else a number of steps. 5-10% is typical;
+    it keeps Adam's early, poorly estimated second moments from taking huge steps."""
+    min_lr: float = Field(0.01, ge=0, le=1)
+    """Floor of the cosine decay as a fraction of the peak learning rate, reached at the last step."""
+    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75])
+    """step: fractions of training at which the learning rate is multiplied by `gamma`."""
+    gamma: float = Field(0.1, gt=0, lt=1)
+    """step/plateau: multiplicative decay factor."""
+    patience: int = Field(2, ge=0)
+    """plateau: evaluations without improvement before decaying."""
+    pct_start: float = Field(0.25, gt=0, lt=1)
+    """onecycle: fraction of training spent increasing the learning rate."""
+
+
+class TrainSpec(_Section):
+    epochs: int = Field(20, gt=0)
+    """Passes over the training set."""
+    max_steps: int | None = Field(None, gt=0)
+    """Stop after this many optimizer steps (overrides epochs when smaller); schedules span it."""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value (Pascanu et al. 2013); null turns clipping off.
+    Cheap insurance against loss spikes, essential for RNNs and Transformers."""
+    accumulate: int = Field(1, gt=0)
+    """Micro-batches per optimizer step (gradient accumulation). The loss is normalised over the whole
+    accumulated batch, so k micro-batches give the same update as one k-times larger batch."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast on GPUs that support it, fp16 with loss scaling on older CUDA GPUs, fp32 on CPU
+    (CPU autocast rarely pays off for small models). bf16 needs no loss scaling: same exponent as fp32."""
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    """Classification: mix targets with the uniform distribution (Szegedy et al. 2016); 0.1 is typical."""
+    mixup: float = Field(0.0, ge=0)
+    """Image classification: Beta(alpha, alpha) mixup of input pairs and their labels (Zhang et al. 2018);
+    alpha 0.2-0.4 typical, 0 off."""
+    cutmix: float = Field(0.0, ge=0)
+    """Image classification: CutMix alpha (Yun et al. 2019); alpha 1.0 typical, 0 off. With both mixup
+    and cutmix on, each batch uses one of them at random."""
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    """Keep an exponential moving average of the weights (Polyak averaging) and validate with it;
+    0.999 for runs of a few thousand steps, 0.9999 for long runs; null off."""
+    loss: str = "auto"
+    """auto picks from the task (cross-entropy, BCE-with-logits, MSE); also mse, mae, huber, or an
+    import path 'module:fn' taking (outputs, targets) and returning a scalar loss."""
+    device: str = "auto"
+    """auto (cuda, then mps, then cpu) or a torch device string."""
+    deterministic: bool = False
+    """Use deterministic algorithms only (slower on GPU); seeds are always set."""
+    eval_every: int = Field(1, gt=0)
+    """Validate every N epochs."""
+    log_every: int = Field(10, gt=0)
+    """Record training loss and learning rate every N optimizer steps."""
+
+
+class EarlyStoppingSpec(_Section):
+    monitor: str = "auto"
+    """The validation metric that picks the best checkpoint and drives early stopping and plateau decay.
+    auto: accuracy for binary/multiclass, f1 for multilabel, loss for regression/custom, perplexity for lm."""
+    mode: Literal["auto", "min", "max"] = "auto"
+    """Whether the monitored metric should go down or up; auto knows the metrics gradwise computes."""
+    patience: int | None = Field(10, ge=1)
+    """Stop after this many evaluations without improvement; null never stops early."""
+    min_delta: float = Field(0.0, ge=0)
+    """Smallest change that counts as an improvement."""
+
+
+class CheckpointSpec(_Section):
+    keep_last: int = Field(2, ge=1)
+    """Recent checkpoints to keep, besides the best one."""
+    every_steps: int | None = Field(None, gt=0)
+    """Also checkpoint every N optimizer steps (an epoch-end checkpoint is always written)."""
+
+
+class TrackingSpec(_Section):
+    root: str = "runs"
+    """Directory that holds run directories, the MLflow database and artifacts."""
+    tensorboard: bool | None = None
+    """TensorBoard event files in the run directory; null: on when tensorboard is installed."""
+    mlflow: bool | None = None
+    """MLflow tracking in runs/mlflow.db (SQLite, no server); null: on when mlflow is installed."""
+    wandb: bool | None = None
+    """Weights & Biases; null: on only when installed and logged in."""
+    progress: bool = True
+    """Show a live progress bar on a terminal (plain log lines otherwise)."""
+
+
+class Recipe(_Section):
+    """Every decision of a training run. YAML round-trips; unknown keys are errors."""
+
+    name: str | None = None
+    """Run name; the run directory is runs/<name> (a suffix is added when taken). Default: model-data."""
+    task: Task = "auto"
+    """What is learned. auto/classification are resolved from the data (binary, multiclass, multilabel)."""
+    seed: int = 0
+    """Seeds Python, NumPy and torch; the data order and every random choice follow from it."""
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def parse(cls, data: dict[str, Any] | None, source: str = "recipe") -> Recipe:
+        """Validate a plain dict; errors become a ConfigError naming the field, value and expectation."""
+        data = data or {}
+        if not isinstance(data, dict):
+            raise ConfigError(source, data, "a mapping of recipe sections")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise _config_error(exc, data) from None
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "recipe") -> Recipe:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(source, "<yaml>", "valid YAML", str(exc).replace("\n", " ")) from None
+        return cls.parse(data, source)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys to scalar values, e.g. {'optim.lr': 0.001} (for trackers and search spaces)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for key, sub in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, sub)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+    def override(self, overrides: dict[str, Any] | None = None, **kwargs: Any) -> Recipe:
+        """A new Recipe with settings changed.
+
+        Keys are dotted paths (``optim.lr``), a section name with a dict (``optim={'lr': 1e-3}``), or a
+        bare field name that is unique across sections (``lr``, ``epochs``, ``batch_size``).
+        """
+        data = self.to_dict()
+        for key, value in {**(overrides or {}), **kwargs}.items():
+            path = _resolve_key(key, value)
+            target = data
+            for part in path[:-1]:
+                target = target.setdefault(part, {})
+            if isinstance(value, dict) and isinstance(target.get(path[-1]), dict):
+                target[path[-1]] = {**target[path[-1]], **value}
+            else:
+                target[path[-1]] = value
+        return Recipe.parse(data)
+
+
+def load_recipe(source: str | Path | dict | Recipe | None) -> Recipe:
+    """A Recipe from a YAML file path, a dict, a Recipe, or None (all defaults)."""
+    if source is None:
+        return Recipe()
+    if isinstance(source, Recipe):
+        return source
+    if isinstance(source, dict):
+        return Recipe.parse(source)
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError("recipe", str(path), "an existing YAML file")
+    return Recipe.from_yaml(path.read_text(), source=str(path))
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``key=value`` from the command line; the value is parsed as YAML (numbers, lists, null...)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError("--set", text, "key=value, e.g. optim.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+# -- field paths ------------------------------------------------------------------------------
+
+
+def _section_fields() -> dict[str, list[str]]:
+    return {
+        name: list(field.annotation.model_fields)
+        for name, field in Recipe.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, _Section)
+    }
+
+
+def _aliases() -> dict[str, tuple[str, str]]:
+    """Bare field names that occur in exactly one section -> (section, field)."""
+    seen: dict[str, list[tuple[str, str]]] = {}
+    for section, fields in _section_fields().items():
+        for field in fields:
+            seen.setdefault(field, []).append((section, field))
+    return {name: paths[0] for name, paths in seen.items() if len(paths) == 1}
+
+
+def _all_paths() -> list[str]:
+    paths = [f"{s}.{f}" for s, fields in _section_fields().items() for f in fields]
+    return paths + list(Recipe.model_fields) + list(_aliases())
+
+
+def _resolve_key(key: str, value: Any) -> list[str]:
+    parts = key.split(".")
+    sections = _section_fields()
+    if parts[0] in Recipe.model_fields:
+        section_fields = sections.get(parts[0])
+        if len(parts) == 1 or section_fields is None or parts[1] in section_fields:
+            return parts
+        if parts[1] not in section_fields and len(parts) == 2:
+            hint = did_you_mean(parts[1], section_fields) or f"fields: {', '.join(section_fields)}"
+            raise ConfigError(key, value, f"a known setting of '{parts[0]}'", hint)
+        return parts
+    alias = _aliases().get(parts[0])
+    if alias and len(parts) == 1:
+        return list(alias)
+    hint = did_you_mean(key, _all_paths())
+    raise ConfigError(key, value, "a known recipe setting such as optim.lr or epochs", hint)
+
+
+def _config_error(exc: ValidationError, data: dict[str, Any]) -> ConfigError:
+    """The first validation problem as one ConfigError (the one a user fixes first)."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    field = ".".join(loc) or "recipe"
+    value = err.get("input")
+    if err["type"] == "extra_forbidden":
+        section = Recipe.model_fields.get(loc[0]) if len(loc) > 1 else None
+        if section is not None and isinstance(section.annotation, type):
+            choices = list(section.annotation.model_fields)
+        else:
+            choices = list(Recipe.model_fields)
+        hint = did_you_mean(loc[-1], choices) or f"known: {', '.join(choices)}"
+        where = f"a known setting of '{loc[-2]}'" if len(loc) > 1 else "a known recipe section"
+        return ConfigError(field, value, where, hint)
+    expected = err["msg"]
+    for prefix in ("Value error, ", "Input should be "):
+        if expected.startswith(prefix):
+            expected = expected[len(prefix) :]
+    return ConfigError(field, value, expected)

@@ -1,0 +1,312 @@
+"""Tasks: what is learned, which loss trains it, which metrics judge it.
+
+One table (``TASKS``) says, for each task, its loss, its validation metrics (torchmetrics, updated
+batch by batch with constant memory) and the metric that picks the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gradwise.data.bundle import DataInfo
+from gradwise.errors import ConfigError, DataError
+from gradwise.registry import import_path
+
+IGNORE_INDEX = -100  # language modelling: target positions that carry no loss (padding)
+AUROC_BINS = 200  # binned AUROC keeps memory constant; exact AUROC stores every prediction
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TaskKind:
+    """One row of the task table."""
+
+    name: str
+    default_loss: str
+    monitor: str  # validation metric that picks the best checkpoint
+    description: str
+
+
+TASKS: dict[str, TaskKind] = {
+    t.name: t
+    for t in [
+        TaskKind("binary", "bce", "val_accuracy", "one logit per sample, targets 0/1"),
+        TaskKind("multiclass", "cross_entropy", "val_accuracy", "C logits, integer class targets"),
+        TaskKind("multilabel", "bce", "val_f1", "L logits, 0/1 target per label"),
+        TaskKind("regression", "mse", "val_loss", "real-valued targets"),
+        TaskKind(
+            "lm", "cross_entropy", "val_perplexity", "next-token prediction over a vocabulary"
+        ),
+        TaskKind("custom", "custom", "val_loss", "your loss function; validation loss only"),
+    ]
+}
+
+# Direction of every metric gradwise computes (for monitor mode "auto").
+METRIC_MODES: dict[str, str] = {
+    "loss": "min",
+    "accuracy": "max",
+    "f1": "max",
+    "auroc": "max",
+    "mse": "min",
+    "mae": "min",
+    "r2": "max",
+    "perplexity": "min",
+}
+
+
+def resolve_kind(task: str, info: DataInfo | None) -> str:
+    """The concrete task: 'auto' and 'classification' are settled by what the targets look like."""
+    if task in TASKS:
+        return task
+    suggested = info.task if info is not None else None
+    if suggested is None:
+        raise ConfigError(
+            "task", task, f"one of {', '.join(TASKS)}", "gradwise could not tell from the data"
+        )
+    if task == "classification" and suggested not in ("binary", "multiclass", "multilabel"):
+        raise ConfigError(
+            "task",
+            task,
+            "targets that are class labels",
+            f"the targets look like a {suggested} task (dtype {info.target_dtype}); set task={suggested}",
+        )
+    return suggested
+
+
+def num_outputs(kind: str, info: DataInfo | None) -> int | None:
+    """Width of the model's output layer for this task."""
+    if info is None:
+        return None
+    if kind == "binary":
+        return 1
+    if kind == "multiclass":
+        return info.num_classes
+    if kind == "multilabel":
+        return info.target_shape[-1] if info.target_shape else None
+    if kind == "regression":
+        return math.prod(info.target_shape) if info.target_shape else 1
+    if kind == "lm":
+        return info.vocab_size
+    return None
+
+
+class Task:
+    """Loss, sample counting and metrics for one concrete task."""
+
+    def __init__(
+        self,
+        kind: str,
+        num_outputs: int | None,
+        *,
+        loss: str | LossFn = "auto",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        self.kind = kind
+        self.spec = TASKS[kind]
+        self.num_outputs = num_outputs
+        self.label_smoothing = label_smoothing
+        self.loss_name, self._custom = self._pick_loss(loss)
+
+    def _pick_loss(self, loss: str | LossFn) -> tuple[str, LossFn | None]:
+        if callable(loss):
+            return "custom", loss
+        if loss == "auto":
+            if self.kind == "custom":
+                raise ConfigError(
+                    "train.loss",
+                    loss,
+                    "a loss for task=custom",
+                    "pass loss_fn= or train.loss='module:fn'",
+                )
+            return self.spec.default_loss, None
+        if loss in ("mse", "mae", "huber"):
+            if self.kind != "regression" and self.kind != "custom":
+                raise ConfigError("train.loss", loss, f"a loss that fits task={self.kind}")
+            return loss, None
+        if ":" in loss:
+            return "custom", import_path(loss, "train.loss")
+        raise ConfigError("train.loss", loss, "auto, mse, mae, huber or an import path 'module:fn'")
+
+    # -- loss --------------------------------------------------------------------------------
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor, *, train: bool = True) -> torch.Tensor:
+        """Mean loss over the batch (over tokens for lm). Label smoothing only while training."""
+        smoothing = self.label_smoothing if train else 0.0
+        name = self.loss_name
+        if self._custom is not None:
+            return self._custom(out, target)
+        if name == "cross_entropy":
+            if self.kind == "lm":
+                return F.cross_entropy(
+                    out.flatten(0, -2).float(),
+                    target.flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    label_smoothing=smoothing,
+                )
+            return F.cross_entropy(out.float(), target, label_smoothing=smoothing)
+        if name == "bce":
+            target = target.float()
+            if smoothing:
+                target = target * (1 - smoothing) + 0.5 * smoothing
+            return F.binary_cross_entropy_with_logits(self.align(out, target).float(), target)
+        out = self.align(out, target).float()
+        target = target.float()
+        if name == "mse":
+            return F.mse_loss(out, target)
+        if name == "mae":
+            return F.l1_loss(out, target)
+        return F.huber_loss(out, target)
+
+    @staticmethod
+    def align(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Drop a trailing output axis of size 1 when the target has none ([B, 1] vs [B])."""
+        if out.ndim == target.ndim + 1 and out.shape[-1] == 1:
+            return out.squeeze(-1)
+        return out
+
+    def count(self, target: torch.Tensor) -> torch.Tensor | int:
+        """What the mean loss averages over: samples, or non-ignored tokens for lm."""
+        if self.kind == "lm":
+            return (target != IGNORE_INDEX).sum()
+        return target.shape[0]
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def check_fit(self, out: torch.Tensor, target: torch.Tensor, info: DataInfo | None) -> None:
+        """Raise DataError when the model's outputs cannot serve this task's targets."""
+        shapes = f"model output shape {tuple(out.shape)}, target shape {tuple(target.shape)}"
+        if self.kind == "multiclass":
+            if out.ndim != 2 or target.ndim != 1:
+                raise DataError(
+                    f"multiclass: expected outputs [batch, classes] and integer targets [batch]; got {shapes}"
+                )
+            _check_labels(target, out.shape[-1], info.num_classes if info else None, "classes")
+        elif self.kind == "lm":
+            if out.shape[:-1] != target.shape:
+                raise DataError(
+                    f"lm: expected outputs [batch, time, vocab] for targets [batch, time]; got {shapes}"
+                )
+            known = info.vocab_size if info else None
+            _check_labels(target[target != IGNORE_INDEX], out.shape[-1], known, "tokens")
+        elif self.kind in ("binary", "multilabel", "regression"):
+            if self.align(out, target).shape != target.shape:
+                raise DataError(
+                    f"{self.kind}: the model's outputs do not match the targets: {shapes}"
+                )
+            if self.kind != "regression" and not bool(((target == 0) | (target == 1)).all()):
+                found = target.unique()[:5].tolist()
+                raise DataError(f"{self.kind}: targets must be 0 or 1; found values {found}")
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    def metrics(self, device: torch.device) -> Metrics:
+        return Metrics(self, device)
+
+
+class Metrics:
+    """Validation metrics, accumulated batch by batch in constant memory (no list of all logits)."""
+
+    def __init__(self, task: Task, device: torch.device) -> None:
+        self.task = task
+        self.collection = _collection(task).to(device) if task.kind != "custom" else None
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+
+    def reset(self) -> None:
+        if self.collection is not None:
+            self.collection.reset()
+        self.loss_sum.zero_()
+        self.count.zero_()
+
+    def update(self, out: torch.Tensor, target: torch.Tensor) -> None:
+        n = self.task.count(target)
+        self.loss_sum += self.task.loss(out, target, train=False).double() * n
+        self.count += n
+        if self.collection is None:
+            return
+        kind = self.task.kind
+        out = out.float()
+        if kind == "binary":
+            self.collection.update(torch.sigmoid(self.task.align(out, target)), target.long())
+        elif kind == "multiclass":
+            self.collection.update(torch.softmax(out, dim=-1), target)
+        elif kind == "multilabel":
+            self.collection.update(torch.sigmoid(out), target.long())
+        elif kind == "regression":
+            self.collection.update(self.task.align(out, target), target.float())
+        else:  # lm: Perplexity takes logits [B, T, V]
+            self.collection.update(out, target)
+
+    def compute(self) -> dict[str, float]:
+        results = {"val_loss": (self.loss_sum / self.count.clamp(min=1)).item()}
+        if self.collection is not None:
+            results.update({f"val_{k}": float(v) for k, v in self.collection.compute().items()})
+        return results
+
+
+def _collection(task: Task):
+    """torchmetrics for the task; imported here because torchmetrics takes seconds to import."""
+    from torchmetrics import MetricCollection, classification, regression, text
+
+    kind, n = task.kind, task.num_outputs
+    common = {"validate_args": False}
+    if kind == "binary":
+        metrics = {
+            "accuracy": classification.BinaryAccuracy(**common),
+            "f1": classification.BinaryF1Score(**common),
+            "auroc": classification.BinaryAUROC(thresholds=AUROC_BINS, **common),
+        }
+    elif kind == "multiclass":
+        metrics = {
+            "accuracy": classification.MulticlassAccuracy(n, average="micro", **common),
+            "f1": classification.MulticlassF1Score(n, average="macro", **common),
+            "auroc": classification.MulticlassAUROC(n, thresholds=AUROC_BINS, **common),
+        }
+    elif kind == "multilabel":
+        metrics = {
+            "accuracy": classification.MultilabelAccuracy(n, **common),
+            "f1": classification.MultilabelF1Score(n, average="macro", **common),
+            "auroc": classification.MultilabelAUROC(n, thresholds=AUROC_BINS, **common),
+        }
+    elif kind == "regression":
+        metrics = {
+            "mse": regression.MeanSquaredError(),
+            "mae": regression.MeanAbsoluteError(),
+            "r2": regression.R2Score(),
+        }
+    else:
+        metrics = {"perplexity": text.Perplexity(ignore_index=IGNORE_INDEX)}
+    return MetricCollection(metrics, compute_groups=False)
+
+
+def _check_labels(labels: torch.Tensor, width: int, known: int | None, what: str) -> None:
+    """Class or token labels must index the model's output (``known``: the data's label count)."""
+    highest = int(labels.max()) if labels.numel() else 0
+    highest = max(highest, (known or 0) - 1)
+    lowest = int(labels.min()) if labels.numel() else 0
+    if highest >= width or lowest < 0:
+        raise DataError(
+            f"labels outside the model's output range: the data has labels {lowest}..{highest} but "
+            f"the model outputs {width} {what}; expected labels in 0..{width - 1}"
+        )
+
+
+def monitor_mode(monitor: str, mode: str) -> str:
+    """'min' or 'max' for a monitored metric; 'auto' looks the metric up."""
+    if mode != "auto":
+        return mode
+    key = monitor.removeprefix("val_").removeprefix("train_")
+    if key not in METRIC_MODES:
+        raise ConfigError(
+            "early_stopping.mode",
+            mode,
+            "min or max",
+            f"gradwise does not know the direction of {monitor!r}",
+        )
+    return METRIC_MODES[key]

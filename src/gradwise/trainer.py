@@ -1,0 +1,707 @@
+"""The Trainer: a plain, readable training loop with an expert's defaults.
+
+    run = gradwise.Trainer(model, train_data, val_data, task="classification").fit()
+
+Everything it decides comes from one :class:`~gradwise.recipe.Recipe`. Each run writes a run directory
+(recipe, metrics, environment, checkpoints) and can be resumed exactly, to the last bit, after a kill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from gradwise import checkpoint as ckpt
+from gradwise.augment import mix_batch, soft_targets
+from gradwise.data.bundle import DataInfo
+from gradwise.data.loader import epoch_batches, make_loader, num_batches, steps_per_epoch
+from gradwise.errors import ConfigError, DataError, GradwiseError
+from gradwise.optim import build_optimizer, build_scheduler
+from gradwise.progress import Progress
+from gradwise.recipe import Recipe, load_recipe
+from gradwise.tasks import Task, monitor_mode, num_outputs, resolve_kind
+from gradwise.tracking import (
+    Tracker,
+    atomic_write_text,
+    new_run_dir,
+    read_metrics,
+    write_environment,
+    write_status,
+)
+
+DataLike = Dataset | DataLoader | tuple | None
+
+
+@dataclass
+class Run:
+    """The outcome of :meth:`Trainer.fit`."""
+
+    dir: Path
+    history: list[dict[str, float]]  # one entry per evaluation: epoch, step, train_loss, val_*, lr
+    monitor: str
+    best_metric: float | None
+    best_checkpoint: Path | None
+    state: str  # finished | stopped_early | interrupted
+    steps: int
+    model: nn.Module = field(repr=False)
+    recipe: Recipe = field(repr=False)
+
+
+@dataclass
+class _Position:
+    """Where training is: the data position that a checkpoint records."""
+
+    epoch: int = 0
+    batch: int = 0  # micro-batches consumed in this epoch
+    step: int = 0  # optimizer steps so far
+
+
+class Trainer:
+    """Train ``model`` on ``train_data`` with the settings of ``recipe`` (plus ``overrides``).
+
+    model: an ``nn.Module``, or None to build ``recipe.model`` from the zoo, sized from the data.
+    train_data / val_data: a Dataset, a DataLoader, ``(X, y)`` tensors or arrays, or None to load
+    ``recipe.data`` (a built-in data set split into train and validation).
+    task: binary, multiclass, multilabel, classification (settled by the targets), regression, lm,
+    custom (with ``loss_fn``), or None for the recipe's (default: settled by the data).
+    overrides: recipe settings by dotted path or unique name, e.g. ``lr=3e-3, epochs=10``.
+    progress: auto (bar on a terminal, else lines), bar, lines or off.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        train_data: DataLike = None,
+        val_data: DataLike = None,
+        task: str | None = None,
+        recipe: Recipe | dict | str | Path | None = None,
+        *,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        progress: str = "auto",
+        resume_from: str | Path | None = None,
+        **overrides: Any,
+    ) -> None:
+        if task is not None:
+            overrides["task"] = task
+        self.recipe = load_recipe(recipe).override(overrides)
+        if loss_fn is not None and not callable(loss_fn):
+            raise ConfigError("loss_fn", loss_fn, "a callable (outputs, targets) -> scalar loss")
+        if model is not None and not isinstance(model, nn.Module):
+            raise ConfigError("model", type(model).__name__, "a torch.nn.Module or None")
+        self.model = model
+        self._train_data, self._val_data, self._loss_fn = train_data, val_data, loss_fn
+        self._progress_mode = (
+            "lines" if progress == "auto" and not self.recipe.tracking.progress else progress
+        )
+        self.resume_from = Path(resume_from) if resume_from is not None else None
+        self._stop_signal: str | None = None
+
+    @classmethod
+    def resume(
+        cls,
+        run_dir: str | Path,
+        model: nn.Module | None = None,
+        train_data: DataLike = None,
+        val_data: DataLike = None,
+        **kwargs: Any,
+    ) -> Trainer:
+        """Continue the run in ``run_dir`` from its latest checkpoint, with its own recipe.
+
+        Pass the model and data again when the run was started with Python objects.
+        """
+        run_dir = Path(run_dir)
+        recipe_file = run_dir / "recipe.yaml"
+        if not recipe_file.is_file():
+            raise ConfigError("run_dir", str(run_dir), "a gradwise run directory with recipe.yaml")
+        if not ckpt.list_checkpoints(run_dir):
+            raise DataError(f"{run_dir} has no checkpoint to resume from")
+        return cls(model, train_data, val_data, recipe=recipe_file, resume_from=run_dir, **kwargs)
+
+    # == setup: everything that can fail on bad input happens before a run directory exists ==
+
+    def _setup(self) -> None:
+        r = self.recipe
+        seed_everything(r.seed, r.train.deterministic)
+        self.device = resolve_device(r.train.device)
+        self.precision = resolve_precision(r.train.precision, self.device)
+
+        train_loader, train_ds, val_loader, val_ds, info = self._data()
+        self.info = info
+        kind = resolve_kind(r.task, info)
+        width = num_outputs(kind, info)
+        model = self.model
+        if model is None:
+            from gradwise.models import build_model
+
+            model = build_model(r.model.name, r.model.kwargs, info, width)
+            self.recipe = r = r.override({"model.kwargs": model.gradwise_build["kwargs"]})
+        self.model = model.to(self.device)
+        self.task = Task(
+            kind, width, loss=self._loss_fn or r.train.loss, label_smoothing=r.train.label_smoothing
+        )
+        self.recipe = r = r.override(task=kind)
+
+        self._probe(train_ds if train_ds is not None else train_loader.dataset)
+
+        bs = r.data.batch_size
+        self.train_loader = train_loader or make_loader(
+            train_ds,
+            bs,
+            shuffle=True,
+            seed=r.seed,
+            drop_last=r.data.drop_last,
+            num_workers=r.data.num_workers,
+            pin_memory=r.data.pin_memory,
+            device=self.device,
+        )
+        if val_loader is None and val_ds is not None:
+            val_loader = make_loader(
+                val_ds,
+                r.data.eval_batch_size or 2 * bs,
+                shuffle=False,
+                seed=r.seed,
+                drop_last=False,
+                num_workers=r.data.num_workers,
+                pin_memory=r.data.pin_memory,
+                device=self.device,
+            )
+        self.val_loader = val_loader
+
+        batches = num_batches(self.train_loader)
+        if batches is None and r.train.max_steps is None:
+            raise ConfigError(
+                "train.max_steps", None, "a step budget", "the training data has no length"
+            )
+        if batches == 0:
+            raise DataError("the training data is empty")
+        self.steps_per_epoch = steps_per_epoch(batches, r.train.accumulate) if batches else None
+        total = r.train.epochs * self.steps_per_epoch if self.steps_per_epoch else r.train.max_steps
+        self.total_steps = min(total, r.train.max_steps or total)
+        self.epochs = (
+            math.ceil(self.total_steps / self.steps_per_epoch) if self.steps_per_epoch else 1
+        )
+
+        self.monitor, self.mode = self._monitor()
+        self.optimizer = build_optimizer(self.model, r.optim)
+        self.scheduler = build_scheduler(self.optimizer, r.schedule, self.total_steps, self.mode)
+        self.per_step_schedule = r.schedule.name != "plateau"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.ema = None
+        if r.train.ema_decay:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(
+                self.model, multi_avg_fn=get_ema_multi_avg_fn(r.train.ema_decay), use_buffers=True
+            )
+        self.metrics = self.task.metrics(self.device) if self.val_loader is not None else None
+        self.mixing = r.train.mixup > 0 or r.train.cutmix > 0
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def _data(
+        self,
+    ) -> tuple[DataLoader | None, Dataset | None, DataLoader | None, Dataset | None, DataInfo]:
+        from gradwise.data import as_dataset, describe, load_data
+
+        r = self.recipe
+        if self._train_data is None:
+            if self._val_data is not None:
+                raise ConfigError("train_data", None, "training data when val_data is given")
+            bundle = load_data(r.data.name, r.data.kwargs)
+            return None, bundle.train, None, bundle.val, bundle.info
+        train_loader = self._train_data if isinstance(self._train_data, DataLoader) else None
+        train_ds = None if train_loader else as_dataset(self._train_data)
+        val_loader = self._val_data if isinstance(self._val_data, DataLoader) else None
+        val_ds = None if val_loader or self._val_data is None else as_dataset(self._val_data)
+        info = describe(
+            train_ds if train_ds is not None else train_loader.dataset, name="train_data"
+        )
+        return train_loader, train_ds, val_loader, val_ds, info
+
+    def _probe(self, dataset: Dataset) -> None:
+        """Run the model on two samples: a model/data mismatch fails here with a clear message."""
+        try:
+            samples = [dataset[i] for i in range(min(2, len(dataset)))]
+        except TypeError:  # an iterable dataset: nothing to index
+            return
+        x, y = torch.utils.data.default_collate(samples)
+        x, y = x.to(self.device), y.to(self.device)
+        was_training = self.model.training
+        rng = torch.get_rng_state()
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.autocast():
+                out = self.model(x)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            raise DataError(
+                f"the model cannot take the data: a batch of inputs with shape {tuple(x.shape)} "
+                f"({x.dtype}) made the model fail: {str(exc).splitlines()[0]}"
+            ) from None
+        finally:
+            self.model.train(was_training)
+            torch.set_rng_state(rng)
+        if not isinstance(out, torch.Tensor):
+            raise DataError(f"the model must return a tensor, it returned {type(out).__name__}")
+        self.task.check_fit(out, y, self.info)
+        if self.task.kind in ("multiclass", "multilabel", "lm"):
+            self.task.num_outputs = out.shape[-1]  # metrics size to the model's real output
+        image_classification = (
+            self.task.kind in ("binary", "multiclass", "multilabel") and x.ndim == 4
+        )
+        if (self.recipe.train.mixup or self.recipe.train.cutmix) and not image_classification:
+            raise ConfigError(
+                "train.mixup/cutmix",
+                (self.recipe.train.mixup, self.recipe.train.cutmix),
+                "image classification (inputs [batch, channels, height, width])",
+                f"this is {self.task.kind} with inputs of shape {tuple(x.shape)}; set both to 0",
+            )
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed-precision context for forward passes (a no-op in fp32)."""
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        return (
+            torch.autocast(self.device.type, dtype=amp_dtype)
+            if amp_dtype
+            else contextlib.nullcontext()
+        )
+
+    def _monitor(self) -> tuple[str, str]:
+        es = self.recipe.early_stopping
+        monitor = self.task.spec.monitor if es.monitor == "auto" else es.monitor
+        if self.val_loader is None and self._val_data is None and (self._train_data is not None):
+            monitor = "train_loss"
+        elif not monitor.startswith(("val_", "train_")):
+            monitor = f"val_{monitor}"
+        available = ["train_loss", *self._metric_names()]
+        if monitor not in available:
+            raise ConfigError(
+                "early_stopping.monitor", es.monitor, f"one of {', '.join(available)}"
+            )
+        return monitor, monitor_mode(monitor, es.mode)
+
+    def _metric_names(self) -> list[str]:
+        names = {
+            "binary": ["accuracy", "f1", "auroc"],
+            "multiclass": ["accuracy", "f1", "auroc"],
+            "multilabel": ["accuracy", "f1", "auroc"],
+            "regression": ["mse", "mae", "r2"],
+            "lm": ["perplexity"],
+            "custom": [],
+        }[self.task.kind]
+        return ["val_loss", *(f"val_{n}" for n in names)]
+
+    # == the loop ================================================================================
+
+    def fit(self) -> Run:
+        """Train, validate, checkpoint and track; returns the :class:`Run`."""
+        self._setup()
+        r = self.recipe
+        pos = _Position()
+        self.history: list[dict[str, float]] = []
+        self.best: float | None = None
+        self.best_step = -1
+        self.bad_evals = 0
+        self.epoch_rng: dict[str, Any] | None = None
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._loss_count = torch.zeros((), device=self.device)
+        self._log_sum = torch.zeros((), device=self.device)
+        self._log_count = torch.zeros((), device=self.device)
+
+        if self.resume_from is not None:
+            self.dir = self.resume_from
+            pos = self._restore()
+        else:
+            self.dir = new_run_dir(r.tracking.root, r.name or self._default_name())
+            atomic_write_text(self.dir / "recipe.yaml", r.to_yaml())
+            write_environment(self.dir, r.seed)
+        write_status(self.dir, "running", monitor=self.monitor, step=pos.step, epoch=pos.epoch)
+        self.tracker = Tracker(
+            self.dir,
+            params=r.flat(),
+            tensorboard=r.tracking.tensorboard,
+            mlflow=r.tracking.mlflow,
+            wandb=r.tracking.wandb,
+            experiment="gradwise",
+        )
+        self.progress = Progress(self.total_steps, mode=self._progress_mode, start_step=pos.step)
+        state = "failed"
+        previous_handlers = self._install_signal_handlers()
+        try:
+            state = self._loop(pos)
+            return self._result(state)
+        except GradwiseError as exc:
+            write_status(self.dir, "failed", message=str(exc))
+            raise
+        except BaseException as exc:
+            write_status(self.dir, "failed", message=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            self._restore_signal_handlers(previous_handlers)
+            self.progress.close()
+            self.tracker.close(
+                {"failed": "failed", "interrupted": "interrupted"}.get(state, "finished")
+            )
+
+    def _loop(self, pos: _Position) -> str:
+        r = self.recipe
+        self.pos = pos
+        self.started = time.perf_counter()
+        while pos.epoch < self.epochs and pos.step < self.total_steps:
+            self.progress.update(epoch=f"{pos.epoch + 1}/{self.epochs}")
+            stopped = self._train_epoch(pos)
+            if stopped == "signal":
+                self._save(pos)
+                return self._interrupted(pos)
+            batches = num_batches(self.train_loader)
+            end_of_epoch = stopped == "end" or (batches is not None and pos.batch >= batches)
+            last = pos.step >= self.total_steps
+            if end_of_epoch:
+                pos.epoch, pos.batch = pos.epoch + 1, 0
+            evaluate = last or (end_of_epoch and pos.epoch % r.train.eval_every == 0)
+            improved = self._evaluate_and_record(pos) if evaluate else False
+            self._save(pos, best=improved)
+            if self._stop_signal:
+                return self._interrupted(pos)
+            patience = r.early_stopping.patience
+            if evaluate and patience is not None and self.bad_evals >= patience:
+                self.progress.line(
+                    f"early stopping: {self.monitor} did not improve for {patience} evaluations"
+                )
+                return "stopped_early"
+        return "finished"
+
+    def _train_epoch(self, pos: _Position) -> str:
+        """One pass over the training data from ``pos``.
+
+        Returns "end" (the data ran out), "budget" (the step budget is spent) or "signal".
+        """
+        r = self.recipe
+        k = r.train.accumulate
+        self.model.train()
+        batches = self._epoch_iterator(pos)
+        while pos.step < self.total_steps:
+            window = list(itertools.islice(batches, k))
+            if not window:
+                return "end"
+            self._step(window)
+            pos.step += 1
+            pos.batch += len(window)
+            self.progress.advance(pos.step)
+            if pos.step % r.train.log_every == 0:
+                self._log_train(pos)
+            if r.checkpoint.every_steps and pos.step % r.checkpoint.every_steps == 0:
+                self._save(pos)
+            if self._stop_signal:
+                return "signal"
+        return "budget"
+
+    def _step(self, window: list) -> None:
+        """One optimizer step over the micro-batches of ``window`` (gradient accumulation).
+
+        Each micro-batch's mean loss is weighted by its share of the window's samples (tokens for
+        lm), so the step equals one step on the concatenated batch, whatever the micro-batch sizes.
+        """
+        counts = [self.task.count(y) for _, y in window]
+        total = sum(counts)
+        for (x, y), n in zip(window, counts, strict=True):
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            if self.mixing:
+                y = soft_targets(y, self.task.kind, self.task.num_outputs)
+                x, y = mix_batch(
+                    x, y, mixup=self.recipe.train.mixup, cutmix=self.recipe.train.cutmix
+                )
+            with self.autocast():
+                loss = self.task.loss(self.model(x), y)
+            scaled = loss if len(window) == 1 else loss * (n / total)
+            self.scaler.scale(scaled).backward()
+            self._loss_sum += loss.detach() * n
+            self._loss_count += n
+        if self.recipe.train.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            self.grad_norm = nn.utils.clip_grad_norm_(self.params, self.recipe.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.per_step_schedule:
+            self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    def _epoch_iterator(self, pos: _Position) -> Iterator:
+        """Batches of epoch ``pos.epoch`` after the ``pos.batch`` already consumed."""
+        if self.epoch_rng is None or pos.batch == 0:
+            self.epoch_rng = ckpt.rng_state()
+            return epoch_batches(self.train_loader, pos.epoch, pos.batch)
+        # resuming mid-epoch: a foreign DataLoader draws its shuffle order from the global RNG when
+        # its iterator is created, so recreate it from the epoch-start state, then come back
+        current = ckpt.rng_state()
+        ckpt.set_rng_state(self.epoch_rng)
+        iterator = epoch_batches(self.train_loader, pos.epoch, pos.batch)
+        ckpt.set_rng_state(current)
+        return iterator
+
+    # == evaluation, logging, checkpoints =======================================================
+
+    @torch.inference_mode()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss and metrics (with the EMA weights when EMA is on)."""
+        if self.val_loader is None:
+            return {}
+        model = self.ema.module if self.ema is not None else self.model
+        was_training = model.training
+        model.eval()
+        self.metrics.reset()
+        for x, y in self.val_loader:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            with self.autocast():
+                out = model(x)
+            self.metrics.update(out, y)
+        model.train(was_training)
+        return self.metrics.compute()
+
+    def _evaluate_and_record(self, pos: _Position) -> bool:
+        """Validate, record the epoch's history entry and say whether the monitor improved."""
+        results = self.evaluate()
+        train_loss = (self._loss_sum / self._loss_count.clamp(min=1)).item()
+        self._loss_sum.zero_()
+        self._loss_count.zero_()
+        entry = {
+            "epoch": pos.epoch,
+            "step": pos.step,
+            "train_loss": train_loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **results,
+            "time_s": time.perf_counter() - self.started,
+        }
+        self.history.append(entry)
+        self.tracker.log(
+            pos.step,
+            {k: v for k, v in entry.items() if k.startswith("val_")},
+            split="val",
+            epoch=pos.epoch,
+        )
+        value = entry[self.monitor]
+        if not self.per_step_schedule:
+            self.scheduler.step(value)
+        delta = self.recipe.early_stopping.min_delta
+        improved = math.isfinite(value) and (
+            self.best is None
+            or (value < self.best - delta if self.mode == "min" else value > self.best + delta)
+        )
+        if improved:
+            self.best, self.best_step, self.bad_evals = value, pos.step, 0
+        else:
+            self.bad_evals += 1
+        self.progress.update(**{self.monitor: value})
+        self.progress.epoch_done()
+        write_status(self.dir, "running", step=pos.step, epoch=pos.epoch, best_metric=self.best)
+        return improved
+
+    def _log_train(self, pos: _Position) -> None:
+        loss = (
+            (self._loss_sum - self._log_sum) / (self._loss_count - self._log_count).clamp(min=1)
+        ).item()
+        self._log_sum.copy_(self._loss_sum)
+        self._log_count.copy_(self._loss_count)
+        metrics = {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"]}
+        if self.recipe.train.grad_clip is not None:
+            metrics["grad_norm"] = float(self.grad_norm)
+        self.tracker.log(pos.step, metrics, split="train", epoch=pos.epoch)
+        self.progress.update(loss=loss, lr=metrics["lr"])
+
+    def _save(self, pos: _Position, best: bool = False) -> Path:
+        state = {
+            "position": {"epoch": pos.epoch, "batch": pos.batch, "step": pos.step},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "epoch_rng": self.epoch_rng,
+            "best": self.best,
+            "best_step": self.best_step,
+            "bad_evals": self.bad_evals,
+            "history": self.history,
+            "loss_sums": torch.stack(
+                [self._loss_sum, self._loss_count, self._log_sum, self._log_count]
+            ).cpu(),
+        }
+        meta = {
+            "epoch": pos.epoch,
+            "batch": pos.batch,
+            **(self.history[-1] if self.history else {}),
+        }
+        path = ckpt.save_checkpoint(
+            self.dir, pos.step, model=self.model, state=state, ema=self.ema, meta=meta
+        )
+        if best:
+            ckpt.mark_best(self.dir, path, self.monitor, self.best)
+        ckpt.prune(self.dir, self.recipe.checkpoint.keep_last)
+        return path
+
+    def _restore(self) -> _Position:
+        """Load the latest checkpoint of ``self.dir`` into every stateful object."""
+        state = ckpt.load_checkpoint(
+            self.dir, self.model, ema=self.ema, which="latest", map_location=self.device
+        )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.best, self.best_step, self.bad_evals = (
+            state["best"],
+            state["best_step"],
+            state["bad_evals"],
+        )
+        self.history = list(state["history"])
+        self.epoch_rng = state["epoch_rng"]
+        sums = state["loss_sums"].to(self.device)
+        for target, value in zip(
+            (self._loss_sum, self._loss_count, self._log_sum, self._log_count), sums, strict=True
+        ):
+            target.copy_(value)
+        ckpt.set_rng_state(state["rng"])
+        p = state["position"]
+        _truncate_metrics(self.dir, p["step"])
+        self.progress_note = f"resumed from {Path(state['path']).name}"
+        return _Position(p["epoch"], p["batch"], p["step"])
+
+    def _interrupted(self, pos: _Position) -> str:
+        write_status(
+            self.dir,
+            "interrupted",
+            step=pos.step,
+            epoch=pos.epoch,
+            best_metric=self.best,
+            message=f"stopped by {self._stop_signal}",
+        )
+        self.progress.line(
+            f"interrupted at step {pos.step}; resume with: gradwise resume {self.dir}"
+        )
+        return "interrupted"
+
+    def _result(self, state: str) -> Run:
+        best = ckpt.best_checkpoint(self.dir)
+        if state != "interrupted":
+            write_status(
+                self.dir,
+                "finished",
+                step=self.pos.step,
+                epoch=self.pos.epoch,
+                best_metric=self.best,
+                monitor=self.monitor,
+                message=state,
+            )
+        return Run(
+            dir=self.dir,
+            history=self.history,
+            monitor=self.monitor,
+            best_metric=self.best,
+            best_checkpoint=best,
+            state=state,
+            steps=self.pos.step,
+            model=self.model,
+            recipe=self.recipe,
+        )
+
+    def _default_name(self) -> str:
+        model = self.recipe.model.name.rpartition(":")[2].rpartition(".")[2]
+        if self.model is not None and not hasattr(self.model, "gradwise_build"):
+            model = type(self.model).__name__.lower()
+        data = self.recipe.data.name.rpartition(":")[2] if self._train_data is None else "data"
+        return f"{model}-{data}"
+
+    # == signals: Ctrl-C and SIGTERM stop at the next step boundary with a checkpoint ============
+
+    def _install_signal_handlers(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+
+        def handler(signum: int, frame: Any) -> None:
+            self._stop_signal = signal.Signals(signum).name
+            signal.signal(signum, previous[signum])  # a second Ctrl-C stops at once
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# == helpers ======================================================================================
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (all devices); optionally allow deterministic kernels only."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError("train.device", name, "auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.device", name, "a device this machine has", "CUDA is not available"
+        )
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 on GPUs that support it, fp16 (with loss scaling) on older GPUs, fp32 elsewhere."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            "train.precision",
+            precision,
+            "fp32 or bf16 on this device",
+            "fp16 loss scaling needs CUDA",
+        )
+    return precision
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metric lines logged after the checkpoint a run resumes from (they will be logged again)."""
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [json.dumps(m) for m in read_metrics(run_dir) if m.get("step", 0) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
