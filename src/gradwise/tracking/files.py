@@ -1,0 +1,190 @@
+"""Plain files of a run directory: atomic writes, the run's status and its metrics log."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from gradwise.errors import ConfigError, GradwiseError
+
+STATUS_FILE = "status.json"
+METRICS_FILE = "metrics.jsonl"
+
+# "running" while training; the others are final
+STATES = ("running", "finished", "failed", "interrupted")
+_STATUS_KEYS = ("started", "ended", "step", "epoch", "best_metric", "monitor", "message")
+
+
+def now_iso() -> str:
+    """The local time with its UTC offset, e.g. ``2025-01-31T14:02:07.123+01:00``."""
+    return datetime.now().astimezone().isoformat(timespec="milliseconds")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a part.
+
+    The text goes to a temporary file in the same directory, which is fsynced and renamed over
+    ``path``; the directory is then fsynced so that the rename survives a crash.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # os.open applies the umask, so the file gets the same permissions as one made with open()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """:func:`atomic_write_text` of ``obj`` as indented JSON (numpy/torch scalars become numbers)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, default=jsonable) + "\n")
+
+
+def jsonable(value: Any) -> Any:
+    """``json.dumps`` fallback: scalars with ``.item()`` (numpy, torch) become numbers, the rest text."""
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return item()
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or new file in ``directory`` durable (no-op on Windows)."""
+    if os.name == "nt":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_fsync_dir = fsync_dir  # old private name, still imported by gradwise.checkpoint
+
+
+def new_run_dir(root: str | Path, name: str) -> Path:
+    """Create and return ``root/name``, or ``name-2``, ``name-3``... if taken.
+
+    An existing directory is never reused, even when empty, so two runs cannot mix their files;
+    ``mkdir`` is atomic, so concurrent runs with the same name get distinct directories too.
+    """
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name.startswith("."):
+        raise ConfigError("run name", name, "a directory name without '/', '\\' or a leading '.'")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    candidate, n = name, 1
+    while True:
+        path = root / candidate
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+            candidate = f"{name}-{n}"
+
+
+def write_status(run_dir: Path, state: str, **fields: Any) -> None:
+    """Set the run's state and merge ``fields`` into ``status.json``, atomically.
+
+    Fields not given keep their previous value. ``started`` is filled in on the first write,
+    ``ended`` when the state becomes final, and ``updated`` on every write (so a run killed
+    without a final write can be told apart by its age).
+    """
+    if state not in STATES:
+        raise ValueError(f"status state must be one of {STATES}, got {state!r}")
+    path = Path(run_dir) / STATUS_FILE
+    status: dict[str, Any] = dict.fromkeys(_STATUS_KEYS)
+    if path.exists():
+        status.update(read_status(run_dir))
+    status.update(fields, state=state)
+    now = now_iso()
+    status["updated"] = now
+    if status["started"] is None:
+        status["started"] = now
+    if state == "running":
+        status["ended"] = fields.get("ended")
+    elif "ended" not in fields:
+        status["ended"] = now
+    atomic_write_json(path, {"state": status.pop("state"), **status})
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    """The contents of ``status.json``; a GradwiseError if ``run_dir`` has none (not a run)."""
+    path = Path(run_dir) / STATUS_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GradwiseError(
+            f"{run_dir} is not a gradwise run directory: it has no {STATUS_FILE}"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GradwiseError(f"{path} is not valid JSON ({e}); the file was damaged") from None
+
+
+def read_metrics(run_dir: Path, split: str | None = None) -> list[dict[str, Any]]:
+    """Every record of ``metrics.jsonl`` in order, optionally only those of one ``split``.
+
+    A truncated last line (left by a run killed while writing) is skipped silently; a damaged
+    line elsewhere is skipped with a warning. A run with no metrics file yet gives ``[]``.
+    """
+    path = Path(run_dir) / METRICS_FILE
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except FileNotFoundError:
+        return []
+    records, last = [], len(lines) - 1
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if i != last:
+                warnings.warn(f"{path}:{i + 1}: skipped a damaged line", stacklevel=2)
+            continue
+        if split is None or record.get("split") == split:
+            records.append(record)
+    return records
+
+
+def repair_metrics_tail(path: Path) -> None:
+    """Cut a partial last line from ``path`` so that appending to it starts on a fresh line."""
+    try:
+        f = open(path, "r+b")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        # read backwards in blocks to find the last newline
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            f.seek(start)
+            cut = f.read(end - start).rfind(b"\n")
+            if cut != -1:
+                f.truncate(start + cut + 1)
+                return
+            end = start
+        f.truncate(0)
