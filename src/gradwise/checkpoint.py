@@ -27,7 +27,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from gradwise.errors import DataError
-from gradwise.tracking.files import _fsync_dir as fsync_dir
+from gradwise.tracking.files import fsync_dir
 from gradwise.tracking.files import atomic_write_json
 
 CHECKPOINTS = "checkpoints"

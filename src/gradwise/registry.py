@@ -60,7 +60,9 @@ def import_path(path: str, field: str = "import path") -> Callable:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(field, path, "an importable module", f"importing {module_name!r} failed: {exc}") from None
+        raise ConfigError(
+            field, path, "an importable module", f"importing {module_name!r} failed: {exc}"
+        ) from None
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):

@@ -1,0 +1,155 @@
+"""The ``gradwise`` command line.
+
+Commands import what they need when they run, so ``gradwise --help`` answers without importing torch.
+A mistake in the user's input prints one message naming the field, the value and what was expected,
+and exits with code 2; ``--debug`` (anywhere on the line, or GRADWISE_DEBUG=1) shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from gradwise import __version__
+from gradwise.errors import GradwiseError
+
+app = typer.Typer(
+    name="gradwise",
+    help="PyTorch training with the judgment of a senior ML engineer.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+EXAMPLES = Path(__file__).parent / "examples"
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", "-s", help="Override a recipe setting: key=value (e.g. optim.lr=3e-4, epochs=5)."
+    ),
+]
+QuietOption = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Plain progress lines instead of a live progress bar.")
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"gradwise {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+) -> None:
+    """PyTorch training with the judgment of a senior ML engineer."""
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: SetOption = None,
+    name: Annotated[str | None, typer.Option(help="Run name (directory under runs/).")] = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Train the model and data a recipe names; writes runs/<name>/."""
+    from gradwise.recipe import load_recipe, parse_assignment
+
+    r = load_recipe(recipe)
+    overrides = dict(parse_assignment(item) for item in set_ or [])
+    if name:
+        overrides["name"] = name
+    _fit(r.override(overrides), quiet=quiet)
+
+
+@app.command()
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory to continue.")],
+    quiet: QuietOption = False,
+) -> None:
+    """Continue an interrupted run from its latest checkpoint, exactly where it stopped."""
+    from gradwise.trainer import Trainer
+
+    _report(Trainer.resume(run_dir, progress="lines" if quiet else "auto").fit())
+
+
+@app.command()
+def demo(quiet: QuietOption = False) -> None:
+    """Train the bundled example (a CNN on scikit-learn's handwritten digits) and print the result."""
+    from gradwise.recipe import load_recipe
+
+    _fit(load_recipe(EXAMPLES / "digits_cnn.yaml"), quiet=quiet)
+
+
+@app.command()
+def runs(
+    root: Annotated[Path, typer.Option(help="Directory that holds the runs.")] = Path("runs"),
+) -> None:
+    """List runs with their state and best metric, newest first."""
+    from rich.table import Table
+
+    from gradwise.tracking import list_runs
+
+    found = list_runs(root)
+    if not found:
+        out.print(f"no runs under {root}")
+        return
+    table = Table("run", "state", "task", "model", "data", "steps", "best", "monitor", "started")
+    for run in found:
+        best = "" if run.best_metric is None else f"{run.best_metric:.4g}"
+        started = run.started.strftime("%Y-%m-%d %H:%M") if run.started else ""
+        table.add_row(
+            run.name, run.state, run.task or "", run.model or "", run.data or "",
+            str(run.steps or ""), best, run.monitor or "", started,
+        )  # fmt: skip
+    out.print(table)
+
+
+def _fit(recipe, quiet: bool) -> None:
+    from gradwise.trainer import Trainer
+
+    _report(Trainer(recipe=recipe, progress="lines" if quiet else "auto").fit())
+
+
+def _report(run) -> None:
+    best = "n/a" if run.best_metric is None else f"{run.best_metric:.4f}"
+    out.print(f"{run.state}: best {run.monitor} {best} after {run.steps} steps")
+    out.print(f"run directory: {run.dir}")
+    if run.best_checkpoint is not None:
+        out.print(f"best checkpoint: {run.best_checkpoint}")
+
+
+def main() -> None:
+    """Entry point: user errors exit with code 2 and one message; tracebacks only with --debug."""
+    debug = "--debug" in sys.argv or os.environ.get("GRADWISE_DEBUG") == "1"
+    if "--debug" in sys.argv:
+        sys.argv.remove("--debug")
+    try:
+        app(standalone_mode=True)
+    except GradwiseError as exc:
+        if debug:
+            raise
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
