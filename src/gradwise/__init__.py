@@ -28,7 +28,22 @@ _EXPORTS: dict[str, str] = {
     "nn": "gradwise.nn",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [  # noqa: RUF022 - grouped like _EXPORTS
+    "__version__",
+    "Trainer",
+    "Run",
+    "Recipe",
+    "load_recipe",
+    "GradwiseError",
+    "ConfigError",
+    "DataError",
+    "MODELS",
+    "build_model",
+    "DATASETS",
+    "load_data",
+    "load_checkpoint",
+    "nn",
+]
 
 
 def __getattr__(name: str) -> Any:

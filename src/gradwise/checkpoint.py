@@ -27,8 +27,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from gradwise.errors import DataError
-from gradwise.tracking.files import fsync_dir
-from gradwise.tracking.files import atomic_write_json
+from gradwise.tracking.files import atomic_write_json, fsync_dir
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS, EMA_WEIGHTS, STATE, META, BEST = (
