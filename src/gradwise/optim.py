@@ -62,7 +62,8 @@ def build_optimizer(model: nn.Module, spec: OptimSpec) -> torch.optim.Optimizer:
     if spec.name == "adam":
         return torch.optim.Adam(groups, lr=spec.lr, betas=betas, eps=spec.eps)
     if spec.name == "sgd":
-        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov)
+        nesterov = spec.nesterov and spec.momentum > 0  # Nesterov needs momentum
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=nesterov)
     if spec.name == "lion":
         from lion_pytorch import Lion
 
@@ -113,6 +114,6 @@ def build_scheduler(
         )
     if spec.name == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode=mode, factor=spec.gamma, patience=spec.patience
+            optimizer, mode=mode, factor=spec.gamma, patience=spec.plateau_patience
         )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(spec, total_steps))

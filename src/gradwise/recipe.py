@@ -96,7 +96,7 @@ class ScheduleSpec(_Section):
     """step: fractions of training at which the learning rate is multiplied by `gamma`."""
     gamma: float = Field(0.1, gt=0, lt=1)
     """step/plateau: multiplicative decay factor."""
-    patience: int = Field(2, ge=0)
+    plateau_patience: int = Field(2, ge=0)
     """plateau: evaluations without improvement before decaying."""
     pct_start: float = Field(0.25, gt=0, lt=1)
     """onecycle: fraction of training spent increasing the learning rate."""
@@ -273,6 +273,11 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as text
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     return key.strip(), value
 
 

@@ -1,0 +1,44 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   create .venv, install gradwise, train the bundled example on real data, print the result
+#   make test   the same install, then lint and the whole test suite
+#
+# torch is installed first, pinned by TORCH, so that pip never pulls a multi-GB CUDA build on a CPU
+# machine. GPU users override it, e.g.
+#   make demo TORCH="torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124"
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+EXTRAS ?= all,dev
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint format benchmarks clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/gradwise demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+benchmarks: install
+	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/quality.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from gradwise.cli import main
+
+main()
