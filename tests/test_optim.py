@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -97,7 +98,7 @@ def test_warmup_is_linear_and_cosine_reaches_the_floor_at_the_last_step():
     warm = warmup_steps(spec, total)
     assert warm == 20
     ramp = [f(s) for s in range(warm + 1)]
-    diffs = [b - a for a, b in zip(ramp, ramp[1:], strict=False)]
+    diffs = [b - a for a, b in itertools.pairwise(ramp)]
     assert all(math.isclose(d, diffs[0], rel_tol=1e-9) for d in diffs)  # linear
     assert f(0) > 0 and f(warm) == pytest.approx(1.0)
     assert f(total - 1) == pytest.approx(0.05)
