@@ -107,14 +107,22 @@ def runs(
     if not found:
         out.print(f"no runs under {root}")
         return
-    table = Table("run", "state", "task", "model", "data", "steps", "best", "monitor", "started")
-    for run in found:
-        best = "" if run.best_metric is None else f"{run.best_metric:.4g}"
-        started = run.started.strftime("%Y-%m-%d %H:%M") if run.started else ""
-        table.add_row(
-            run.name, run.state, run.task or "", run.model or "", run.data or "",
-            str(run.steps or ""), best, run.monitor or "", started,
-        )  # fmt: skip
+    header = ["run", "state", "task", "model", "data", "step", "best", "monitor", "started"]
+    rows = [
+        [
+            run.name, run.state, run.task or "", run.model or "", run.data or "", str(run.step or ""),
+            "" if run.best_metric is None else f"{run.best_metric:.4g}", run.monitor or "",
+            run.started.strftime("%Y-%m-%d %H:%M") if run.started else "",
+        ]
+        for run in found
+    ]  # fmt: skip
+    if not out.is_terminal:  # piped: tab-separated lines, easy to grep and cut
+        for row in [header, *rows]:
+            print("\t".join(row))
+        return
+    table = Table(*header)
+    for row in rows:
+        table.add_row(*row)
     out.print(table)
 
 
@@ -130,6 +138,8 @@ def _report(run) -> None:
     out.print(f"run directory: {run.dir}")
     if run.best_checkpoint is not None:
         out.print(f"best checkpoint: {run.best_checkpoint}")
+    if run.state == "interrupted":
+        raise typer.Exit(130)  # like a process stopped by Ctrl-C; the run can be resumed
 
 
 def main() -> None:
@@ -142,7 +152,7 @@ def main() -> None:
     except GradwiseError as exc:
         if debug:
             raise
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         if debug:

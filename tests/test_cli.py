@@ -1,0 +1,131 @@
+"""The command line: bad input gets one clear message and exit code 2, and nothing looks finished."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import gradwise_cli
+
+from gradwise.tracking import list_runs
+
+FACTORIES = textwrap.dedent(
+    """
+    import torch
+
+    def three_classes():
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+
+    def wrong_width():
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(10, 10))
+    """
+)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(textwrap.dedent(text))
+    (tmp_path / "user_models.py").write_text(FACTORIES)
+    return path
+
+
+BAD_INPUT = [
+    ("optim:\n  lrr: 0.1\n", [], "optim.lrr", "did you mean 'lr'"),
+    ("train:\n  epochs: ten\n", [], "train.epochs", "integer"),
+    ("{}\n", ["--set", "optim.lr=-1"], "optim.lr", "greater than 0"),
+    ("{}\n", ["--set", "optim.lrr=1"], "optim.lrr", "did you mean 'lr'"),
+    (
+        "data:\n  name: csv\n  kwargs: {path: missing.csv, target: y}\n",
+        [],
+        "missing.csv",
+        "does not exist",
+    ),
+    ("model:\n  name: no_such_pkg.models:net\n", [], "model.name", "importable module"),
+    ("model:\n  name: resnett\n", [], "model.name", "did you mean 'resnet'"),
+    (
+        "model:\n  name: user_models:three_classes\ndata:\n  name: digits\n",
+        [],
+        "labels outside",
+        "0..9",
+    ),
+    (
+        "model:\n  name: user_models:wrong_width\ndata:\n  name: digits\n",
+        [],
+        "cannot take the data",
+        "(2, 1, 8, 8)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("recipe", "extra", "names", "expects"), BAD_INPUT)
+def test_bad_input_exits_2_with_one_clear_message(tmp_path, recipe, extra, names, expects):
+    path = _write(tmp_path, recipe)
+    result = gradwise_cli(
+        "train", str(path), *extra, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)}
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert names in lines[0] and expects in lines[0], lines[0]
+    assert not any(run.state == "finished" for run in list_runs(tmp_path / "runs"))
+
+
+def test_missing_recipe_file(tmp_path):
+    result = gradwise_cli("train", "nope.yaml", cwd=tmp_path)
+    assert (
+        result.returncode == 2 and "nope.yaml" in result.stderr and "Traceback" not in result.stderr
+    )
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    path = _write(tmp_path, "optim:\n  lrr: 0.1\n")
+    result = gradwise_cli("train", str(path), "--debug", cwd=tmp_path)
+    assert (
+        result.returncode != 0 and "Traceback" in result.stderr and "ConfigError" in result.stderr
+    )
+
+
+def test_help_does_not_import_torch():
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "gradwise", "--help"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and "train" in result.stdout and "resume" in result.stdout
+    imported = {
+        line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line
+    }
+    assert "torch" not in imported and "gradwise.cli" in imported
+
+
+def test_import_gradwise_is_lazy():
+    code = "import sys, gradwise; print(sorted(m for m in ('torch', 'pydantic', 'torchmetrics', 'sklearn', 'mlflow') if m in sys.modules))"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
+        == "[]"
+    )
+    code = "import sys, gradwise; gradwise.Trainer; print(sorted(m for m in ('torchmetrics', 'sklearn', 'mlflow', 'tensorboard') if m in sys.modules))"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
+        == "[]"
+    )
+
+
+def test_train_then_list_runs(tmp_path):
+    path = _write(
+        tmp_path,
+        "model: {name: mlp, kwargs: {hidden: [16]}}\ndata: {name: iris}\ntracking: {mlflow: false, tensorboard: false}\n",
+    )
+    result = gradwise_cli(
+        "train", str(path), "--set", "epochs=2", "--name", "iris-quick", "-q", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "best val_accuracy" in result.stdout and "runs/iris-quick" in result.stdout
+    listing = gradwise_cli("runs", cwd=tmp_path)
+    assert (
+        listing.returncode == 0 and "iris-quick" in listing.stdout and "finished" in listing.stdout
+    )
