@@ -95,6 +95,20 @@ def demo(quiet: QuietOption = False) -> None:
 
 
 @app.command()
+def recipe(
+    path: Annotated[
+        Path | None, typer.Argument(help="Recipe YAML to show resolved (default: the defaults).")
+    ] = None,
+    set_: SetOption = None,
+) -> None:
+    """Print a complete recipe with every setting documented: a starting point to edit."""
+    from gradwise.recipe import load_recipe, parse_assignment
+
+    r = load_recipe(path).override(dict(parse_assignment(item) for item in set_ or []))
+    print(r.to_yaml(comments=True), end="")
+
+
+@app.command()
 def runs(
     root: Annotated[Path, typer.Option(help="Directory that holds the runs.")] = Path("runs"),
 ) -> None:

@@ -212,8 +212,11 @@ class Recipe(_Section):
             raise ConfigError(source, "<yaml>", "valid YAML", str(exc).replace("\n", " ")) from None
         return cls.parse(data, source)
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, comments: bool = False) -> str:
+        """YAML text; with ``comments`` every field is preceded by its documentation."""
+        if not comments:
+            return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return "".join(_commented(self, indent=""))
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -249,6 +252,25 @@ class Recipe(_Section):
             else:
                 target[path[-1]] = value
         return Recipe.parse(data)
+
+
+def _commented(model: BaseModel, indent: str) -> list[str]:
+    lines = []
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        for doc_line in (field.description or "").splitlines():
+            lines.append(f"{indent}# {doc_line.strip()}\n")
+        if isinstance(value, _Section):
+            lines.append(f"{indent}{name}:\n")
+            lines += _commented(value, indent + "  ")
+        else:
+            dumped = yaml.safe_dump({name: _plain(value)}, default_flow_style=True, width=200)
+            lines.append(f"{indent}{dumped.strip().removeprefix('{').removesuffix('}')}\n")
+    return lines
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def load_recipe(source: str | Path | dict | Recipe | None) -> Recipe:
