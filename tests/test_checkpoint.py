@@ -203,3 +203,12 @@ def test_ctrl_c_in_the_cli_says_how_to_resume(tmp_path):
     assert read_status(run_dir)["state"] == "interrupted"
     step = read_status(run_dir)["step"]
     assert list_checkpoints(run_dir)[-1].name == f"step-{step:08d}"
+
+
+def test_resuming_a_python_object_run_asks_for_the_objects(blobs):
+    x, y = blobs
+    run = gw.Trainer(mlp(), (x, y), epochs=1, **QUIET).fit()
+    recipe = gw.load_recipe(run.dir / "recipe.yaml")
+    assert recipe.model.name == "object:Sequential" and recipe.data.name == "object:arrays"
+    with pytest.raises(gw.ConfigError, match="pass it again"):
+        gw.Trainer.resume(run.dir).fit()

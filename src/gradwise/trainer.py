@@ -141,6 +141,7 @@ class Trainer:
         self.precision = resolve_precision(r.train.precision, self.device)
 
         train_loader, train_ds, val_loader, val_ds, info = self._data()
+        r = self.recipe  # _data records where the data came from
         self.info = info
         kind = resolve_kind(r.task, info)
         width = num_outputs(kind, info)
@@ -148,8 +149,13 @@ class Trainer:
         if model is None:
             from gradwise.models import build_model
 
+            _require_object(r.model.name, "model")
             model = build_model(r.model.name, r.model.kwargs, info, width)
             self.recipe = r = r.override({"model.kwargs": model.gradwise_build["kwargs"]})
+        else:  # the recipe records that the model came from Python, not from its model section
+            r = self.recipe = r.override(
+                model={"name": f"{OBJECT}{type(model).__name__}", "kwargs": {}}
+            )
         self.model = model.to(self.device)
         self.task = Task(
             kind, width, loss=self._loss_fn or r.train.loss, label_smoothing=r.train.label_smoothing
@@ -221,8 +227,11 @@ class Trainer:
         if self._train_data is None:
             if self._val_data is not None:
                 raise ConfigError("train_data", None, "training data when val_data is given")
+            _require_object(r.data.name, "train_data")
             bundle = load_data(r.data.name, r.data.kwargs)
             return None, bundle.train, None, bundle.val, bundle.info
+        kind = "arrays" if isinstance(self._train_data, tuple) else type(self._train_data).__name__
+        self.recipe = self.recipe.override(data={"name": f"{OBJECT}{kind}", "kwargs": {}})
         train_loader = self._train_data if isinstance(self._train_data, DataLoader) else None
         train_ds = None if train_loader else as_dataset(self._train_data)
         val_loader = self._val_data if isinstance(self._val_data, DataLoader) else None
@@ -619,11 +628,10 @@ class Trainer:
         )
 
     def _default_name(self) -> str:
-        model = self.recipe.model.name.rpartition(":")[2].rpartition(".")[2]
-        if self.model is not None and not hasattr(self.model, "gradwise_build"):
-            model = type(self.model).__name__.lower()
-        data = self.recipe.data.name.rpartition(":")[2] if self._train_data is None else "data"
-        return f"{model}-{data}"
+        def short(name: str) -> str:
+            return name.rpartition(":")[2].rpartition(".")[2].lower()
+
+        return f"{short(self.recipe.model.name)}-{short(self.recipe.data.name)}"
 
     # == signals: Ctrl-C and SIGTERM stop at the next step boundary with a checkpoint ============
 
@@ -646,7 +654,19 @@ class Trainer:
             signal.signal(sig, handler)
 
 
-# == helpers ======================================================================================
+# == helpers ======
+
+OBJECT = "object:"  # recipe model/data names for objects passed from Python
+
+
+def _require_object(name: str, argument: str) -> None:
+    if name.startswith(OBJECT):
+        raise ConfigError(
+            argument,
+            None,
+            f"the {name.removeprefix(OBJECT)} object this run was started with",
+            "pass it again, e.g. Trainer.resume(run_dir, model, train_data, val_data)",
+        )
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
