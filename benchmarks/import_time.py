@@ -41,9 +41,13 @@ def main() -> None:
         med = statistics.median(values)
         print(f"{name:<30}{med:>10.3f}{med / base:>17.3f}")
     help_run = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "gradwise", "--help"], capture_output=True, text=True
+        [sys.executable, "-X", "importtime", "-m", "gradwise", "--help"],
+        capture_output=True,
+        text=True,
     )
-    modules = {line.rsplit("|", 1)[-1].strip() for line in help_run.stderr.splitlines() if "|" in line}
+    modules = {
+        line.rsplit("|", 1)[-1].strip() for line in help_run.stderr.splitlines() if "|" in line
+    }
     print(f"`gradwise --help` imports torch: {'torch' in modules}")
 
 

@@ -42,7 +42,11 @@ def make_data(seed: int = 0):
 def make_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Linear(IN, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, CLASSES)
+        nn.Linear(IN, WIDTH),
+        nn.ReLU(),
+        nn.Linear(WIDTH, WIDTH),
+        nn.ReLU(),
+        nn.Linear(WIDTH, CLASSES),
     )
 
 
@@ -91,7 +95,9 @@ def plain_loop(train, val, epochs: int, out: Path, fast_loader: bool = False) ->
         accuracy = correct / len(val[1])
         if accuracy > best:
             best = accuracy
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, out / "best.pt")
+            torch.save(
+                {"model": model.state_dict(), "optimizer": opt.state_dict()}, out / "best.pt"
+            )
     print()
     return time.perf_counter() - start, step
 
@@ -126,7 +132,9 @@ def lightning_run(train, val, epochs: int, root: Path) -> tuple[float, int] | No
 
         def configure_optimizers(self):
             opt = torch.optim.AdamW(param_groups(self.model, 0.05), lr=1e-3)
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=epochs * N_TRAIN // BATCH)
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                opt, 1e-3, total_steps=epochs * N_TRAIN // BATCH
+            )
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     class Timer(L.Callback):
@@ -185,8 +193,12 @@ def main() -> None:
         print(f"{name:<12}{med:>16.2f}{med / plain:>8.3f}{med - plain:>18.2f}   {runs}")
     fast = statistics.median(times["plain_fast"])
     print(f"\ngradwise / plain = {ours / plain:.3f} (target <= 1.03)")
-    print(f"gradwise / plain with the same fast loader = {ours / fast:.3f}: the Trainer's own overhead")
-    print("plain: stock DataLoader; plain_fast: gradwise's batched loader; lightning: Lightning defaults")
+    print(
+        f"gradwise / plain with the same fast loader = {ours / fast:.3f}: the Trainer's own overhead"
+    )
+    print(
+        "plain: stock DataLoader; plain_fast: gradwise's batched loader; lightning: Lightning defaults"
+    )
 
 
 if __name__ == "__main__":

@@ -29,9 +29,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             start = time.perf_counter()
-            run = gw.Trainer(recipe=RECIPE, seed=seed, root=str(Path(tmp) / "runs"), progress="lines").fit()
+            run = gw.Trainer(
+                recipe=RECIPE, seed=seed, root=str(Path(tmp) / "runs"), progress="lines"
+            ).fit()
             rows.append((seed, run.best_metric, time.perf_counter() - start, run.steps))
-    print(f"\ndigits CNN ({RECIPE.name}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(
+        f"\ndigits CNN ({RECIPE.name}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+    )
     print(f"{'seed':>4}  {'best val accuracy':>17}  {'wall s':>7}  {'steps':>5}")
     for seed, accuracy, seconds, steps in rows:
         print(f"{seed:>4}  {accuracy:>17.4f}  {seconds:>7.1f}  {steps:>5}")

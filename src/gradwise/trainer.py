@@ -291,7 +291,7 @@ class Trainer:
     def _monitor(self) -> tuple[str, str]:
         es = self.recipe.early_stopping
         monitor = self.task.spec.monitor if es.monitor == "auto" else es.monitor
-        if self.val_loader is None and self._val_data is None and (self._train_data is not None):
+        if self.val_loader is None:  # nothing to validate on: judge by the training loss
             monitor = "train_loss"
         elif not monitor.startswith(("val_", "train_")):
             monitor = f"val_{monitor}"
@@ -347,6 +347,8 @@ class Trainer:
             experiment="gradwise",
         )
         self.progress = Progress(self.total_steps, mode=self._progress_mode, start_step=pos.step)
+        if self.resume_from is not None:
+            self.progress.line(f"resuming {self.dir} at step {pos.step}")
         state = "failed"
         previous_handlers = self._install_signal_handlers()
         try:
@@ -586,7 +588,6 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         p = state["position"]
         _truncate_metrics(self.dir, p["step"])
-        self.progress_note = f"resumed from {Path(state['path']).name}"
         return _Position(p["epoch"], p["batch"], p["step"])
 
     def _interrupted(self, pos: _Position) -> str:
