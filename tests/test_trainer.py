@@ -342,3 +342,20 @@ def test_data_and_model_lengths_and_types():
         _fit(mlp(), (torch.randn(10, 8), torch.randint(0, 3, (9,))))
     with pytest.raises(ConfigError, match=r"nn\.Module"):
         gw.Trainer("not a model", (torch.randn(4, 8), torch.zeros(4)))
+
+
+def test_bf16_autocast_and_deterministic_mode_on_cpu(blobs):
+    x, y = blobs
+    run = _fit(
+        mlp(),
+        (x[:200], y[:200]),
+        (x[200:], y[200:]),
+        precision="bf16",
+        deterministic=True,
+        epochs=3,
+        lr=1e-2,
+    )
+    assert run.best_metric > 0.8
+    torch.use_deterministic_algorithms(False)
+    with pytest.raises(ConfigError, match="fp16 loss scaling needs CUDA"):
+        _fit(mlp(), (x, y), precision="fp16")
