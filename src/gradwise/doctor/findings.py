@@ -66,10 +66,17 @@ class Rule:
 
     def page(self) -> str:
         """The rule's documentation page in Markdown."""
-        lines = [f"## {self.code} {self.name}", "", f"*{self.severity}, {self.stage}*: {self.summary}", ""]
+        lines = [
+            f"## {self.code} {self.name}",
+            "",
+            f"*{self.severity}, {self.stage}*: {self.summary}",
+            "",
+        ]
         if self.doc:
             lines += [self.doc, ""]
-        lines += ["**Fixes, in order:**", ""] + [f"{i}. {fix}" for i, fix in enumerate(self.fixes, 1)]
+        lines += ["**Fixes, in order:**", ""] + [
+            f"{i}. {fix}" for i, fix in enumerate(self.fixes, 1)
+        ]
         if self.references:
             lines += ["", "**References:**", ""] + [f"- {ref}" for ref in self.references]
         return "\n".join(lines) + "\n"

@@ -1,0 +1,464 @@
+"""The Doctor: live diagnosis of a training run, in the Trainer or in any plain PyTorch loop.
+
+    doctor = gradwise.Doctor(model, optimizer, loss_fn=loss_fn)
+    for x, y in loader:
+        optimizer.zero_grad()
+        out = model(x)
+        loss = loss_fn(out, y)
+        loss.backward()
+        doctor.step(loss, inputs=x, outputs=out, targets=y)
+        optimizer.step()
+    doctor.validate(loss=val_loss, metric=val_acc)
+    doctor.findings
+
+Hooks collect cheap signals; the expensive ones (per-layer gradient and weight norms, activation
+statistics) only every ``sample_every`` steps. Rules are pure functions over those signals.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradwise.doctor import rules as _rules  # noqa: F401  (registers every rule)
+from gradwise.doctor.findings import RULES, Finding, check_codes, sort_findings
+from gradwise.doctor.rules import data as data_rules
+from gradwise.doctor.rules import model as model_rules
+from gradwise.doctor.rules.generalisation import overfitting, underfitting
+from gradwise.doctor.rules.setup import (
+    NO_GRAD_STEPS,
+    eval_in_train_mode,
+    params_without_gradients,
+    stale_gradients,
+)
+from gradwise.doctor.signals import Activation, Series, Signals
+
+WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # outputs whose scale GW204 follows
+RECTIFIERS = (nn.ReLU, nn.ReLU6)  # units that can die (GW304)
+SQUASHING = (nn.Sigmoid, nn.Tanh)  # units that can saturate (GW309)
+ACTIVATIONS = (*RECTIFIERS, *SQUASHING, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU)
+STOCHASTIC = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.modules.batchnorm._BatchNorm,
+)
+EARLY_BATCHES = 3  # steps whose inputs, outputs and targets get the data and set-up checks
+IMBALANCE_BATCHES = 20  # steps whose targets are pooled before judging class balance (GW103)
+DEAD_WINDOW = 5  # sampled batches over which a ReLU unit must stay silent to count as dead
+SATURATION_MARGIN = 0.01  # within 1% of the bounds counts as saturated
+
+
+class Doctor:
+    """Diagnose a training run live; see the module docstring for the loop it expects.
+
+    model: the model being trained (hooks are attached; ``close()`` removes them all).
+    optimizer: enables the learning-rate telemetry and the "parameters missing from the optimizer"
+        check. task / loss_fn: what the loss is (an nn loss module, a torch.nn.functional function,
+        or a task name), so the data rules know what targets to expect.
+    ignore: rule codes to switch off, e.g. ["GW307"]. sample_every: steps between the expensive
+        statistics. accumulation_steps: declare gradient accumulation (``step`` called per micro-batch).
+    on_finding: called with each new Finding (default: print one line to stderr; None: silent).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        task: str | None = None,
+        loss_fn: Callable | None = None,
+        *,
+        ignore: Iterable[str] = (),
+        sample_every: int = 10,
+        accumulation_steps: int = 1,
+        on_finding: Callable[[Finding], None] | str | None = "print",
+    ) -> None:
+        if sample_every < 1:
+            raise ValueError("sample_every must be >= 1")
+        self.model, self.optimizer, self.task = model, optimizer, task
+        self.ignore = set(check_codes(ignore))
+        self.sample_every, self.accumulation_steps = sample_every, accumulation_steps
+        self.on_finding = _print_finding if on_finding == "print" else on_finding
+        self.signals = Signals(loss_kind=model_rules.loss_kind(loss_fn, task))
+        self._findings: dict[str, Finding] = {}
+        self._handles: list[Any] = []
+        self._pending_loss: list[torch.Tensor] = []
+        self._armed = (
+            True  # the first forward pass is sampled (it also measures the initial scales)
+        )
+        self._snapshot: dict[str, list[torch.Tensor]] | None = None
+        self._cosines: list[float] = []
+        self._fresh: torch.Tensor | None = None
+        self._dead_masks: dict[str, deque] = {}
+        self._order: list[str] = []
+        self._eval_in_train: list[str] = []
+        self._got_grad: set[str] = set()
+        self._targets_seen: list[torch.Tensor] = []
+        self._train_losses_since_val: list[float] = []
+        self._closed = False
+
+        self._layers = _layers(model)
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        self._attach()
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def step(
+        self,
+        loss: torch.Tensor | float,
+        inputs: torch.Tensor | None = None,
+        outputs: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> list[Finding]:
+        """Record one training step; call after backward() and before the next zero_grad().
+
+        Returns the findings that are new at this step.
+        """
+        s = self.signals
+        step = s.step
+        before = set(self._findings)
+        self._pending_loss.append(
+            loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        )
+        if step < EARLY_BATCHES or self._armed_for(step):
+            self._check_batch(step, inputs, outputs, targets)
+        if step < IMBALANCE_BATCHES and targets is not None:
+            self._pool_targets(step, targets, outputs)
+        if self._snapshot is not None:  # the optimizer step after the last sample has happened
+            self._update_ratios(step)
+        if self._armed_for(step):
+            self._flush_loss(step)
+            self._sample_gradients(step)
+            self._run_live_rules(step)
+        s.step += 1
+        self._armed = self._armed_for(s.step)
+        return [self._findings[c] for c in self._findings if c not in before]
+
+    def validate(self, loss: float | None = None, metric: float | None = None) -> list[Finding]:
+        """Record an evaluation (validation loss and/or your metric); enables GW401/GW402."""
+        self._flush_loss(self.signals.step - 1)
+        recent = self._train_losses_since_val
+        train = sum(recent) / len(recent) if recent else None
+        self._train_losses_since_val = []
+        entry = {
+            "step": self.signals.step,
+            "loss": _float(loss),
+            "metric": _float(metric),
+            "train_loss": train,
+        }
+        self.signals.val.append(entry)
+        before = set(self._findings)
+        self._apply("GW401", overfitting(self.signals))
+        self._apply("GW402", underfitting(self.signals))
+        return [self._findings[c] for c in self._findings if c not in before]
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Findings so far, errors first."""
+        return sort_findings(self._findings.values())
+
+    def add(self, finding: Finding) -> None:
+        """Record a finding made elsewhere (e.g. by preflight checks)."""
+        if finding.code not in self.ignore:
+            self._record(finding)
+
+    def telemetry(self) -> dict:
+        """The collected signals in the run directory's ``doctor/telemetry.json`` format."""
+        self._flush_loss(self.signals.step - 1)
+        return {"sample_every": self.sample_every, **self.signals.to_dict()}
+
+    def report(self, path: str | Path, **kwargs: Any) -> Path:
+        """Write the self-contained HTML report of this run."""
+        from gradwise.doctor.report import write_report
+
+        return write_report(
+            path,
+            telemetry=self.telemetry(),
+            findings=[f.to_dict() for f in self.findings],
+            **kwargs,
+        )
+
+    def summary(self) -> str:
+        if not self._findings:
+            return "gradwise doctor: no findings"
+        return "\n".join(["gradwise doctor findings:", *(f"  {f}" for f in self.findings)])
+
+    def close(self) -> None:
+        """Remove every hook: the model is left exactly as it was."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._closed = True
+
+    def __enter__(self) -> Doctor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    def _attach(self) -> None:
+        self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
+        for name, module in self.model.named_modules():
+            if isinstance(module, (*WEIGHTED, *ACTIVATIONS)) or name in self._layers:
+                self._handles.append(
+                    module.register_forward_hook(self._make_forward_hook(name, module))
+                )
+        watched = _last_matrix(self.model)
+        if watched is not None and self.accumulation_steps == 1:
+            self._watched = watched
+            self._handles.append(watched.register_hook(self._fresh_gradient_hook))
+
+    def _root_pre_hook(self, module: nn.Module, args: Any) -> None:
+        if not torch.is_grad_enabled() and module.training and "GW203" not in self._findings:
+            stochastic = [
+                n for n, m in module.named_modules() if isinstance(m, STOCHASTIC) and m.training
+            ]
+            if stochastic:
+                self._apply("GW203", eval_in_train_mode(stochastic))
+
+    def _make_forward_hook(self, name: str, module: nn.Module) -> Callable:
+        kind = type(module).__name__
+        s = self.signals
+
+        def hook(mod: nn.Module, args: Any, out: Any) -> None:
+            if not self._armed or not isinstance(out, torch.Tensor) or not torch.is_grad_enabled():
+                return
+            if name in self._layers and name not in self._order:
+                self._order.append(name)
+            if not isinstance(mod, (*WEIGHTED, *ACTIVATIONS)) or not out.is_floating_point():
+                return
+            with torch.no_grad():
+                x = out.detach().float()
+                std = float(x.std()) if x.numel() > 1 else 0.0
+                if s.step == 0 and isinstance(mod, WEIGHTED):
+                    s.init_activation_stds.append((name, std))
+                if not isinstance(mod, ACTIVATIONS):
+                    return
+                s.output_module = name
+                stats = s.activations.setdefault(name, Activation(kind))
+                stats.mean.append(s.step, float(x.mean()))
+                stats.std.append(s.step, std)
+                if isinstance(mod, RECTIFIERS):
+                    unit_dim = 1 if x.ndim == 4 else x.ndim - 1
+                    active = (x > 0).transpose(unit_dim, -1).reshape(-1, x.shape[unit_dim]).any(0)
+                    window = self._dead_masks.setdefault(name, deque(maxlen=DEAD_WINDOW))
+                    window.append(active)
+                    if len(window) == DEAD_WINDOW:
+                        ever = torch.stack(list(window)).any(0)
+                        stats.dead.append(s.step, 1.0 - float(ever.float().mean()))
+                elif isinstance(mod, nn.Sigmoid):
+                    near = (x < SATURATION_MARGIN) | (x > 1 - SATURATION_MARGIN)
+                    stats.saturated.append(s.step, float(near.float().mean()))
+                elif isinstance(mod, nn.Tanh):
+                    stats.saturated.append(
+                        s.step, float((x.abs() > 1 - 2 * SATURATION_MARGIN).float().mean())
+                    )
+
+        return hook
+
+    def _fresh_gradient_hook(self, grad: torch.Tensor) -> None:
+        if self._armed:
+            fresh = grad.detach()
+            self._fresh = fresh.clone() if self._fresh is None else self._fresh + fresh
+
+    # -- collection ------------------------------------------------------------------------------
+
+    def _armed_for(self, step: int) -> bool:
+        return step % self.sample_every == 0
+
+    def _flush_loss(self, last_step: int) -> None:
+        """Move the pending losses (the last one is from ``last_step``) into the loss series."""
+        if not self._pending_loss:
+            return
+        values = torch.stack([v.float().reshape(()) for v in self._pending_loss]).cpu().tolist()
+        first = last_step - len(values) + 1
+        for i, value in enumerate(values):
+            self.signals.loss.append(first + i, value)
+        self._train_losses_since_val += [v for v in values if math.isfinite(v)]
+        self._pending_loss.clear()
+
+    def _sample_gradients(self, step: int) -> None:
+        """Per-layer relative gradient norms, the global norm, and a weight snapshot (one sync)."""
+        s = self.signals
+        if self._order:
+            s.layers = list(self._order)
+        owners = [
+            (name, p) for name, params in self._layers.items() for p in params if p.grad is not None
+        ]
+        for name, p in owners:
+            self._got_grad.add(self._names.get(id(p), name))
+        if owners:
+            grads = _norms([p.grad for _, p in owners])
+            weights = _norms([p.detach() for _, p in owners])
+            g2: dict[str, float] = {}
+            w2: dict[str, float] = {}
+            for (name, _), g, w in zip(owners, grads, weights, strict=True):
+                g2[name] = g2.get(name, 0.0) + g * g
+                w2[name] = w2.get(name, 0.0) + w * w
+            for name in g2:
+                relative = math.sqrt(g2[name]) / max(math.sqrt(w2[name]), 1e-12)
+                s.layer_grad_norm.setdefault(name, Series()).append(step, relative)
+            s.grad_norm.append(step, math.sqrt(sum(g2.values())))
+            with torch.no_grad():
+                self._snapshot = {
+                    name: [p.detach().clone() for p in self._layers[name]] for name in g2
+                }
+        if self.optimizer is not None:
+            s.lr.append(step, float(self.optimizer.param_groups[0]["lr"]))
+        if self._fresh is not None and self._watched.grad is not None:
+            cosine = torch.nn.functional.cosine_similarity(
+                self._watched.grad.detach().flatten().float(), self._fresh.flatten().float(), dim=0
+            )
+            self._cosines.append(float(cosine))
+        self._fresh = None
+
+    def _update_ratios(self, step: int) -> None:
+        """||w_now - w_sampled|| / ||w_sampled|| per layer: the size of the optimizer's last step."""
+        snapshot, self._snapshot = self._snapshot, None
+        names = [name for name, old in snapshot.items() for _ in old]
+        with torch.no_grad():
+            old = [o for olds in snapshot.values() for o in olds]
+            new = [p.detach() for name in snapshot for p in self._layers[name]]
+            deltas = _norms([n - o for n, o in zip(new, old, strict=True)])
+            norms = _norms(old)
+        d2: dict[str, float] = {}
+        w2: dict[str, float] = {}
+        for name, d, w in zip(names, deltas, norms, strict=True):
+            d2[name] = d2.get(name, 0.0) + d * d
+            w2[name] = w2.get(name, 0.0) + w * w
+        for name in d2:
+            ratio = math.sqrt(d2[name]) / max(math.sqrt(w2[name]), 1e-12)
+            self.signals.update_ratio.setdefault(name, Series()).append(step, ratio)
+
+    def _check_batch(self, step: int, inputs: Any, outputs: Any, targets: Any) -> None:
+        """Data and set-up rules on one batch (the first few steps, then at sampled steps)."""
+        kind = self.signals.loss_kind
+        inputs = inputs if isinstance(inputs, torch.Tensor) else None
+        outputs = outputs if isinstance(outputs, torch.Tensor) else None
+        targets = targets if isinstance(targets, torch.Tensor) else None
+        self._apply("GW101", data_rules.nonfinite_data(inputs, targets), step)
+        if step >= EARLY_BATCHES:
+            return
+        if inputs is not None:
+            self._apply("GW102", data_rules.unnormalised_inputs(inputs), step)
+            self._apply(
+                "GW206", model_rules.batchnorm_tiny_batch(self.model, inputs.shape[0]), step
+            )
+        if outputs is not None:
+            self._apply(
+                "GW201", model_rules.probabilities_to_logits_loss(outputs, kind, self.model), step
+            )
+            if kind in ("cross_entropy", "nll") and outputs.ndim >= 2:
+                self.signals.num_classes = outputs.shape[1]
+        if outputs is not None and targets is not None:
+            self._apply("GW105", data_rules.targets_out_of_range(outputs, targets, kind), step)
+            self._apply(
+                "GW205", model_rules.loss_task_mismatch(kind, targets, outputs, self.task), step
+            )
+        if step == 0:
+            self._apply(
+                "GW204", model_rules.poor_initialisation(self.signals.init_activation_stds), step
+            )
+            self._check_optimizer(step)
+
+    def _pool_targets(self, step: int, targets: torch.Tensor, outputs: Any) -> None:
+        """GW103 needs more than one batch: a single batch is imbalanced by chance."""
+        if targets.is_floating_point() and targets.ndim < 2:
+            return
+        self._targets_seen.append(targets.detach().cpu())
+        if step == IMBALANCE_BATCHES - 1:
+            pooled = torch.cat([t.reshape(-1, *t.shape[1:]) for t in self._targets_seen])
+            classes = (
+                outputs.shape[1]
+                if isinstance(outputs, torch.Tensor) and outputs.ndim == 2
+                else None
+            )
+            self._apply("GW103", data_rules.class_imbalance(pooled, classes), step)
+            self._targets_seen.clear()
+
+    def _check_optimizer(self, step: int) -> None:
+        if self.optimizer is None:
+            return
+        in_optimizer = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        missing = [
+            n
+            for n, p in self.model.named_parameters()
+            if p.requires_grad and id(p) not in in_optimizer
+        ]
+        self._apply("GW207", params_without_gradients([], missing, len(self._names)), step)
+
+    def _run_live_rules(self, step: int) -> None:
+        s = self.signals
+        for code, rule in RULES.items():
+            if rule.stage == "live" and code.startswith("GW3"):
+                self._apply(code, rule.check(s), step)
+        self._apply("GW202", stale_gradients(self._cosines), step)
+        self._apply("GW402", underfitting(s), step)
+        if step >= NO_GRAD_STEPS:
+            trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+            never = [n for n in trainable if n not in self._got_grad]
+            self._apply("GW207", params_without_gradients(never, [], len(trainable)), step)
+
+    # -- findings --------------------------------------------------------------------------------
+
+    def _apply(self, code: str, result: Any, step: int | None = None) -> None:
+        if result is None or code in self.ignore:
+            return
+        message, evidence = result
+        self._record(
+            RULES[code].finding(self.signals.step if step is None else step, message, evidence)
+        )
+
+    def _record(self, finding: Finding) -> None:
+        known = self._findings.get(finding.code)
+        if known is not None:
+            known.count += 1
+            known.last_step = finding.step
+            return
+        self._findings[finding.code] = finding
+        if self.on_finding is not None:
+            self.on_finding(finding)
+
+
+def _layers(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Modules that own trainable parameters directly, with those parameters."""
+    layers = {}
+    for name, module in model.named_modules():
+        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if params:
+            layers[name or type(model).__name__] = params
+    return layers
+
+
+def _last_matrix(model: nn.Module) -> nn.Parameter | None:
+    """The last trainable weight matrix: its gradient direction varies from batch to batch."""
+    matrices = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    return matrices[-1] if matrices else None
+
+
+def _norms(tensors: list[torch.Tensor]) -> list[float]:
+    """L2 norms of many tensors with a single device-to-host copy."""
+    if not tensors:
+        return []
+    return torch.stack([torch.linalg.vector_norm(t.float()).cpu() for t in tensors]).tolist()
+
+
+def _float(value: Any) -> float | None:
+    if value is None:
+        return None
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _print_finding(finding: Finding) -> None:
+    print(f"gradwise doctor: {finding}", file=sys.stderr)
