@@ -30,6 +30,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 test: lint
+	sh scripts/ensure_chromium.sh  # the doctor's HTML report is checked in headless Chromium
 	$(BIN)/pytest
 
 format: install

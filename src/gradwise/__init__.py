@@ -26,6 +26,11 @@ _EXPORTS: dict[str, str] = {
     "load_data": "gradwise.data",
     "load_checkpoint": "gradwise.checkpoint",
     "nn": "gradwise.nn",
+    "Doctor": "gradwise.doctor",
+    "Finding": "gradwise.doctor",
+    "RULES": "gradwise.doctor",
+    "check": "gradwise.doctor.preflight",
+    "lr_range_test": "gradwise.doctor.lr_finder",
 }
 
 __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
@@ -43,6 +48,11 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "load_data",
     "load_checkpoint",
     "nn",
+    "Doctor",
+    "Finding",
+    "RULES",
+    "check",
+    "lr_range_test",
 ]
 
 
@@ -64,6 +74,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from gradwise import nn
     from gradwise.checkpoint import load_checkpoint
     from gradwise.data import DATASETS, load_data
+    from gradwise.doctor import RULES, Doctor, Finding
+    from gradwise.doctor.lr_finder import lr_range_test
+    from gradwise.doctor.preflight import check
     from gradwise.errors import ConfigError, DataError, GradwiseError
     from gradwise.models import MODELS, build_model
     from gradwise.recipe import Recipe, load_recipe

@@ -95,6 +95,79 @@ def demo(quiet: QuietOption = False) -> None:
 
 
 @app.command()
+def check(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: SetOption = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Where to save the LR range test plot (PNG).")
+    ] = Path("lr_range.png"),
+    overfit: Annotated[bool, typer.Option(help="Run the overfit-one-batch test.")] = True,
+    lr_range: Annotated[bool, typer.Option(help="Run the learning-rate range test.")] = True,
+) -> None:
+    """Preflight: check data and model, overfit one batch, find a learning rate. Exit 1 on errors."""
+    from gradwise.doctor.preflight import check as run_check
+    from gradwise.recipe import load_recipe, parse_assignment
+    from gradwise.trainer import Trainer
+
+    r = load_recipe(recipe).override(dict(parse_assignment(item) for item in set_ or []))
+    trainer = Trainer(recipe=r, progress="off")
+    trainer._setup()
+    report = run_check(
+        trainer.model,
+        trainer.train_loader.dataset,
+        trainer.val_loader.dataset if trainer.val_loader is not None else None,
+        loss_fn=trainer.task,
+        task=trainer.task.kind,
+        optimizer=trainer.optimizer,
+        batch_size=trainer.recipe.data.batch_size,
+        overfit=overfit,
+        lr_range=lr_range,
+        plot=plot if lr_range else None,
+        ignore=trainer.recipe.doctor.ignore,
+    )
+    out.print(str(report), soft_wrap=True)
+    if any(f.severity == "error" for f in report.findings):
+        raise typer.Exit(1)
+
+
+@app.command()
+def explain(
+    topic: Annotated[str | None, typer.Argument(help="A rule code (GW302) or rule name.")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List every rule.")] = False,
+) -> None:
+    """Explain a doctor rule: what it means, why it matters, how to fix it."""
+    from gradwise.doctor import RULES
+    from gradwise.errors import ConfigError, did_you_mean
+
+    if list_ or topic is None:
+        for rule in sorted(RULES.values(), key=lambda r: r.code):
+            print(f"{rule.code}  {rule.name:<32} {rule.severity:<8} {rule.summary}")
+        return
+    by_name = {r.name: r for r in RULES.values()}
+    rule = RULES.get(topic.upper()) or by_name.get(topic.lower())
+    if rule is None:
+        hint = did_you_mean(topic, [*RULES, *by_name]) or "gradwise explain --list shows them all"
+        raise ConfigError("topic", topic, "a rule code such as GW302 or a rule name", hint)
+    print(rule.page(), end="")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="HTML file to write.")
+    ] = None,
+) -> None:
+    """Write the run's self-contained HTML report: curves, findings, gradients, activations."""
+    from gradwise.doctor.report import report_run
+    from gradwise.errors import ConfigError
+
+    if not (run_dir / "status.json").is_file():
+        raise ConfigError("run_dir", str(run_dir), "a gradwise run directory")
+    out.print(f"report: {report_run(run_dir, output)}")
+
+
+@app.command()
 def recipe(
     path: Annotated[
         Path | None, typer.Argument(help="Recipe YAML to show resolved (default: the defaults).")

@@ -173,6 +173,27 @@ class TrackingSpec(_Section):
     """Show a live progress bar on a terminal (plain log lines otherwise)."""
 
 
+class DoctorSpec(_Section):
+    mode: Literal["off", "watch", "repair"] = "watch"
+    """watch: diagnose the run live (findings in runs/<name>/doctor/, stop on NaN); repair: also roll
+    back to the last good state and fix the cause (lower the learning rate, clip gradients, swap
+    dying ReLUs for LeakyReLU) when the loss or gradients blow up; off: no doctor."""
+    ignore: list[str] = Field(default_factory=list)
+    """Rule codes to switch off, e.g. [GW307]."""
+    sample_every: int = Field(10, gt=0)
+    """Steps between the doctor's more expensive statistics (per-layer norms, activations)."""
+    max_repairs: int = Field(3, ge=0)
+    """repair: at most this many repairs in one run."""
+
+    @field_validator("ignore")
+    @classmethod
+    def _check_codes(cls, codes: list[str]) -> list[str]:
+        bad = [c for c in codes if not (len(c) == 5 and c.startswith("GW") and c[2:].isdigit())]
+        if bad:
+            raise ValueError(f"rule codes like GW307 (not {bad[0]!r})")
+        return codes
+
+
 class Recipe(_Section):
     """Every decision of a training run. YAML round-trips; unknown keys are errors."""
 
@@ -190,6 +211,7 @@ class Recipe(_Section):
     early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    doctor: DoctorSpec = Field(default_factory=DoctorSpec)
 
     # -- construction -------------------------------------------------------------------------
 

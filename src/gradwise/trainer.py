@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import math
 import os
 import random
@@ -216,6 +217,7 @@ class Trainer:
             )
         self.metrics = self.task.metrics(self.device) if self.val_loader is not None else None
         self.mixing = r.train.mixup > 0 or r.train.cutmix > 0
+        self.grad_clip = r.train.grad_clip  # the doctor's repairs may tighten it
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def _data(
@@ -349,6 +351,7 @@ class Trainer:
         self.progress = Progress(self.total_steps, mode=self._progress_mode, start_step=pos.step)
         if self.resume_from is not None:
             self.progress.line(f"resuming {self.dir} at step {pos.step}")
+        self._start_doctor()
         state = "failed"
         previous_handlers = self._install_signal_handlers()
         try:
@@ -362,9 +365,12 @@ class Trainer:
             raise
         finally:
             self._restore_signal_handlers(previous_handlers)
+            self._stop_doctor()
             self.progress.close()
             self.tracker.close(
-                {"failed": "failed", "interrupted": "interrupted"}.get(state, "finished")
+                {"failed": "failed", "interrupted": "interrupted", "diverged": "failed"}.get(
+                    state, "finished"
+                )
             )
 
     def _loop(self, pos: _Position) -> str:
@@ -377,6 +383,13 @@ class Trainer:
             if stopped == "signal":
                 self._save(pos)
                 return self._interrupted(pos)
+            if stopped == "diverged":
+                self.progress.line(
+                    f"stopped at step {pos.step}: the loss or gradients are not finite (GW301); "
+                    "the best checkpoint is kept"
+                    + ("" if self.repairer else "; doctor.mode: repair can roll back and fix this")
+                )
+                return "diverged"
             batches = num_batches(self.train_loader)
             end_of_epoch = stopped == "end" or (batches is not None and pos.batch >= batches)
             last = pos.step >= self.total_steps
@@ -398,7 +411,8 @@ class Trainer:
     def _train_epoch(self, pos: _Position) -> str:
         """One pass over the training data from ``pos``.
 
-        Returns "end" (the data ran out), "budget" (the step budget is spent) or "signal".
+        Returns "end" (the data ran out), "budget" (the step budget is spent), "signal" or
+        "diverged" (the loss or gradients are no longer finite and cannot be repaired).
         """
         r = self.recipe
         k = r.train.accumulate
@@ -408,10 +422,12 @@ class Trainer:
             window = list(itertools.islice(batches, k))
             if not window:
                 return "end"
-            self._step(window)
+            fired = self._step(window)
             pos.step += 1
             pos.batch += len(window)
             self.progress.advance(pos.step)
+            if self._respond(fired, pos.step) == "stop":
+                return "diverged"
             if pos.step % r.train.log_every == 0:
                 self._log_train(pos)
             if r.checkpoint.every_steps and pos.step % r.checkpoint.every_steps == 0:
@@ -420,7 +436,7 @@ class Trainer:
                 return "signal"
         return "budget"
 
-    def _step(self, window: list) -> None:
+    def _step(self, window: list) -> list:
         """One optimizer step over the micro-batches of ``window`` (gradient accumulation).
 
         Each micro-batch's mean loss is weighted by its share of the window's samples (tokens for
@@ -428,6 +444,7 @@ class Trainer:
         """
         counts = [self.task.count(y) for _, y in window]
         total = sum(counts)
+        window_loss = 0.0
         for (x, y), n in zip(window, counts, strict=True):
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
@@ -437,14 +454,20 @@ class Trainer:
                     x, y, mixup=self.recipe.train.mixup, cutmix=self.recipe.train.cutmix
                 )
             with self.autocast():
-                loss = self.task.loss(self.model(x), y)
+                out = self.model(x)
+                loss = self.task.loss(out, y)
             scaled = loss if len(window) == 1 else loss * (n / total)
             self.scaler.scale(scaled).backward()
             self._loss_sum += loss.detach() * n
             self._loss_count += n
-        if self.recipe.train.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            self.grad_norm = nn.utils.clip_grad_norm_(self.params, self.recipe.train.grad_clip)
+            window_loss = window_loss + scaled.detach()
+        self.scaler.unscale_(self.optimizer)  # a no-op without fp16 loss scaling
+        fired = []
+        if self.doctor is not None:  # sees the gradients before clipping
+            targets = None if self.mixing else y  # mixed targets are probabilities, not labels
+            fired = self.doctor.step(window_loss, inputs=x, outputs=out.detach(), targets=targets)
+        if self.grad_clip is not None:
+            self.grad_norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -452,6 +475,7 @@ class Trainer:
             self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
+        return fired
 
     def _epoch_iterator(self, pos: _Position) -> Iterator:
         """Batches of epoch ``pos.epoch`` after the ``pos.batch`` already consumed."""
@@ -508,6 +532,8 @@ class Trainer:
             epoch=pos.epoch,
         )
         value = entry[self.monitor]
+        if self.doctor is not None:
+            self.doctor.validate(loss=results.get("val_loss"), metric=value)
         if not self.per_step_schedule:
             self.scheduler.step(value)
         delta = self.recipe.early_stopping.min_delta
@@ -531,7 +557,7 @@ class Trainer:
         self._log_sum.copy_(self._loss_sum)
         self._log_count.copy_(self._loss_count)
         metrics = {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"]}
-        if self.recipe.train.grad_clip is not None:
+        if self.grad_clip is not None:
             metrics["grad_norm"] = float(self.grad_norm)
         self.tracker.log(pos.step, metrics, split="train", epoch=pos.epoch)
         self.progress.update(loss=loss, lr=metrics["lr"])
@@ -606,7 +632,12 @@ class Trainer:
 
     def _result(self, state: str) -> Run:
         best = ckpt.best_checkpoint(self.dir)
-        if state != "interrupted":
+        if state == "diverged":
+            write_status(
+                self.dir, "failed", step=self.pos.step, epoch=self.pos.epoch, best_metric=self.best,
+                monitor=self.monitor, message="diverged: the loss or gradients are not finite (GW301)",
+            )  # fmt: skip
+        elif state != "interrupted":
             write_status(
                 self.dir,
                 "finished",
@@ -633,6 +664,69 @@ class Trainer:
             return name.rpartition(":")[2].rpartition(".")[2].lower()
 
         return f"{short(self.recipe.model.name)}-{short(self.recipe.data.name)}"
+
+    # == the doctor ============================================================================
+
+    def _start_doctor(self) -> None:
+        """Attach the Doctor (and in repair mode the Repairer); its files go to <run>/doctor/."""
+        spec = self.recipe.doctor
+        self.doctor = self.repairer = None
+        self.doctor_dir = self.dir / "doctor"
+        if spec.mode == "off":
+            return
+        from gradwise.doctor import Doctor
+        from gradwise.doctor.findings import check_codes
+        from gradwise.doctor.repair import Repairer
+
+        self.doctor = Doctor(
+            self.model,
+            self.optimizer,
+            task=self.task.kind,
+            loss_fn=self.task,
+            ignore=check_codes(spec.ignore, "doctor.ignore"),
+            sample_every=spec.sample_every,
+            on_finding=self._on_finding,
+            loss_scaling=self.precision == "fp16",
+        )
+        if spec.mode == "repair":
+            self.repairer = Repairer(self, spec.max_repairs, spec.sample_every)
+
+    def _on_finding(self, finding) -> None:
+        self.progress.line(f"doctor: {finding}")
+        self._write_doctor_files(telemetry=False)
+
+    def on_repair(self, record: dict) -> None:
+        """Called by the Repairer after each repair."""
+        self.progress.line(
+            f"doctor repair at step {record['step']} ({record['code']}): {record['action']}"
+        )
+        self._write_doctor_files(telemetry=False)
+
+    def _respond(self, fired: list, step: int) -> str | None:
+        """React to the findings of a step: repair, stop a diverged run, or carry on."""
+        if self.repairer is not None:
+            return self.repairer.after_step(step, fired)
+        return "stop" if any(f.code == "GW301" for f in fired) else None
+
+    def _write_doctor_files(self, telemetry: bool = True) -> None:
+        if self.doctor is None:
+            return
+        self.doctor_dir.mkdir(exist_ok=True)
+        findings = [f.to_dict() for f in self.doctor.findings]
+        atomic_write_text(self.doctor_dir / "findings.json", json.dumps(findings, indent=2))
+        if self.repairer is not None:
+            atomic_write_text(
+                self.doctor_dir / "repairs.json", json.dumps(self.repairer.repairs, indent=2)
+            )
+        if telemetry:
+            atomic_write_text(
+                self.doctor_dir / "telemetry.json", json.dumps(self.doctor.telemetry())
+            )
+
+    def _stop_doctor(self) -> None:
+        if self.doctor is not None:
+            self._write_doctor_files()
+            self.doctor.close()
 
     # == signals: Ctrl-C and SIGTERM stop at the next step boundary with a checkpoint ============
 
@@ -719,8 +813,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:
     """Drop metric lines logged after the checkpoint a run resumes from (they will be logged again)."""
-    import json
-
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return

@@ -68,6 +68,8 @@ class Doctor:
     ignore: rule codes to switch off, e.g. ["GW307"]. sample_every: steps between the expensive
         statistics. accumulation_steps: declare gradient accumulation (``step`` called per micro-batch).
     on_finding: called with each new Finding (default: print one line to stderr; None: silent).
+    loss_scaling: gradients come from an fp16 GradScaler, which skips the occasional step with
+        overflowing gradients by design; only a non-finite loss then counts as GW301.
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class Doctor:
         sample_every: int = 10,
         accumulation_steps: int = 1,
         on_finding: Callable[[Finding], None] | str | None = "print",
+        loss_scaling: bool = False,
     ) -> None:
         if sample_every < 1:
             raise ValueError("sample_every must be >= 1")
@@ -88,7 +91,9 @@ class Doctor:
         self.ignore = set(check_codes(ignore))
         self.sample_every, self.accumulation_steps = sample_every, accumulation_steps
         self.on_finding = _print_finding if on_finding == "print" else on_finding
-        self.signals = Signals(loss_kind=model_rules.loss_kind(loss_fn, task))
+        self.signals = Signals(
+            loss_kind=model_rules.loss_kind(loss_fn, task), loss_scaling=loss_scaling
+        )
         self._findings: dict[str, Finding] = {}
         self._handles: list[Any] = []
         self._pending_loss: list[torch.Tensor] = []
@@ -191,6 +196,18 @@ class Doctor:
         if not self._findings:
             return "gradwise doctor: no findings"
         return "\n".join(["gradwise doctor findings:", *(f"  {f}" for f in self.findings)])
+
+    def reattach(self) -> None:
+        """Re-attach the hooks after modules were replaced (e.g. ReLU swapped for LeakyReLU)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        modules = dict(self.model.named_modules())
+        for name in list(self.signals.activations):
+            if type(modules.get(name)).__name__ != self.signals.activations[name].kind:
+                del self.signals.activations[name]
+                self._dead_masks.pop(name, None)
+        self._attach()
 
     def close(self) -> None:
         """Remove every hook: the model is left exactly as it was."""

@@ -67,6 +67,7 @@ class Signals:
     val: list[dict[str, float | None]] = field(default_factory=list)
     num_classes: int | None = None  # from the outputs, for chance-level checks
     loss_kind: str = "other"
+    loss_scaling: bool = False  # fp16 GradScaler: overflowing gradients are expected and skipped
 
     def median_update_ratio(self, samples: int = 1) -> float | None:
         """Median over layers of each layer's mean update ratio in the last ``samples`` samples."""

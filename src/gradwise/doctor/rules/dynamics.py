@@ -98,7 +98,7 @@ def nonfinite(s: Signals) -> Result:
     if bad:
         step, value = bad[0]
         return f"the loss is {value} at step {step}", {"loss": value, "step_first_seen": step}
-    if len(s.grad_norm) and not math.isfinite(s.grad_norm.values[-1]):
+    if len(s.grad_norm) and not math.isfinite(s.grad_norm.values[-1]) and not s.loss_scaling:
         return "the gradients are not finite", {"grad_norm": s.grad_norm.values[-1]}
     return None
 
