@@ -37,7 +37,7 @@ def test_gw301_nonfinite_loss_and_gradients():
 
 def test_gw302_spike_and_growth():
     calm = [1.0, 1.2, 0.9, 1.1, 1.0, 1.05]
-    message, evidence = dynamics.exploding_gradients(Signals(grad_norm=series([*calm, 80.0])))
+    _message, evidence = dynamics.exploding_gradients(Signals(grad_norm=series([*calm, 80.0])))
     assert evidence["factor"] > 20
     growth = [10.0**i for i in range(8)]
     assert dynamics.exploding_gradients(Signals(grad_norm=series(growth))) is not None
@@ -51,7 +51,7 @@ def test_gw303_vanishing_gradients():
     layers = [f"l{i}" for i in range(6)]
     vanishing = {name: series([10.0 ** (-2 * (5 - i))] * 4) for i, name in enumerate(layers)}
     s = Signals(layers=layers, layer_grad_norm=vanishing)
-    message, evidence = dynamics.vanishing_gradients(s)
+    _message, evidence = dynamics.vanishing_gradients(s)
     assert evidence["early_to_late_ratio"] < 1e-3
     even = {name: series([0.01 * (1 + 0.3 * i)] * 4) for i, name in enumerate(layers)}
     assert dynamics.vanishing_gradients(Signals(layers=layers, layer_grad_norm=even)) is None
@@ -71,7 +71,7 @@ def _ratios(value, layers=3, n=5):
 def test_gw305_lr_too_high_needs_big_updates_and_a_rising_loss():
     rising = [1.0 - 0.01 * i for i in range(30)] + [0.7 + 0.08 * i for i in range(30)]
     s = Signals(loss=series(rising), update_ratio=_ratios(0.3))
-    message, evidence = dynamics.lr_too_high(s)
+    _message, evidence = dynamics.lr_too_high(s)
     assert evidence["update_ratio"] == 0.3 and evidence["loss_to_min"] > 1.5
     assert (
         dynamics.lr_too_high(Signals(loss=series(healthy_loss()), update_ratio=_ratios(0.3)))
@@ -128,7 +128,7 @@ def test_gw401_overfitting_and_gw402_underfitting():
         {"step": 100 * i, "loss": v, "metric": None, "train_loss": t}
         for i, (v, t) in enumerate([(1.0, 1.2), (0.8, 0.9), (0.85, 0.7), (0.9, 0.5), (1.0, 0.3)])
     ]
-    message, evidence = generalisation.overfitting(Signals(val=evals))
+    _message, evidence = generalisation.overfitting(Signals(val=evals))
     assert evidence["best_val_loss"] == 0.8 and evidence["val_loss"] == 1.0
     improving = [{**e, "loss": 1.0 - 0.1 * i} for i, e in enumerate(evals)]
     assert generalisation.overfitting(Signals(val=improving)) is None
