@@ -97,9 +97,8 @@ class Doctor:
         self._findings: dict[str, Finding] = {}
         self._handles: list[Any] = []
         self._pending_loss: list[torch.Tensor] = []
-        self._armed = (
-            True  # the first forward pass is sampled (it also measures the initial scales)
-        )
+        self._pending_grad: list[torch.Tensor] = []
+        self._armed = True  # the first forward is sampled (it also measures the initial scales)
         self._snapshot: dict[str, list[torch.Tensor]] | None = None
         self._cosines: list[float] = []
         self._fresh: torch.Tensor | None = None
@@ -112,6 +111,7 @@ class Doctor:
         self._closed = False
 
         self._layers = _layers(model)
+        self._all_params = [p for params in self._layers.values() for p in params]
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._attach()
 
@@ -131,9 +131,9 @@ class Doctor:
         s = self.signals
         step = s.step
         before = set(self._findings)
-        self._pending_loss.append(
-            loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
-        )
+        loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        self._pending_loss.append(loss)
+        self._pending_grad.append(self._grad_norm())
         if step < EARLY_BATCHES or self._armed_for(step):
             self._check_batch(step, inputs, outputs, targets)
         if step < IMBALANCE_BATCHES and targets is not None:
@@ -141,6 +141,7 @@ class Doctor:
         if self._snapshot is not None:  # the optimizer step after the last sample has happened
             self._update_ratios(step)
         if self._armed_for(step):
+            self.signals.new_values = len(self._pending_loss)
             self._flush_loss(step)
             self._sample_gradients(step)
             self._run_live_rules(step)
@@ -294,16 +295,30 @@ class Doctor:
     def _armed_for(self, step: int) -> bool:
         return step % self.sample_every == 0
 
+    def _grad_norm(self) -> torch.Tensor:
+        """The global gradient norm as a device tensor (no synchronisation until the next flush)."""
+        grads = [p.grad for p in self._all_params if p.grad is not None]
+        if not grads:
+            return torch.tensor(0.0)
+        norms = torch._foreach_norm(
+            grads
+        )  # one fused kernel per device and dtype, as clipping does
+        return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
     def _flush_loss(self, last_step: int) -> None:
-        """Move the pending losses (the last one is from ``last_step``) into the loss series."""
+        """Move the pending per-step losses and gradient norms into their series (one copy)."""
         if not self._pending_loss:
             return
-        values = torch.stack([v.float().reshape(()) for v in self._pending_loss]).cpu().tolist()
-        first = last_step - len(values) + 1
-        for i, value in enumerate(values):
-            self.signals.loss.append(first + i, value)
-        self._train_losses_since_val += [v for v in values if math.isfinite(v)]
+        pending = self._pending_loss + self._pending_grad
+        values = torch.stack([v.float().reshape(()).cpu() for v in pending]).tolist()
+        losses, grads = values[: len(self._pending_loss)], values[len(self._pending_loss) :]
+        first = last_step - len(losses) + 1
+        for i, (loss, grad) in enumerate(zip(losses, grads, strict=True)):
+            self.signals.loss.append(first + i, loss)
+            self.signals.grad_norm.append(first + i, grad)
+        self._train_losses_since_val += [v for v in losses if math.isfinite(v)]
         self._pending_loss.clear()
+        self._pending_grad.clear()
 
     def _sample_gradients(self, step: int) -> None:
         """Per-layer relative gradient norms, the global norm, and a weight snapshot (one sync)."""
@@ -326,7 +341,6 @@ class Doctor:
             for name in g2:
                 relative = math.sqrt(g2[name]) / max(math.sqrt(w2[name]), 1e-12)
                 s.layer_grad_norm.setdefault(name, Series()).append(step, relative)
-            s.grad_norm.append(step, math.sqrt(sum(g2.values())))
             with torch.no_grad():
                 self._snapshot = {
                     name: [p.detach().clone() for p in self._layers[name]] for name in g2
@@ -334,10 +348,7 @@ class Doctor:
         if self.optimizer is not None:
             s.lr.append(step, float(self.optimizer.param_groups[0]["lr"]))
         if self._fresh is not None and self._watched.grad is not None:
-            cosine = torch.nn.functional.cosine_similarity(
-                self._watched.grad.detach().flatten().float(), self._fresh.flatten().float(), dim=0
-            )
-            self._cosines.append(float(cosine))
+            self._cosines.append(_agreement(self._watched.grad, self._fresh))
         self._fresh = None
 
     def _update_ratios(self, step: int) -> None:
@@ -462,6 +473,15 @@ def _last_matrix(model: nn.Module) -> nn.Parameter | None:
     """The last trainable weight matrix: its gradient direction varies from batch to batch."""
     matrices = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     return matrices[-1] if matrices else None
+
+
+def _agreement(grad: torch.Tensor, fresh: torch.Tensor) -> float:
+    """Cosine between .grad and this step's fresh gradient (1.0 when both are zero)."""
+    a, b = grad.detach().flatten().float(), fresh.flatten().float()
+    na, nb = float(a.norm()), float(b.norm())
+    if na == 0.0 or nb == 0.0:
+        return 1.0 if na == nb else 0.0
+    return float(a @ b) / (na * nb)
 
 
 def _norms(tensors: list[torch.Tensor]) -> list[float]:

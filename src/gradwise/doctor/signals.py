@@ -55,7 +55,10 @@ class Signals:
     step: int = 0  # doctor.step() calls so far
     loss: Series = field(default_factory=Series)  # every step
     lr: Series = field(default_factory=Series)  # sampled
-    grad_norm: Series = field(default_factory=Series)  # global L2 norm, sampled
+    grad_norm: Series = field(
+        default_factory=Series
+    )  # global L2 norm (before clipping), every step
+    new_values: int = 0  # per-step values added since the rules last ran
     layers: list[str] = field(default_factory=list)  # modules with parameters, in forward order
     layer_grad_norm: dict[str, Series] = field(default_factory=dict)  # relative: ||g|| / ||w||
     update_ratio: dict[str, Series] = field(default_factory=dict)  # ||w_t+1 - w_t|| / ||w_t||

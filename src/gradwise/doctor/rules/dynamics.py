@@ -16,13 +16,16 @@ from gradwise.doctor.signals import Series, Signals, smooth
 class Thresholds:
     """Every number the dynamics rules use, in one place (counts are in sampled steps)."""
 
-    explode_factor: float = 20.0
-    """GW302: a gradient norm this many times the median of the recent samples is a spike."""
-    explode_history: int = 5
-    """GW302: samples of history needed before judging spikes."""
+    explode_factor: float = 10.0
+    """GW302: a gradient norm this many times the largest of the preceding steps is a spike
+    (healthy mini-batch gradients vary a lot, so the reference is the recent maximum)."""
+    explode_history: int = 50
+    """GW302: steps of history a spike is compared with."""
+    explode_min_history: int = 10
+    """GW302: steps of history needed before judging spikes."""
     explode_growth: float = 1e3
-    """GW302: sustained growth of the gradient norm by this factor over the growth window."""
-    explode_growth_window: int = 8
+    """GW302: growth of the gradient norm by this factor over consecutive rising steps."""
+    explode_growth_window: int = 6
     vanish_ratio: float = 1e-3
     """GW303: early layers' relative gradient (||g||/||w||) below this fraction of the late layers'."""
     vanish_samples: int = 3
@@ -50,10 +53,12 @@ class Thresholds:
     """GW307: ... while the loss is still above this fraction of its initial value (learned little)."""
     oscillation_window: int = 60
     """GW308: recent steps examined."""
-    oscillation_amplitude: float = 0.25
-    """GW308: std of step-to-step loss changes relative to the mean loss."""
-    oscillation_alternation: float = 0.6
-    """GW308: fraction of step-to-step changes that flip sign."""
+    oscillation_amplitude: float = 0.5
+    """GW308: 10th-90th percentile spread of the recent losses relative to the initial loss
+    (healthy mini-batch noise late in training is small next to the initial loss)."""
+    oscillation_peak: float = 1.25
+    """GW308: ... with the 90th percentile this far above the initial loss: the swings climb above
+    where training started, which noisy but healthy runs do not."""
     saturation_fraction: float = 0.5
     """GW309: fraction of sigmoid/tanh outputs within 1% of their bounds."""
     saturation_samples: int = 2
@@ -119,32 +124,35 @@ def nonfinite(s: Signals) -> Result:
     ],
 )
 def exploding_gradients(s: Signals) -> Result:
-    """The gradient norm spiked far above its recent level, or keeps growing by orders of magnitude.
+    """The gradient norm spiked far above its recent level, or grows by orders of magnitude.
 
     ## Why it matters
     A huge gradient makes one enormous step that throws the weights far from where training had
     brought them; in RNNs the norm can grow exponentially with sequence length.
 
     ## How it is detected
-    The global gradient norm (before clipping) of the latest sample is compared with the median of
-    the recent samples (a spike), and the norm's growth over a window of samples (a trend).
+    The global gradient norm (before clipping) is recorded at every step. A step whose norm is more
+    than 10x the largest of the preceding 50 steps is a spike; a norm rising at every step for
+    several steps by a factor of 1000 is a blow-up.
     """
     g = s.grad_norm.values
-    if len(g) <= T.explode_history or not math.isfinite(g[-1]):
-        return None
-    recent = statistics.median(g[-T.explode_history - 1 : -1])
-    if recent > 0 and g[-1] > T.explode_factor * recent:
-        return (
-            f"the gradient norm jumped to {g[-1]:.3g}, {g[-1] / recent:.0f}x its recent median {recent:.3g}",
-            {"grad_norm": g[-1], "recent_median": recent, "factor": g[-1] / recent},
-        )
-    window = g[-T.explode_growth_window :]
+    for i in range(max(len(g) - max(s.new_values, 1), T.explode_min_history), len(g)):
+        if not math.isfinite(g[i]):
+            break  # GW301 reports non-finite values
+        previous = max(g[max(0, i - T.explode_history) : i])
+        if previous > 0 and g[i] > T.explode_factor * previous:
+            return (
+                f"the gradient norm jumped to {g[i]:.3g} at step {s.grad_norm.steps[i]}, "
+                f"{g[i] / previous:.0f}x the largest of the preceding steps ({previous:.3g})",
+                {"grad_norm": g[i], "previous_max": previous, "factor": g[i] / previous},
+            )
+    finite = [v for v in g[-T.explode_history :] if math.isfinite(v)]
+    window = finite[-T.explode_growth_window :]
     if len(window) == T.explode_growth_window and window[0] > 0:
         growth = window[-1] / window[0]
-        rising = all(b >= a for a, b in itertools.pairwise(window))
-        if rising and growth > T.explode_growth:
+        if all(b > a for a, b in itertools.pairwise(window)) and growth > T.explode_growth:
             return (
-                f"the gradient norm grew {growth:.3g}x over the last {len(window)} samples",
+                f"the gradient norm grew {growth:.3g}x over {len(window)} consecutive steps",
                 {"grad_norm": window[-1], "growth": growth},
             )
     return None
@@ -382,26 +390,28 @@ def oscillating(s: Signals) -> Result:
     """The loss swings up and down by a large fraction of its value without trending down.
 
     ## Why it matters
-    The optimizer bounces across a valley instead of descending it: usually the learning rate is a
-    little too high for the curvature, or batches are too small and noisy.
+    The optimizer bounces instead of descending: the learning rate is too high for the curvature,
+    batches are too small and noisy, or the data arrive in an order (sorted, never shuffled) that
+    makes every batch pull the model somewhere else.
 
     ## How it is detected
-    Over the recent steps: the step-to-step changes flip sign most of the time, their spread is a
-    large fraction of the mean loss, and the loss is not falling.
+    Over the recent steps the spread of the loss (10th to 90th percentile) is a large fraction of
+    the initial loss, its peaks climb well above the initial loss, and the loss is not falling.
     """
     values = [v for v in s.loss.values[-T.oscillation_window :] if math.isfinite(v)]
-    if len(values) < T.oscillation_window or s.step < T.min_steps:
+    first = [v for v in s.loss.values[:10] if math.isfinite(v)]
+    if len(values) < T.oscillation_window or s.step < T.min_steps or not first:
         return None
-    diffs = [b - a for a, b in itertools.pairwise(values)]
-    flips = sum((a > 0) != (b > 0) for a, b in itertools.pairwise(diffs)) / (len(diffs) - 1)
-    mean = statistics.mean(values)
-    amplitude = statistics.pstdev(diffs) / mean if mean > 0 else 0.0
+    initial = statistics.mean(first)
+    deciles = statistics.quantiles(values, n=10)
+    amplitude = (deciles[-1] - deciles[0]) / initial if initial > 0 else 0.0
     third = len(values) // 3
     falling = statistics.mean(values[-third:]) < 0.9 * statistics.mean(values[:third])
-    if flips > T.oscillation_alternation and amplitude > T.oscillation_amplitude and not falling:
+    peaks = deciles[-1] > T.oscillation_peak * initial
+    if amplitude > T.oscillation_amplitude and peaks and not falling:
         return (
-            f"the loss swings by {amplitude:.0%} of its mean from step to step without falling",
-            {"amplitude": amplitude, "sign_flips": flips},
+            f"the loss swings over {amplitude:.0%} of its initial value without falling",
+            {"amplitude": amplitude, "loss_p10": deciles[0], "loss_p90": deciles[-1]},
         )
     return None
 

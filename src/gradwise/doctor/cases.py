@@ -1,0 +1,451 @@
+"""Planted faults and healthy runs: the doctor's test bench, and a runnable example of every rule.
+
+Each case trains a small model in a plain PyTorch loop with a :class:`Doctor` attached, the way a
+user would, and returns the doctor. A fault case names the rule it must trigger; a healthy case must
+end without warnings or errors. ``benchmarks/doctor_suite.py`` runs them all and ``tests/doctor``
+checks each one.
+
+    from gradwise.doctor.cases import CASES
+    doctor = CASES["GW304-dying-relu"].run()
+    print(doctor.summary())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradwise.doctor.doctor import Doctor
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    expect: str | None  # the rule code the fault must trigger; None: healthy, no warnings or errors
+    description: str
+    build: Callable[[], Doctor]
+
+    def run(self) -> Doctor:
+        torch.manual_seed(0)
+        return self.build()
+
+
+CASES: dict[str, Case] = {}
+
+
+def case(
+    name: str, expect: str | None, description: str
+) -> Callable[[Callable[[], Doctor]], Callable]:
+    def register(fn: Callable[[], Doctor]) -> Callable[[], Doctor]:
+        CASES[name] = Case(name, expect, description, fn)
+        return fn
+
+    return register
+
+
+# -- data and models ----------------------------------------------------------------------------
+
+
+def _digits(flat: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from gradwise.data import load_data
+
+    bundle = load_data("digits", {"flatten": flat})
+    x, y = bundle.train.tensors
+    xv, yv = bundle.val.tensors
+    return x, y, xv, yv
+
+
+def _blobs(n: int = 2000, features: int = 20, classes: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, features, generator=g) * 2
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = centers[y] + torch.randn(n, features, generator=g)
+    return x, y
+
+
+def _mlp(
+    inputs: int, outputs: int, hidden: int = 64, depth: int = 2, act: type[nn.Module] = nn.ReLU
+) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = inputs
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), act()]
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, outputs))
+
+
+def _train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: Callable,
+    *,
+    steps: int = 300,
+    lr: float = 1e-3,
+    optimizer: str = "adamw",
+    batch_size: int = 32,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    eval_every: int = 50,
+    zero_grad: bool = True,
+    eval_mode: bool = True,
+    shuffle: bool = True,
+    params: list[nn.Parameter] | None = None,
+    clip: float | None = None,
+    **doctor_kwargs,
+) -> Doctor:
+    """A plain training loop, as a user writes it, with the Doctor attached."""
+    params = list(model.parameters()) if params is None else params
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr)
+    doctor = Doctor(model, opt, loss_fn=loss_fn, on_finding=None, **doctor_kwargs)
+    g = torch.Generator().manual_seed(0)
+    n = len(x)
+    order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+    cursor = 0
+    for step in range(steps):
+        if cursor + batch_size > n:
+            order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+            cursor = 0
+        idx = order[cursor : cursor + batch_size]
+        cursor += batch_size
+        model.train()
+        if zero_grad:
+            opt.zero_grad()
+        out = model(x[idx])
+        loss = loss_fn(out, y[idx])
+        loss.backward()
+        doctor.step(loss, inputs=x[idx], outputs=out, targets=y[idx])
+        if clip:
+            nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        if val is not None and (step + 1) % eval_every == 0:
+            if eval_mode:
+                model.eval()
+            with torch.no_grad():
+                out = model(val[0])
+                doctor.validate(loss=loss_fn(out, val[1]).item())
+    doctor.close()
+    return doctor
+
+
+# -- healthy runs: no warnings or errors --------------------------------------------------------
+
+
+@case("healthy-mlp", None, "MLP on standardised digits, AdamW 1e-3")
+def healthy_mlp() -> Doctor:
+    x, y, xv, yv = _digits()
+    return _train(_mlp(64, 10), x, y, F.cross_entropy, steps=400, val=(xv, yv))
+
+
+@case("healthy-cnn-bn", None, "CNN with BatchNorm on digits images")
+def healthy_cnn() -> Doctor:
+    x, y, xv, yv = _digits(flat=False)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )  # fmt: skip
+    return _train(model, x, y, F.cross_entropy, steps=300, lr=3e-3, val=(xv, yv))
+
+
+class _LSTMClassifier(nn.Module):
+    def __init__(self, vocab: int, classes: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 32)
+        self.lstm = nn.LSTM(32, 64, batch_first=True)
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embed(x))
+        return self.head(out[:, -1])
+
+
+def _sequences(n: int = 2000, length: int = 20, vocab: int = 10):
+    """Label: whether token 0 occurs more often than token 1 (needs the whole sequence)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (n, length), generator=g)
+    y = ((x == 0).sum(1) > (x == 1).sum(1)).long()
+    return x[:1600], y[:1600], x[1600:], y[1600:]
+
+
+@case("healthy-lstm", None, "LSTM sequence classifier, AdamW 3e-3, clipping")
+def healthy_lstm() -> Doctor:
+    x, y, xv, yv = _sequences()
+    return _train(
+        _LSTMClassifier(10, 2), x, y, F.cross_entropy, steps=300, lr=3e-3, clip=1.0, val=(xv, yv)
+    )
+
+
+@case("healthy-transformer", None, "gradwise's Transformer encoder on token sequences, AdamW")
+def healthy_transformer() -> Doctor:
+    from gradwise.models import build_model
+
+    x, y, xv, yv = _sequences()
+    model = build_model(
+        "transformer",
+        {"vocab_size": 10, "d_model": 32, "n_heads": 2, "n_layers": 2, "max_seq_len": 20},
+        num_outputs=2,
+    )
+    return _train(model, x, y, F.cross_entropy, steps=300, lr=1e-3, clip=1.0, val=(xv, yv))
+
+
+@case("healthy-regression", None, "MLP regression on diabetes (standardised target), MSE")
+def healthy_regression() -> Doctor:
+    from gradwise.data import load_data
+
+    bundle = load_data("diabetes")
+    x, y = bundle.train.tensors
+    xv, yv = bundle.val.tensors
+
+    def mse(out, target):
+        return F.mse_loss(out.squeeze(-1), target)
+
+    return _train(
+        _mlp(10, 1, hidden=32, depth=1), x, y, mse, steps=300, val=(xv, yv), task="regression"
+    )
+
+
+# -- planted faults ---------------------------------------------------------------------------
+
+
+@case("GW101-nan-inputs", "GW101", "some input rows contain NaN")
+def nan_inputs() -> Doctor:
+    x, y = _blobs()
+    x[::7, 3] = float("nan")
+    return _train(_mlp(20, 4), x, y, F.cross_entropy, steps=20)
+
+
+@case("GW102-raw-pixels", "GW102", "digits as raw 0-255 pixels, not standardised")
+def raw_pixels() -> Doctor:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data * 16, dtype=torch.float32)
+    y = torch.tensor(digits.target)
+    return _train(_mlp(64, 10), x, y, F.cross_entropy, steps=20)
+
+
+@case("GW103-imbalance", "GW103", "binary labels 97% / 3%")
+def imbalance() -> Doctor:
+    x, _ = _blobs(n=2000, classes=2)
+    y = (torch.rand(2000) < 0.03).long()
+    return _train(_mlp(20, 2), x, y, F.cross_entropy, steps=40)
+
+
+@case(
+    "GW105-targets-out-of-range", "GW105", "binary targets stored as 0/255 fed to BCEWithLogitsLoss"
+)
+def targets_out_of_range() -> Doctor:
+    x, y = _blobs(classes=2)
+    return _train(
+        _mlp(20, 1), x, (y.float() * 255).unsqueeze(1), F.binary_cross_entropy_with_logits, steps=20
+    )
+
+
+@case(
+    "GW201-softmax-into-cross-entropy", "GW201", "model ends in Softmax, loss is CrossEntropyLoss"
+)
+def softmax_head() -> Doctor:
+    x, y = _blobs()
+    model = nn.Sequential(_mlp(20, 4), nn.Softmax(dim=1))
+    return _train(model, x, y, nn.CrossEntropyLoss(), steps=20)
+
+
+@case("GW202-no-zero-grad", "GW202", "the loop never calls optimizer.zero_grad()")
+def no_zero_grad() -> Doctor:
+    x, y = _blobs()
+    return _train(_mlp(20, 4), x, y, F.cross_entropy, steps=60, zero_grad=False)
+
+
+@case(
+    "GW203-eval-in-train-mode",
+    "GW203",
+    "validation under no_grad without model.eval(), with dropout",
+)
+def eval_train_mode() -> Doctor:
+    x, y = _blobs()
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 4))
+    return _train(
+        model,
+        x[:1500],
+        y[:1500],
+        F.cross_entropy,
+        steps=60,
+        val=(x[1500:], y[1500:]),
+        eval_every=20,
+        eval_mode=False,
+    )
+
+
+@case(
+    "GW204-poor-init",
+    "GW204",
+    "10-layer tanh MLP, weights N(0, 0.01), zero biases: activations collapse",
+)
+def poor_init() -> Doctor:
+    x, y = _blobs()
+    model = _mlp(20, 4, hidden=64, depth=10, act=nn.Tanh)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.01)
+            nn.init.zeros_(m.bias)
+    return _train(model, x, y, F.cross_entropy, steps=20)
+
+
+@case("GW205-mse-on-class-indices", "GW205", "MSELoss regressing the class indices 0..9 of digits")
+def mse_on_classes() -> Doctor:
+    x, y, _, _ = _digits()
+    model = nn.Sequential(_mlp(64, 1), nn.Flatten(0))
+    return _train(model, x, y.float(), nn.MSELoss(), steps=20, task="multiclass")
+
+
+@case("GW206-batchnorm-batch-2", "GW206", "BatchNorm trained with batches of 2")
+def bn_tiny_batch() -> Doctor:
+    x, y = _blobs()
+    model = nn.Sequential(nn.Linear(20, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 4))
+    return _train(model, x, y, F.cross_entropy, steps=20, batch_size=2)
+
+
+@case(
+    "GW207-param-not-in-optimizer", "GW207", "the optimizer was built before the head was replaced"
+)
+def param_not_in_optimizer() -> Doctor:
+    x, y = _blobs()
+    model = _mlp(20, 4)
+    params = list(model.parameters())[:-2]  # the last Linear is missing from the optimizer
+    return _train(model, x, y, F.cross_entropy, steps=30, params=params)
+
+
+@case(
+    "GW301-log-of-zero", "GW301", "hand-written cross-entropy log(softmax(x)) underflows to log(0)"
+)
+def log_zero() -> Doctor:
+    x, y = _blobs()
+
+    def naive_ce(out, target):
+        p = torch.softmax(out, dim=1)
+        return -torch.log(p[torch.arange(len(target)), target]).mean()
+
+    return _train(_mlp(20, 4), x * 50, y, naive_ce, steps=100, lr=0.5)
+
+
+class _LinearRNN(nn.Module):
+    """A deep (long) recurrence without a squashing non-linearity: gradients explode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(1, 32)
+        self.rec = nn.Linear(32, 32, bias=False)
+        nn.init.orthogonal_(self.rec.weight, gain=1.15)
+        self.head = nn.Linear(32, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], 32)
+        for t in range(x.shape[1]):
+            h = self.rec(h) + self.inp(x[:, t : t + 1])
+        return self.head(h)
+
+
+@case(
+    "GW302-exploding-rnn", "GW302", "linear RNN over 40 steps, no gradient clipping, SGD at lr 0.05"
+)
+def exploding_rnn() -> Doctor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 40, generator=g)
+    y = (x[:, :5].sum(1) > 0).long()
+    model = _LinearRNN()
+    nn.init.orthogonal_(model.rec.weight, gain=0.9)
+    return _train(model, x, y, F.cross_entropy, steps=150, lr=0.05, optimizer="sgd")
+
+
+@case("GW303-deep-sigmoid", "GW303", "12-layer sigmoid MLP: gradients vanish toward the input")
+def deep_sigmoid() -> Doctor:
+    x, y = _blobs()
+    return _train(
+        _mlp(20, 4, hidden=32, depth=12, act=nn.Sigmoid),
+        x,
+        y,
+        F.cross_entropy,
+        steps=60,
+        optimizer="sgd",
+        lr=0.1,
+    )
+
+
+@case("GW304-dying-relu", "GW304", "hidden ReLU layer starts with bias -5: most units never fire")
+def dying_relu() -> Doctor:
+    x, y = _blobs()
+    model = _mlp(20, 4, depth=1)
+    nn.init.constant_(model[0].bias, -5.0)
+    return _train(model, x, y, F.cross_entropy, steps=120)
+
+
+@case("GW305-lr-10x-too-high", "GW305", "Adam at lr 0.3 on an MLP")
+def lr_too_high() -> Doctor:
+    x, y, _, _ = _digits()
+    return _train(_mlp(64, 10), x, y, F.cross_entropy, steps=200, lr=0.3)
+
+
+@case("GW306-lr-too-low", "GW306", "SGD at lr 1e-6")
+def lr_too_low() -> Doctor:
+    x, y, _, _ = _digits()
+    return _train(_mlp(64, 10), x, y, F.cross_entropy, steps=200, lr=1e-6, optimizer="sgd")
+
+
+@case("GW307-plateau", "GW307", "labels are random: nothing to learn, the loss stays flat")
+def plateau() -> Doctor:
+    x, _ = _blobs()
+    y = torch.randint(0, 4, (2000,))
+    return _train(_mlp(20, 4, hidden=8, depth=1), x, y, F.cross_entropy, steps=300, lr=1e-3)
+
+
+@case(
+    "GW308-oscillation",
+    "GW308",
+    "data sorted by label, never shuffled: the model chases each block",
+)
+def oscillation() -> Doctor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 20, generator=g)  # the features do not predict the label, so the
+    y = (torch.arange(2048) // 32 % 4 == 3).long()  # model follows each block of sorted labels
+    model = _mlp(20, 2, hidden=16, depth=1)
+    return _train(model, x, y, F.cross_entropy, steps=200, lr=0.5, optimizer="sgd", shuffle=False)
+
+
+@case(
+    "GW309-saturated-tanh",
+    "GW309",
+    "tanh MLP initialised with std 1.0 on 64 inputs: units saturate",
+)
+def saturated_tanh() -> Doctor:
+    x, y, _, _ = _digits()
+    model = _mlp(64, 10, hidden=128, depth=3, act=nn.Tanh)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=1.0)
+    return _train(model, x, y, F.cross_entropy, steps=60)
+
+
+@case("GW401-overfitting", "GW401", "wide MLP memorises 200 samples with 30% wrong labels")
+def overfitting() -> Doctor:
+    x, y, xv, yv = _digits()
+    x, y = x[:200], y[:200].clone()
+    noisy = torch.rand(200, generator=torch.Generator().manual_seed(1)) < 0.3
+    y[noisy] = torch.randint(0, 10, (int(noisy.sum()),), generator=torch.Generator().manual_seed(2))
+    model = _mlp(64, 10, hidden=256)
+    return _train(model, x, y, F.cross_entropy, steps=600, lr=3e-3, val=(xv, yv), eval_every=25)
+
+
+@case(
+    "GW402-labels-shuffled", "GW402", "labels shuffled independently of the inputs: stuck at chance"
+)
+def labels_shuffled() -> Doctor:
+    x, y, _, _ = _digits()
+    y = y[torch.randperm(len(y))]
+    return _train(_mlp(64, 10, hidden=16, depth=1), x, y, F.cross_entropy, steps=400, lr=1e-3)
