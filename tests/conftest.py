@@ -7,8 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Tests train tiny models: one thread is faster for them and keeps results identical run to run.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import torch
+
+torch.set_num_threads(1)
 
 # Trainer overrides that keep tests quiet and fast: no progress output, no MLflow/TensorBoard.
 QUIET = {"progress": "off", "mlflow": False, "tensorboard": False}

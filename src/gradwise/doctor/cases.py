@@ -99,10 +99,7 @@ def _train(
 ) -> Doctor:
     """A plain training loop, as a user writes it, with the Doctor attached."""
     params = list(model.parameters()) if params is None else params
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr)
-    else:
-        opt = torch.optim.AdamW(params, lr=lr)
+    opt = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.AdamW(params, lr=lr)
     doctor = Doctor(model, opt, loss_fn=loss_fn, on_finding=None, **doctor_kwargs)
     g = torch.Generator().manual_seed(0)
     n = len(x)

@@ -238,7 +238,7 @@ class Doctor:
             self._handles.append(watched.register_hook(self._fresh_gradient_hook))
 
     def _root_pre_hook(self, module: nn.Module, args: Any) -> None:
-        if not torch.is_grad_enabled() and module.training and "GW203" not in self._findings:
+        if not torch.is_grad_enabled() and module.training and "GW203" not in self.ignore:
             stochastic = [
                 n for n, m in module.named_modules() if isinstance(m, STOCHASTIC) and m.training
             ]
