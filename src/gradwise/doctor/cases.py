@@ -335,12 +335,12 @@ def log_zero() -> Doctor:
 class _LinearRNN(nn.Module):
     """A deep (long) recurrence without a squashing non-linearity: gradients explode."""
 
-    def __init__(self) -> None:
+    def __init__(self, outputs: int = 2) -> None:
         super().__init__()
         self.inp = nn.Linear(1, 32)
         self.rec = nn.Linear(32, 32, bias=False)
         nn.init.orthogonal_(self.rec.weight, gain=1.15)
-        self.head = nn.Linear(32, 2)
+        self.head = nn.Linear(32, outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.zeros(x.shape[0], 32)
@@ -446,3 +446,71 @@ def labels_shuffled() -> Doctor:
     x, y, _, _ = _digits()
     y = y[torch.randperm(len(y))]
     return _train(_mlp(64, 10, hidden=16, depth=1), x, y, F.cross_entropy, steps=400, lr=1e-3)
+
+
+# -- faulty recipes that doctor.mode: repair fixes (benchmarks/doctor_repair.py, tests) ---------
+
+
+def naive_cross_entropy(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy written by hand as -log(softmax): underflows to log(0) for confident logits."""
+    p = torch.softmax(out.float(), dim=1)
+    return -torch.log(p[torch.arange(len(target)), target]).mean()
+
+
+def linear_rnn(num_outputs: int = 2, gain: float = 0.9) -> nn.Module:
+    """A deep-in-time recurrence without a squashing non-linearity (gradients can explode)."""
+    model = _LinearRNN(num_outputs)
+    nn.init.orthogonal_(model.rec.weight, gain=gain)
+    return model
+
+
+def sequence_data(n: int = 2000, length: int = 40, seed: int = 0, val_fraction: float = 0.2):
+    """Float sequences [n, length]; the label is the sign of the sum of the first five values."""
+    from gradwise.data import DataBundle, as_dataset, describe
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, length, generator=g)
+    y = (x[:, :5].sum(1) > 0).long()
+    cut = int(n * (1 - val_fraction))
+    train, val = as_dataset((x[:cut], y[:cut])), as_dataset((x[cut:], y[cut:]))
+    return DataBundle(train, val, describe(train, name="sequences"))
+
+
+NO_SAFETY_NETS = {"grad_clip": None}  # the faulty recipes also switched gradient clipping off
+
+REPAIR_RECIPES: dict[str, dict] = {
+    # SGD trains this MLP well at lr 0.1; at 1.0 it diverges within a few dozen steps
+    "lr-10x-too-high": {
+        "name": "repair-lr",
+        "model": {"name": "mlp", "kwargs": {"hidden": [128, 128], "dropout": 0.0, "norm": None}},
+        "data": {"name": "digits", "kwargs": {"flatten": True}, "batch_size": 32},
+        "optim": {"name": "sgd", "lr": 1.0},
+        "schedule": {"warmup": 0},
+        "train": {"epochs": 8, **NO_SAFETY_NETS},
+    },
+    # a linear recurrence over 40 steps: occasional gradient spikes blow it up without clipping
+    "rnn-without-clipping": {
+        "name": "repair-rnn",
+        "model": {"name": "gradwise.doctor.cases:linear_rnn"},
+        "data": {"name": "gradwise.doctor.cases:sequence_data", "batch_size": 32},
+        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.0, "weight_decay": 0.0},
+        "schedule": {"name": "constant", "warmup": 0},
+        "train": {"epochs": 8, **NO_SAFETY_NETS},
+    },
+    # -log(softmax(x)) written by hand: confident wrong logits make it log(0) = inf, then NaN
+    "log-of-zero": {
+        "name": "repair-log0",
+        "task": "custom",
+        "model": {
+            "name": "mlp",
+            "kwargs": {"hidden": [128], "dropout": 0.0, "norm": None, "num_outputs": 10},
+        },
+        "data": {"name": "digits", "kwargs": {"flatten": True}, "batch_size": 32},
+        "optim": {"lr": 0.3},
+        "train": {
+            "epochs": 8,
+            "loss": "gradwise.doctor.cases:naive_cross_entropy",
+            **NO_SAFETY_NETS,
+        },
+    },
+}

@@ -95,6 +95,7 @@ class Doctor:
             loss_kind=model_rules.loss_kind(loss_fn, task), loss_scaling=loss_scaling
         )
         self._findings: dict[str, Finding] = {}
+        self._fired_now: list[Finding] = []
         self._handles: list[Any] = []
         self._pending_loss: list[torch.Tensor] = []
         self._pending_grad: list[torch.Tensor] = []
@@ -126,11 +127,11 @@ class Doctor:
     ) -> list[Finding]:
         """Record one training step; call after backward() and before the next zero_grad().
 
-        Returns the findings that are new at this step.
+        Returns the findings that fired at this step (new ones, and known ones firing again).
         """
         s = self.signals
         step = s.step
-        before = set(self._findings)
+        self._fired_now: list[Finding] = []
         loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         self._pending_loss.append(loss)
         self._pending_grad.append(self._grad_norm())
@@ -147,7 +148,7 @@ class Doctor:
             self._run_live_rules(step)
         s.step += 1
         self._armed = self._armed_for(s.step)
-        return [self._findings[c] for c in self._findings if c not in before]
+        return self._fired_now
 
     def validate(self, loss: float | None = None, metric: float | None = None) -> list[Finding]:
         """Record an evaluation (validation loss and/or your metric); enables GW401/GW402."""
@@ -197,6 +198,12 @@ class Doctor:
         if not self._findings:
             return "gradwise doctor: no findings"
         return "\n".join(["gradwise doctor findings:", *(f"  {f}" for f in self.findings)])
+
+    def rebaseline(self) -> None:
+        """Judge the per-step signals afresh from here on (after a rollback: the old spikes and
+        losses belong to a state that no longer exists)."""
+        self._flush_loss(self.signals.step - 1)
+        self.signals.since = len(self.signals.loss)
 
     def reattach(self) -> None:
         """Re-attach the hooks after modules were replaced (e.g. ReLU swapped for LeakyReLU)."""
@@ -450,6 +457,7 @@ class Doctor:
 
     def _record(self, finding: Finding) -> None:
         known = self._findings.get(finding.code)
+        self._fired_now.append(known or finding)
         if known is not None:
             known.count += 1
             known.last_step = finding.step

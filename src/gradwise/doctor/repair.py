@@ -22,7 +22,7 @@ class Fix:
     """What a repair changes for one finding code."""
 
     lr_factor: float = 1.0  # multiply every learning rate (and the schedule's peak) by this
-    clip: bool = False  # clip gradients at 1.0 if not clipped yet, else halve the clip norm
+    clip: bool = False  # clip the gradient norm at 1.0 if it is unclipped or clipped more loosely
     leaky_relu: bool = False  # replace nn.ReLU modules with nn.LeakyReLU(0.01)
 
 
@@ -35,6 +35,7 @@ FIXES: dict[str, Fix] = {
 SNAPSHOT_EVERY = 5  # sampled steps between snapshots of a healthy state
 KEEP_SNAPSHOTS = 2  # roll back to the older one: the newer may already hold the fault's onset
 COOLDOWN = 3  # sampled steps after a repair before another one (the signals must settle)
+CLIP_NORM = 1.0  # the gradient-norm clip a repair sets (Pascanu et al. 2013; the Recipe's default)
 
 
 class Repairer:
@@ -108,10 +109,9 @@ class Repairer:
             before = t.optimizer.param_groups[0]["lr"]
             _scale_lr(t, lr_factor)
             actions.append(f"learning rate {before:.3g} -> {t.optimizer.param_groups[0]['lr']:.3g}")
-        if fix.clip:
-            before = t.grad_clip
-            t.grad_clip = 1.0 if before is None else before / 2
-            actions.append(f"gradient clipping {before} -> {t.grad_clip:g}")
+        if fix.clip and (t.grad_clip is None or t.grad_clip > CLIP_NORM):
+            actions.append(f"gradient clipping {t.grad_clip} -> {CLIP_NORM:g}")
+            t.grad_clip = CLIP_NORM
         record = {
             "step": step,
             "code": finding.code,
@@ -120,6 +120,7 @@ class Repairer:
             "rolled_back_to": snapshot["step"],
         }
         self.repairs.append(record)
+        t.doctor.rebaseline()
         self._quiet_until = step + self.cooldown
         self._fault_since_snapshot = False
         t.on_repair(record)

@@ -59,6 +59,7 @@ class Signals:
         default_factory=Series
     )  # global L2 norm (before clipping), every step
     new_values: int = 0  # per-step values added since the rules last ran
+    since: int = 0  # per-step series start here for the rules (moved on after a repair's rollback)
     layers: list[str] = field(default_factory=list)  # modules with parameters, in forward order
     layer_grad_norm: dict[str, Series] = field(default_factory=dict)  # relative: ||g|| / ||w||
     update_ratio: dict[str, Series] = field(default_factory=dict)  # ||w_t+1 - w_t|| / ||w_t||
@@ -71,6 +72,14 @@ class Signals:
     num_classes: int | None = None  # from the outputs, for chance-level checks
     loss_kind: str = "other"
     loss_scaling: bool = False  # fp16 GradScaler: overflowing gradients are expected and skipped
+
+    def losses(self) -> list[float]:
+        """Per-step losses the rules judge: those since the last rollback."""
+        return self.loss.values[self.since :]
+
+    def grads(self) -> tuple[list[int], list[float]]:
+        """(steps, global gradient norms) since the last rollback."""
+        return self.grad_norm.steps[self.since :], self.grad_norm.values[self.since :]
 
     def median_update_ratio(self, samples: int = 1) -> float | None:
         """Median over layers of each layer's mean update ratio in the last ``samples`` samples."""

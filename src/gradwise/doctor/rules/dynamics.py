@@ -97,14 +97,15 @@ def nonfinite(s: Signals) -> Result:
     """
     bad = [
         (st, v)
-        for st, v in zip(s.loss.steps[-50:], s.loss.values[-50:], strict=True)
+        for st, v in zip(s.loss.steps[s.since :][-50:], s.losses()[-50:], strict=True)
         if not math.isfinite(v)
     ]
     if bad:
         step, value = bad[0]
         return f"the loss is {value} at step {step}", {"loss": value, "step_first_seen": step}
-    if len(s.grad_norm) and not math.isfinite(s.grad_norm.values[-1]) and not s.loss_scaling:
-        return "the gradients are not finite", {"grad_norm": s.grad_norm.values[-1]}
+    grads = s.grads()[1]
+    if grads and not math.isfinite(grads[-1]) and not s.loss_scaling:
+        return "the gradients are not finite", {"grad_norm": grads[-1]}
     return None
 
 
@@ -135,14 +136,14 @@ def exploding_gradients(s: Signals) -> Result:
     than 10x the largest of the preceding 50 steps is a spike; a norm rising at every step for
     several steps by a factor of 1000 is a blow-up.
     """
-    g = s.grad_norm.values
+    steps, g = s.grads()
     for i in range(max(len(g) - max(s.new_values, 1), T.explode_min_history), len(g)):
         if not math.isfinite(g[i]):
             break  # GW301 reports non-finite values
         previous = max(g[max(0, i - T.explode_history) : i])
         if previous > 0 and g[i] > T.explode_factor * previous:
             return (
-                f"the gradient norm jumped to {g[i]:.3g} at step {s.grad_norm.steps[i]}, "
+                f"the gradient norm jumped to {g[i]:.3g} at step {steps[i]}, "
                 f"{g[i] / previous:.0f}x the largest of the preceding steps ({previous:.3g})",
                 {"grad_norm": g[i], "previous_max": previous, "factor": g[i] / previous},
             )
@@ -272,7 +273,7 @@ def lr_too_high(s: Signals) -> Result:
     ratio = s.median_update_ratio(T.lr_high_samples)
     if ratio is None or ratio < T.lr_high_update_ratio or len(s.loss) < 10:
         return None
-    finite = [v for v in s.loss.values if math.isfinite(v)]
+    finite = [v for v in s.losses() if math.isfinite(v)]
     smoothed = smooth(finite)
     if not smoothed:
         return None
@@ -353,7 +354,7 @@ def plateau(s: Signals) -> Result:
     """
     if s.step < max(T.min_steps, T.plateau_window) or len(s.loss) < T.plateau_window:
         return None
-    finite = [v for v in s.loss.values if math.isfinite(v)]
+    finite = [v for v in s.losses() if math.isfinite(v)]
     if len(finite) < T.plateau_window:
         return None
     initial = statistics.mean(finite[: min(10, len(finite))])
@@ -398,7 +399,7 @@ def oscillating(s: Signals) -> Result:
     Over the recent steps the spread of the loss (10th to 90th percentile) is a large fraction of
     the initial loss, its peaks climb well above the initial loss, and the loss is not falling.
     """
-    values = [v for v in s.loss.values[-T.oscillation_window :] if math.isfinite(v)]
+    values = [v for v in s.losses()[-T.oscillation_window :] if math.isfinite(v)]
     first = [v for v in s.loss.values[:10] if math.isfinite(v)]
     if len(values) < T.oscillation_window or s.step < T.min_steps or not first:
         return None
