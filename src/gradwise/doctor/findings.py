@@ -72,8 +72,8 @@ class Rule:
             f"*{self.severity}, {self.stage}*: {self.summary}",
             "",
         ]
-        if self.doc:
-            lines += [self.doc, ""]
+        if self.doc:  # the docstring's sections sit one level below the rule's heading
+            lines += [_demote(self.doc), ""]
         lines += ["**Fixes, in order:**", ""] + [
             f"{i}. {fix}" for i, fix in enumerate(self.fixes, 1)
         ]
@@ -83,6 +83,12 @@ class Rule:
 
 
 RULES: dict[str, Rule] = {}
+
+
+def _demote(markdown: str) -> str:
+    return "\n".join(
+        "#" + line if line.startswith("## ") else line for line in markdown.splitlines()
+    )
 
 
 def rule(
