@@ -116,7 +116,7 @@ def check(
         trainer.model,
         trainer.train_loader.dataset,
         trainer.val_loader.dataset if trainer.val_loader is not None else None,
-        loss_fn=trainer.task,
+        loss_fn=trainer.task.unsmoothed(),  # overfitting one batch needs a loss that can reach 0
         task=trainer.task.kind,
         optimizer=trainer.optimizer,
         batch_size=trainer.recipe.data.batch_size,
@@ -126,6 +126,8 @@ def check(
         ignore=trainer.recipe.doctor.ignore,
     )
     out.print(str(report), soft_wrap=True)
+    if report.lr_range is not None and plot is not None:
+        out.print(f"  lr range plot: {plot}")
     if any(f.severity == "error" for f in report.findings):
         raise typer.Exit(1)
 

@@ -6,6 +6,7 @@ batch by batch with constant memory) and the metric that picks the best checkpoi
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -169,6 +170,16 @@ class Task:
         if out.ndim == target.ndim + 1 and out.shape[-1] == 1:
             return out.squeeze(-1)
         return out
+
+    def unsmoothed(self) -> Task:
+        """The same task without label smoothing (whose loss cannot reach zero)."""
+        clone = copy.copy(self)
+        clone.label_smoothing = 0.0
+        return clone
+
+    def __call__(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """A Task is its training loss, so it can stand wherever a loss function is expected."""
+        return self.loss(out, target)
 
     def count(self, target: torch.Tensor) -> torch.Tensor | int:
         """What the mean loss averages over: samples, or non-ignored tokens for lm."""
