@@ -27,7 +27,9 @@ class Case:
     name: str
     expect: str | None  # the rule code the fault must trigger; None: healthy, no warnings or errors
     description: str
-    build: Callable[[], Doctor]
+    build: Callable[
+        [], Doctor
+    ]  # a Doctor after the run (or a preflight report: both have .findings)
 
     def run(self) -> Doctor:
         torch.manual_seed(0)
@@ -233,6 +235,17 @@ def imbalance() -> Doctor:
     x, _ = _blobs(n=2000, classes=2)
     y = (torch.rand(2000) < 0.03).long()
     return _train(_mlp(20, 2), x, y, F.cross_entropy, steps=40)
+
+
+@case("GW104-train-val-leakage", "GW104", "the validation set was sampled from the training set")
+def leakage():
+    from gradwise.doctor.preflight import check
+
+    x, y = _blobs()
+    model = _mlp(20, 4)
+    return check(
+        model, (x, y), (x[::10], y[::10]), loss_fn=F.cross_entropy, overfit=False, lr_range=False
+    )
 
 
 @case(

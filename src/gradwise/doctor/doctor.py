@@ -239,7 +239,7 @@ class Doctor:
                 self._handles.append(
                     module.register_forward_hook(self._make_forward_hook(name, module))
                 )
-        watched = _last_matrix(self.model)
+        watched = _last_matrix(self.model, self.optimizer)
         if watched is not None and self.accumulation_steps == 1:
             self._watched = watched
             self._handles.append(watched.register_hook(self._fresh_gradient_hook))
@@ -477,9 +477,15 @@ def _layers(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return layers
 
 
-def _last_matrix(model: nn.Module) -> nn.Parameter | None:
-    """The last trainable weight matrix: its gradient direction varies from batch to batch."""
-    matrices = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+def _last_matrix(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> nn.Parameter | None:
+    """The last trainable weight matrix the optimizer updates (so zero_grad clears it); its gradient
+    direction varies from batch to batch."""
+    owned = {id(p) for g in optimizer.param_groups for p in g["params"]} if optimizer else None
+    matrices = [
+        p
+        for p in model.parameters()
+        if p.requires_grad and p.ndim >= 2 and (owned is None or id(p) in owned)
+    ]
     return matrices[-1] if matrices else None
 
 
