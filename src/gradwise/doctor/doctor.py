@@ -56,6 +56,7 @@ EARLY_BATCHES = 3  # steps whose inputs, outputs and targets get the data and se
 IMBALANCE_BATCHES = 20  # steps whose targets are pooled before judging class balance (GW103)
 DEAD_WINDOW = 5  # sampled batches over which a ReLU unit must stay silent to count as dead
 SATURATION_MARGIN = 0.01  # within 1% of the bounds counts as saturated
+UPDATE_SAMPLE = 4096  # entries per parameter that estimate its update-to-weight ratio
 
 
 class Doctor:
@@ -101,6 +102,7 @@ class Doctor:
         self._pending_grad: list[torch.Tensor] = []
         self._armed = True  # the first forward is sampled (it also measures the initial scales)
         self._snapshot: dict[str, list[torch.Tensor]] | None = None
+        self._probe_index: dict[int, torch.Tensor] = {}
         self._cosines: list[float] = []
         self._fresh: torch.Tensor | None = None
         self._dead_masks: dict[str, deque] = {}
@@ -349,14 +351,30 @@ class Doctor:
                 relative = math.sqrt(g2[name]) / max(math.sqrt(w2[name]), 1e-12)
                 s.layer_grad_norm.setdefault(name, Series()).append(step, relative)
             with torch.no_grad():
-                self._snapshot = {
-                    name: [p.detach().clone() for p in self._layers[name]] for name in g2
-                }
+                self._snapshot = {name: [self._probe(p) for p in self._layers[name]] for name in g2}
         if self.optimizer is not None:
             s.lr.append(step, float(self.optimizer.param_groups[0]["lr"]))
         if self._fresh is not None and self._watched.grad is not None:
             self._cosines.append(_agreement(self._watched.grad, self._fresh))
         self._fresh = None
+
+    def _probe(self, p: torch.Tensor) -> torch.Tensor:
+        """A fixed random subset of a parameter's entries (all of a small one), copied.
+
+        The update-to-weight ratio of a large tensor is estimated from UPDATE_SAMPLE entries: the
+        estimate is accurate to a few percent and costs nothing next to copying the whole model.
+        """
+        flat = p.detach().reshape(-1)
+        if flat.numel() <= UPDATE_SAMPLE:
+            return flat.clone()
+        index = self._probe_index.get(id(p))
+        if index is None:  # a private generator: the global RNG (and exact resume) is untouched
+            generator = torch.Generator().manual_seed(len(self._probe_index))
+            index = torch.randperm(flat.numel(), generator=generator)[:UPDATE_SAMPLE].to(
+                flat.device
+            )
+            self._probe_index[id(p)] = index
+        return flat[index]
 
     def _update_ratios(self, step: int) -> None:
         """||w_now - w_sampled|| / ||w_sampled|| per layer: the size of the optimizer's last step."""
@@ -364,7 +382,7 @@ class Doctor:
         names = [name for name, old in snapshot.items() for _ in old]
         with torch.no_grad():
             old = [o for olds in snapshot.values() for o in olds]
-            new = [p.detach() for name in snapshot for p in self._layers[name]]
+            new = [self._probe(p) for name in snapshot for p in self._layers[name]]
             deltas = _norms([n - o for n, o in zip(new, old, strict=True)])
             norms = _norms(old)
         d2: dict[str, float] = {}

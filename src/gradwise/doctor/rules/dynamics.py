@@ -43,6 +43,8 @@ class Thresholds:
     lr_low_loss_change: float = 0.01
     """GW306: relative change of the smoothed loss over the window below this."""
     lr_low_samples: int = 5
+    history: int = 1000
+    """GW305: steps of loss history examined (bounds the cost of long runs)."""
     min_steps: int = 50
     """GW306/GW307: steps before judging progress (warmup may still be running)."""
     plateau_window: int = 100
@@ -273,7 +275,7 @@ def lr_too_high(s: Signals) -> Result:
     ratio = s.median_update_ratio(T.lr_high_samples)
     if ratio is None or ratio < T.lr_high_update_ratio or len(s.loss) < 10:
         return None
-    finite = [v for v in s.losses() if math.isfinite(v)]
+    finite = [v for v in s.losses()[-T.history :] if math.isfinite(v)]
     smoothed = smooth(finite)
     if not smoothed:
         return None
@@ -354,11 +356,13 @@ def plateau(s: Signals) -> Result:
     """
     if s.step < max(T.min_steps, T.plateau_window) or len(s.loss) < T.plateau_window:
         return None
-    finite = [v for v in s.losses() if math.isfinite(v)]
-    if len(finite) < T.plateau_window:
+    losses = s.losses()
+    first = [v for v in losses[:10] if math.isfinite(v)]
+    recent = [v for v in losses[-T.plateau_window :] if math.isfinite(v)]
+    if len(recent) < T.plateau_window or not first:
         return None
-    initial = statistics.mean(finite[: min(10, len(finite))])
-    window = smooth(finite[-T.plateau_window :])
+    initial = statistics.mean(first)
+    window = smooth(recent)
     start, now = window[len(window) // 5], window[-1]  # skip the EMA's start-up
     if initial <= 0 or start <= 0:
         return None
