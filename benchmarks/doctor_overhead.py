@@ -1,7 +1,7 @@
 """Doctor overhead: the same plain PyTorch loop with and without a Doctor attached.
 
 An MLP whose plain step takes several ms here, AdamW, fixed data; the Doctor at its default
-settings (per-step loss and global gradient norm, the expensive statistics every 10 steps).
+settings (per-step loss and global gradient norm, the expensive statistics every 20 steps).
 Interleaved repeats, median time per step, ratio. Target: <= 1.05.
 
     .venv/bin/python benchmarks/doctor_overhead.py [--repeats 7] [--steps 300]
@@ -59,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--sample-every", type=int, default=10)
+    parser.add_argument("--sample-every", type=int, default=20)
     args = parser.parse_args()
     run(20, True, args.sample_every)  # warm up both paths
     plain, doctored = [], []

@@ -180,8 +180,9 @@ class DoctorSpec(_Section):
     dying ReLUs for LeakyReLU) when the loss or gradients blow up; off: no doctor."""
     ignore: list[str] = Field(default_factory=list)
     """Rule codes to switch off, e.g. [GW307]."""
-    sample_every: int = Field(10, gt=0)
-    """Steps between the doctor's more expensive statistics (per-layer norms, activations)."""
+    sample_every: int = Field(20, gt=0)
+    """Steps between the doctor's more expensive statistics (per-layer norms, update ratios,
+    activations); the loss and the global gradient norm are recorded at every step."""
     max_repairs: int = Field(3, ge=0)
     """repair: at most this many repairs in one run."""
 

@@ -462,12 +462,15 @@ class Trainer:
             self._loss_count += n
             window_loss = window_loss + scaled.detach()
         self.scaler.unscale_(self.optimizer)  # a no-op without fp16 loss scaling
+        norm = _total_norm(self.params) if self.grad_clip is not None else None
         fired = []
         if self.doctor is not None:  # sees the gradients before clipping
             targets = None if self.mixing else y  # mixed targets are probabilities, not labels
-            fired = self.doctor.step(window_loss, inputs=x, outputs=out.detach(), targets=targets)
+            fired = self.doctor.step(
+                window_loss, inputs=x, outputs=out.detach(), targets=targets, grad_norm=norm
+            )
         if self.grad_clip is not None:
-            self.grad_norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            self.grad_norm = _clip(self.params, self.grad_clip, norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -762,6 +765,20 @@ def _require_object(name: str, argument: str) -> None:
             f"the {name.removeprefix(OBJECT)} object this run was started with",
             "pass it again, e.g. Trainer.resume(run_dir, model, train_data, val_data)",
         )
+
+
+def _total_norm(params: list[nn.Parameter]) -> torch.Tensor | None:
+    """The global gradient norm, computed once and shared by clipping and the doctor (torch >= 2.6)."""
+    if not hasattr(nn.utils, "get_total_norm"):
+        return None
+    return nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def _clip(params: list[nn.Parameter], max_norm: float, norm: torch.Tensor | None) -> torch.Tensor:
+    if norm is None:
+        return nn.utils.clip_grad_norm_(params, max_norm)
+    nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

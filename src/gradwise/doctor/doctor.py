@@ -56,7 +56,7 @@ EARLY_BATCHES = 3  # steps whose inputs, outputs and targets get the data and se
 IMBALANCE_BATCHES = 20  # steps whose targets are pooled before judging class balance (GW103)
 DEAD_WINDOW = 5  # sampled batches over which a ReLU unit must stay silent to count as dead
 SATURATION_MARGIN = 0.01  # within 1% of the bounds counts as saturated
-UPDATE_SAMPLE = 4096  # entries per parameter that estimate its update-to-weight ratio
+PROBE_SAMPLE = 4096  # entries per tensor that estimate its norm and update-to-weight ratio
 
 
 class Doctor:
@@ -81,7 +81,7 @@ class Doctor:
         loss_fn: Callable | None = None,
         *,
         ignore: Iterable[str] = (),
-        sample_every: int = 10,
+        sample_every: int = 20,
         accumulation_steps: int = 1,
         on_finding: Callable[[Finding], None] | str | None = "print",
         loss_scaling: bool = False,
@@ -126,8 +126,12 @@ class Doctor:
         inputs: torch.Tensor | None = None,
         outputs: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
+        grad_norm: torch.Tensor | float | None = None,
     ) -> list[Finding]:
         """Record one training step; call after backward() and before the next zero_grad().
+
+        grad_norm: the global gradient norm if you have already computed it (e.g. for clipping),
+        which saves the Doctor a pass over the gradients.
 
         Returns the findings that fired at this step (new ones, and known ones firing again).
         """
@@ -136,7 +140,11 @@ class Doctor:
         self._fired_now: list[Finding] = []
         loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         self._pending_loss.append(loss)
-        self._pending_grad.append(self._grad_norm())
+        if grad_norm is None:
+            grad_norm = self._grad_norm()
+        elif not isinstance(grad_norm, torch.Tensor):
+            grad_norm = torch.tensor(float(grad_norm))
+        self._pending_grad.append(grad_norm.detach())
         if step < EARLY_BATCHES or self._armed_for(step):
             self._check_batch(step, inputs, outputs, targets)
         if step < IMBALANCE_BATCHES and targets is not None:
@@ -340,13 +348,13 @@ class Doctor:
         for name, p in owners:
             self._got_grad.add(self._names.get(id(p), name))
         if owners:
-            grads = _norms([p.grad for _, p in owners])
-            weights = _norms([p.detach() for _, p in owners])
+            grads = _norms([self._probe(p.grad, p) for _, p in owners])
+            weights = _norms([self._probe(p) for _, p in owners])
             g2: dict[str, float] = {}
             w2: dict[str, float] = {}
-            for (name, _), g, w in zip(owners, grads, weights, strict=True):
-                g2[name] = g2.get(name, 0.0) + g * g
-                w2[name] = w2.get(name, 0.0) + w * w
+            for (name, p), g, w in zip(owners, grads, weights, strict=True):
+                g2[name] = g2.get(name, 0.0) + g * g * self._scale(p)
+                w2[name] = w2.get(name, 0.0) + w * w * self._scale(p)
             for name in g2:
                 relative = math.sqrt(g2[name]) / max(math.sqrt(w2[name]), 1e-12)
                 s.layer_grad_norm.setdefault(name, Series()).append(step, relative)
@@ -358,38 +366,42 @@ class Doctor:
             self._cosines.append(_agreement(self._watched.grad, self._fresh))
         self._fresh = None
 
-    def _probe(self, p: torch.Tensor) -> torch.Tensor:
-        """A fixed random subset of a parameter's entries (all of a small one), copied.
+    def _probe(self, t: torch.Tensor, owner: torch.Tensor | None = None) -> torch.Tensor:
+        """A fixed random sample of the entries of ``t`` (a parameter or its gradient), copied.
 
-        The update-to-weight ratio of a large tensor is estimated from UPDATE_SAMPLE entries: the
-        estimate is accurate to a few percent and costs nothing next to copying the whole model.
+        Norms and update-to-weight ratios of a large tensor are estimated from PROBE_SAMPLE
+        entries: accurate to a few percent, and far cheaper than reading or copying the whole model.
         """
-        flat = p.detach().reshape(-1)
-        if flat.numel() <= UPDATE_SAMPLE:
+        flat = t.detach().reshape(-1)
+        if flat.numel() <= PROBE_SAMPLE:
             return flat.clone()
-        index = self._probe_index.get(id(p))
+        key = id(t if owner is None else owner)
+        index = self._probe_index.get(key)
         if index is None:  # a private generator: the global RNG (and exact resume) is untouched
             generator = torch.Generator().manual_seed(len(self._probe_index))
-            index = torch.randperm(flat.numel(), generator=generator)[:UPDATE_SAMPLE].to(
-                flat.device
-            )
-            self._probe_index[id(p)] = index
+            index = torch.randperm(flat.numel(), generator=generator)[:PROBE_SAMPLE].to(flat.device)
+            self._probe_index[key] = index
         return flat[index]
+
+    @staticmethod
+    def _scale(p: torch.Tensor) -> float:
+        """Factor that turns a probe's sum of squares into an estimate of the whole tensor's."""
+        return max(p.numel() / PROBE_SAMPLE, 1.0)
 
     def _update_ratios(self, step: int) -> None:
         """||w_now - w_sampled|| / ||w_sampled|| per layer: the size of the optimizer's last step."""
         snapshot, self._snapshot = self._snapshot, None
-        names = [name for name, old in snapshot.items() for _ in old]
+        params = [(name, p) for name in snapshot for p in self._layers[name]]
         with torch.no_grad():
             old = [o for olds in snapshot.values() for o in olds]
-            new = [self._probe(p) for name in snapshot for p in self._layers[name]]
+            new = [self._probe(p) for _, p in params]
             deltas = _norms([n - o for n, o in zip(new, old, strict=True)])
             norms = _norms(old)
         d2: dict[str, float] = {}
         w2: dict[str, float] = {}
-        for name, d, w in zip(names, deltas, norms, strict=True):
-            d2[name] = d2.get(name, 0.0) + d * d
-            w2[name] = w2.get(name, 0.0) + w * w
+        for (name, p), d, w in zip(params, deltas, norms, strict=True):
+            d2[name] = d2.get(name, 0.0) + d * d * self._scale(p)
+            w2[name] = w2.get(name, 0.0) + w * w * self._scale(p)
         for name in d2:
             ratio = math.sqrt(d2[name]) / max(math.sqrt(w2[name]), 1e-12)
             self.signals.update_ratio.setdefault(name, Series()).append(step, ratio)

@@ -32,7 +32,7 @@ FIXES: dict[str, Fix] = {
     "GW305": Fix(lr_factor=0.3, clip=True),  # learning rate too high
     "GW304": Fix(leaky_relu=True),  # dying ReLU (falls back to a lower learning rate)
 }
-SNAPSHOT_EVERY = 5  # sampled steps between snapshots of a healthy state
+SNAPSHOT_EVERY = 50  # steps between snapshots of a healthy state
 KEEP_SNAPSHOTS = 2  # roll back to the older one: the newer may already hold the fault's onset
 COOLDOWN = 3  # sampled steps after a repair before another one (the signals must settle)
 CLIP_NORM = 1.0  # the gradient-norm clip a repair sets (Pascanu et al. 2013; the Recipe's default)
@@ -44,7 +44,7 @@ class Repairer:
     def __init__(self, trainer: Any, max_repairs: int, sample_every: int) -> None:
         self.trainer = trainer
         self.max_repairs = max_repairs
-        self.snapshot_every = SNAPSHOT_EVERY * sample_every
+        self.snapshot_every = SNAPSHOT_EVERY
         self.cooldown = COOLDOWN * sample_every
         self.snapshots: list[dict[str, Any]] = []
         self.repairs: list[dict[str, Any]] = []

@@ -72,6 +72,30 @@ class Signals:
     num_classes: int | None = None  # from the outputs, for chance-level checks
     loss_kind: str = "other"
     loss_scaling: bool = False  # fp16 GradScaler: overflowing gradients are expected and skipped
+    _ema: dict | None = field(default=None, repr=False)  # state of smoothed_losses()
+
+    def smoothed_losses(self) -> list[float]:
+        """Bias-corrected EMA (beta 0.9, as Adam's) of the finite losses since the last rollback.
+
+        Updated incrementally: each call only processes the losses added since the last one.
+        """
+        state = self._ema
+        if state is None or state["since"] != self.since:
+            state = self._ema = {
+                "since": self.since,
+                "pos": self.since,
+                "avg": 0.0,
+                "n": 0,
+                "out": [],
+            }
+        avg, n, out = state["avg"], state["n"], state["out"]
+        for value in self.loss.values[state["pos"] :]:
+            if math.isfinite(value):
+                n += 1
+                avg = EMA_BETA * avg + (1 - EMA_BETA) * value
+                out.append(avg / (1 - EMA_BETA**n))
+        state.update(pos=len(self.loss.values), avg=avg, n=n)
+        return out
 
     def losses(self) -> list[float]:
         """Per-step losses the rules judge: those since the last rollback."""
@@ -116,7 +140,10 @@ class Signals:
         }
 
 
-def smooth(values: list[float], beta: float = 0.9) -> list[float]:
+EMA_BETA = 0.9
+
+
+def smooth(values: list[float], beta: float = EMA_BETA) -> list[float]:
     """Bias-corrected exponential moving average (as in Adam), for noisy mini-batch losses."""
     out, avg = [], 0.0
     for i, v in enumerate(values, 1):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from gradwise.doctor.findings import rule
 from gradwise.doctor.rules._types import Result
-from gradwise.doctor.signals import Series, Signals, smooth
+from gradwise.doctor.signals import Series, Signals
 
 
 @dataclass(frozen=True)
@@ -275,8 +275,7 @@ def lr_too_high(s: Signals) -> Result:
     ratio = s.median_update_ratio(T.lr_high_samples)
     if ratio is None or ratio < T.lr_high_update_ratio or len(s.loss) < 10:
         return None
-    finite = [v for v in s.losses()[-T.history :] if math.isfinite(v)]
-    smoothed = smooth(finite)
+    smoothed = s.smoothed_losses()[-T.history :]
     if not smoothed:
         return None
     best, now = min(smoothed), smoothed[-1]
@@ -318,7 +317,7 @@ def lr_too_low(s: Signals) -> Result:
     ratio = s.median_update_ratio(T.lr_low_samples)
     if ratio is None or ratio > T.lr_low_update_ratio:
         return None
-    recent = smooth([v for v in s.loss.values[-T.plateau_window :] if math.isfinite(v)])
+    recent = s.smoothed_losses()[-T.plateau_window :]
     if len(recent) < 2 or recent[0] == 0:
         return None
     change = abs(recent[-1] - recent[0]) / abs(recent[0])
@@ -356,13 +355,11 @@ def plateau(s: Signals) -> Result:
     """
     if s.step < max(T.min_steps, T.plateau_window) or len(s.loss) < T.plateau_window:
         return None
-    losses = s.losses()
-    first = [v for v in losses[:10] if math.isfinite(v)]
-    recent = [v for v in losses[-T.plateau_window :] if math.isfinite(v)]
-    if len(recent) < T.plateau_window or not first:
+    first = [v for v in s.losses()[:10] if math.isfinite(v)]
+    window = s.smoothed_losses()[-T.plateau_window :]
+    if len(window) < T.plateau_window or not first:
         return None
     initial = statistics.mean(first)
-    window = smooth(recent)
     start, now = window[len(window) // 5], window[-1]  # skip the EMA's start-up
     if initial <= 0 or start <= 0:
         return None

@@ -7,7 +7,7 @@ import math
 
 from gradwise.doctor.findings import rule
 from gradwise.doctor.rules._types import Result
-from gradwise.doctor.signals import Signals, smooth
+from gradwise.doctor.signals import Signals
 
 OVERFIT_EVALS = 3
 """GW401: consecutive evaluations with rising validation loss."""
@@ -87,10 +87,10 @@ def underfitting(s: Signals) -> Result:
         or s.step < UNDERFIT_STEPS
     ):
         return None
-    finite = [v for v in s.loss.values[-UNDERFIT_STEPS // 2 :] if math.isfinite(v)]
-    if not finite:
+    smoothed = s.smoothed_losses()
+    if not smoothed:
         return None
-    now, chance = smooth(finite)[-1], math.log(s.num_classes)
+    now, chance = smoothed[-1], math.log(s.num_classes)
     if now > UNDERFIT_CHANCE * chance:
         return (
             f"after {s.step} steps the loss {now:.3g} is still at chance level (ln {s.num_classes} = {chance:.3g})",
