@@ -134,23 +134,47 @@ def check(
 
 @app.command()
 def explain(
-    topic: Annotated[str | None, typer.Argument(help="A rule code (GW302) or rule name.")] = None,
-    list_: Annotated[bool, typer.Option("--list", help="List every rule.")] = False,
+    topic: Annotated[
+        str | None,
+        typer.Argument(help="A technique (e.g. 'cosine annealing', lora) or a rule code (GW302)."),
+    ] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List every topic and rule.")] = False,
 ) -> None:
-    """Explain a doctor rule: what it means, why it matters, how to fix it."""
+    """Explain a technique (what, math, when, trade-offs, references, runnable example) or a doctor rule."""
     from gradwise.doctor import RULES
     from gradwise.errors import ConfigError, did_you_mean
+    from gradwise.knowledge import find, load_entries
 
     if list_ or topic is None:
+        entries = sorted(load_entries().values(), key=lambda e: (e.category, e.id))
+        category = None
+        for entry in entries:
+            if entry.category != category:
+                category = entry.category
+                print(f"\n{category}")
+            print(f"  {entry.id:<34} {entry.summary[:90]}")
+        print("\ndoctor rules")
         for rule in sorted(RULES.values(), key=lambda r: r.code):
-            print(f"{rule.code}  {rule.name:<32} {rule.severity:<8} {rule.summary}")
+            print(f"  {rule.code}  {rule.name:<28} {rule.summary[:90]}")
         return
     by_name = {r.name: r for r in RULES.values()}
     rule = RULES.get(topic.upper()) or by_name.get(topic.lower())
-    if rule is None:
-        hint = did_you_mean(topic, [*RULES, *by_name]) or "gradwise explain --list shows them all"
-        raise ConfigError("topic", topic, "a rule code such as GW302 or a rule name", hint)
-    print(rule.page(), end="")
+    if rule is not None:
+        text = rule.page()
+    else:
+        try:
+            text = find(topic).markdown()
+        except ConfigError as exc:
+            close = did_you_mean(topic.upper(), RULES) or did_you_mean(topic.lower(), by_name)
+            if close is None:
+                raise
+            raise ConfigError("topic", topic, "a known topic or rule code", close) from exc
+    if out.is_terminal:
+        from rich.markdown import Markdown
+
+        out.print(Markdown(text))
+    else:
+        print(text, end="")
 
 
 @app.command()
