@@ -165,7 +165,12 @@ def test_ctrl_c_checkpoints_and_a_foreign_dataloader_resumes_exactly(blobs):
             _Interrupting(TensorDataset(x[:200], y[:200]), at), batch_size=16, shuffle=True
         )
 
-    settings = {**QUIET, "epochs": 3, "seed": 5}
+    settings = {
+        **QUIET,
+        "epochs": 3,
+        "seed": 5,
+        "recipe": None,
+    }  # plain defaults: no advisor probing
     reference = gw.Trainer(mlp(dropout=0.3), loader(None), val, **settings).fit()
 
     interrupted = gw.Trainer(mlp(dropout=0.3), loader(300), val, **settings).fit()  # mid epoch 2

@@ -129,8 +129,15 @@ class TrainSpec(_Section):
     """Keep an exponential moving average of the weights (Polyak averaging) and validate with it;
     0.999 for runs of a few thousand steps, 0.9999 for long runs; null off."""
     loss: str = "auto"
-    """auto picks from the task (cross-entropy, BCE-with-logits, MSE); also mse, mae, huber, or an
+    """auto picks from the task (cross-entropy, BCE-with-logits, MSE); also focal (classification:
+    down-weights easy examples, Lin et al. 2017), mse, mae, huber (regression with outliers), or an
     import path 'module:fn' taking (outputs, targets) and returning a scalar loss."""
+    focal_gamma: float = Field(2.0, ge=0)
+    """Focal loss focusing parameter: 0 is cross-entropy, 2 the usual choice."""
+    class_weights: Literal["balanced"] | list[float] | None = None
+    """Per-class loss weights for imbalanced classification: balanced (n / (classes * n_class),
+    from the training targets), an explicit list, or null. Binary and multilabel use them as
+    BCE's pos_weight (positives / negatives)."""
     device: str = "auto"
     """auto (cuda, then mps, then cpu) or a torch device string."""
     deterministic: bool = False
@@ -294,6 +301,38 @@ def _commented(model: BaseModel, indent: str) -> list[str]:
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
+
+
+def set_paths(source: dict | str | Path) -> set[str]:
+    """Dotted paths of the settings a recipe file or dict names explicitly (kwargs count per key)."""
+    data = source if isinstance(source, dict) else (yaml.safe_load(Path(source).read_text()) or {})
+    paths: set[str] = set()
+
+    def walk(prefix: str, value: Any) -> None:
+        if (
+            isinstance(value, dict)
+            and value
+            and (prefix.count(".") < 1 or prefix.endswith("kwargs"))
+        ):
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, sub)
+        else:
+            paths.add(prefix)
+
+    walk("", data)
+    return paths
+
+
+def override_paths(overrides: dict[str, Any]) -> set[str]:
+    """Dotted paths that ``Recipe.override`` would set for these overrides."""
+    paths = set()
+    for key, value in overrides.items():
+        path = ".".join(_resolve_key(key, value))
+        if isinstance(value, dict) and "." not in path:
+            paths |= {f"{path}.{k}" for k in value}
+        else:
+            paths.add(path)
+    return paths
 
 
 def load_recipe(source: str | Path | dict | Recipe | None) -> Recipe:

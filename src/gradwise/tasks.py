@@ -107,12 +107,20 @@ class Task:
         *,
         loss: str | LossFn = "auto",
         label_smoothing: float = 0.0,
+        class_weights: torch.Tensor | None = None,
+        focal_gamma: float = 2.0,
     ) -> None:
         self.kind = kind
         self.spec = TASKS[kind]
         self.num_outputs = num_outputs
         self.label_smoothing = label_smoothing
+        self.focal_gamma = focal_gamma
         self.loss_name, self._custom = self._pick_loss(loss)
+        if class_weights is not None and kind not in ("binary", "multiclass", "multilabel"):
+            raise ConfigError(
+                "train.class_weights", "balanced", "a classification task", f"this is {kind}"
+            )
+        self.class_weights = class_weights
 
     def _pick_loss(self, loss: str | LossFn) -> tuple[str, LossFn | None]:
         if callable(loss):
@@ -130,9 +138,17 @@ class Task:
             if self.kind != "regression" and self.kind != "custom":
                 raise ConfigError("train.loss", loss, f"a loss that fits task={self.kind}")
             return loss, None
+        if loss == "focal":
+            if self.kind not in ("binary", "multiclass", "multilabel"):
+                raise ConfigError(
+                    "train.loss", loss, "a classification task", f"this is {self.kind}"
+                )
+            return loss, None
         if ":" in loss:
             return "custom", import_path(loss, "train.loss")
-        raise ConfigError("train.loss", loss, "auto, mse, mae, huber or an import path 'module:fn'")
+        raise ConfigError(
+            "train.loss", loss, "auto, focal, mse, mae, huber or an import path 'module:fn'"
+        )
 
     # -- loss --------------------------------------------------------------------------------
 
@@ -150,12 +166,18 @@ class Task:
                     ignore_index=IGNORE_INDEX,
                     label_smoothing=smoothing,
                 )
-            return F.cross_entropy(out.float(), target, label_smoothing=smoothing)
+            return F.cross_entropy(
+                out.float(), target, weight=self._weights(out), label_smoothing=smoothing
+            )
+        if name == "focal":
+            return self._focal(out, target, smoothing)
         if name == "bce":
             target = target.float()
             if smoothing:
                 target = target * (1 - smoothing) + 0.5 * smoothing
-            return F.binary_cross_entropy_with_logits(self.align(out, target).float(), target)
+            return F.binary_cross_entropy_with_logits(
+                self.align(out, target).float(), target, pos_weight=self._pos_weight(out)
+            )
         out = self.align(out, target).float()
         target = target.float()
         if name == "mse":
@@ -163,6 +185,44 @@ class Task:
         if name == "mae":
             return F.l1_loss(out, target)
         return F.huber_loss(out, target)
+
+    def _weights(self, out: torch.Tensor) -> torch.Tensor | None:
+        return None if self.class_weights is None else self.class_weights.to(out.device)
+
+    def _pos_weight(self, out: torch.Tensor) -> torch.Tensor | None:
+        """Binary/multilabel class weights as BCE's pos_weight (weight of positives / negatives)."""
+        w = self._weights(out)
+        if w is None:
+            return None
+        return w[1] / w[0] if self.kind == "binary" else w
+
+    def _focal(self, out: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
+        """Focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p_t)^gamma, so easy, confident
+        examples (mostly the majority class) contribute little; class weights act as alpha."""
+        gamma = self.focal_gamma
+        if self.kind == "multiclass":
+            logp = F.log_softmax(out.float(), dim=-1)
+            if target.ndim == 1:  # class indices; mixup gives probabilities instead
+                target = F.one_hot(target, out.shape[-1]).float()
+            if smoothing:
+                target = target * (1 - smoothing) + smoothing / out.shape[-1]
+            weights = (1 - logp.exp()).pow(gamma) * target
+            if self.class_weights is not None:
+                weights = weights * self._weights(out)
+            return -(weights * logp).sum(-1).mean()
+        logits = self.align(out, target).float()
+        target = target.float()
+        if smoothing:
+            target = target * (1 - smoothing) + 0.5 * smoothing
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        p = torch.sigmoid(logits)
+        p_t = p * target + (1 - p) * (1 - target)
+        loss = bce * (1 - p_t).pow(gamma)
+        if self.class_weights is not None:
+            w = self._weights(out)
+            alpha = w[1] / (w[0] + w[1]) if self.kind == "binary" else w / (1 + w)
+            loss = loss * (alpha * target + (1 - alpha) * (1 - target))
+        return loss.mean()
 
     @staticmethod
     def align(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -294,6 +354,15 @@ def _collection(task: Task):
     else:
         metrics = {"perplexity": text.Perplexity(ignore_index=IGNORE_INDEX)}
     return MetricCollection(metrics, compute_groups=False)
+
+
+def balanced_weights(counts: list[int], kind: str, n: int) -> torch.Tensor:
+    """Class weights n / (C * n_c) (King & Zeng 2001; scikit-learn's "balanced"); for multilabel,
+    each label's negatives / positives (BCE's pos_weight)."""
+    c = torch.tensor(counts, dtype=torch.float32).clamp(min=1)
+    if kind == "multilabel":
+        return (n - c).clamp(min=1) / c
+    return n / (len(counts) * c)
 
 
 def _check_labels(labels: torch.Tensor, width: int, known: int | None, what: str) -> None:

@@ -34,8 +34,8 @@ from gradwise.data.loader import epoch_batches, make_loader, num_batches, steps_
 from gradwise.errors import ConfigError, DataError, GradwiseError
 from gradwise.optim import build_optimizer, build_scheduler
 from gradwise.progress import Progress
-from gradwise.recipe import Recipe, load_recipe
-from gradwise.tasks import Task, monitor_mode, num_outputs, resolve_kind
+from gradwise.recipe import Recipe, load_recipe, override_paths
+from gradwise.tasks import Task, balanced_weights, monitor_mode, num_outputs, resolve_kind
 from gradwise.tracking import (
     Tracker,
     atomic_write_text,
@@ -57,10 +57,11 @@ class Run:
     monitor: str
     best_metric: float | None
     best_checkpoint: Path | None
-    state: str  # finished | stopped_early | interrupted
+    state: str  # finished | stopped_early | interrupted | diverged
     steps: int
     model: nn.Module = field(repr=False)
     recipe: Recipe = field(repr=False)
+    advice: list | None = field(default=None, repr=False)  # the advisor's reasons (recipe="auto")
 
 
 @dataclass
@@ -80,7 +81,11 @@ class Trainer:
     ``recipe.data`` (a built-in data set split into train and validation).
     task: binary, multiclass, multilabel, classification (settled by the targets), regression, lm,
     custom (with ``loss_fn``), or None for the recipe's (default: settled by the data).
-    overrides: recipe settings by dotted path or unique name, e.g. ``lr=3e-3, epochs=10``.
+    recipe: "auto" (default) asks the advisor for every setting you do not give (the advice is saved
+    in the run directory as advice.json); a Recipe, dict or YAML path uses exactly that recipe;
+    None uses gradwise's plain defaults.
+    overrides: recipe settings by dotted path or unique name, e.g. ``lr=3e-3, epochs=10``; they
+    always win over the advice.
     progress: auto (bar on a terminal, else lines), bar, lines or off.
     """
 
@@ -90,7 +95,7 @@ class Trainer:
         train_data: DataLike = None,
         val_data: DataLike = None,
         task: str | None = None,
-        recipe: Recipe | dict | str | Path | None = None,
+        recipe: Recipe | dict | str | Path | None = "auto",
         *,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         progress: str = "auto",
@@ -99,7 +104,10 @@ class Trainer:
     ) -> None:
         if task is not None:
             overrides["task"] = task
-        self.recipe = load_recipe(recipe).override(overrides)
+        self._advise = isinstance(recipe, str) and recipe == "auto"
+        self._explicit = override_paths(overrides)
+        self.recipe = load_recipe(None if self._advise else recipe).override(overrides)
+        self.advice: list | None = None
         if loss_fn is not None and not callable(loss_fn):
             raise ConfigError("loss_fn", loss_fn, "a callable (outputs, targets) -> scalar loss")
         if model is not None and not isinstance(model, nn.Module):
@@ -136,6 +144,17 @@ class Trainer:
     # == setup: everything that can fail on bad input happens before a run directory exists ==
 
     def _setup(self) -> None:
+        if self._advise and self.advice is None:
+            from gradwise.advisor import advise
+
+            advised = advise(
+                self.model,
+                self._train_data,
+                recipe=self.recipe,
+                explicit=self._explicit,
+                loss_fn=self._loss_fn,
+            )
+            self.recipe, self.advice = advised.recipe, advised.advice
         r = self.recipe
         seed_everything(r.seed, r.train.deterministic)
         self.device = resolve_device(r.train.device)
@@ -159,7 +178,12 @@ class Trainer:
             )
         self.model = model.to(self.device)
         self.task = Task(
-            kind, width, loss=self._loss_fn or r.train.loss, label_smoothing=r.train.label_smoothing
+            kind,
+            width,
+            loss=self._loss_fn or r.train.loss,
+            label_smoothing=r.train.label_smoothing,
+            class_weights=self._class_weights(kind, train_ds or train_loader.dataset, info),
+            focal_gamma=r.train.focal_gamma,
         )
         self.recipe = r = r.override(task=kind)
 
@@ -242,6 +266,21 @@ class Trainer:
             train_ds if train_ds is not None else train_loader.dataset, name="train_data"
         )
         return train_loader, train_ds, val_loader, val_ds, info
+
+    def _class_weights(self, kind: str, dataset: Dataset, info: DataInfo) -> torch.Tensor | None:
+        weights = self.recipe.train.class_weights
+        if weights is None:
+            return None
+        if weights != "balanced":
+            return torch.tensor(weights, dtype=torch.float32)
+        from gradwise.facts import class_counts
+
+        counts = class_counts(dataset, kind, info.num_classes)
+        if not counts:
+            raise ConfigError(
+                "train.class_weights", weights, "a classification task", f"this is {kind}"
+            )
+        return balanced_weights(counts, kind, len(dataset))
 
     def _probe(self, dataset: Dataset) -> None:
         """Run the model on two samples: a model/data mismatch fails here with a clear message."""
@@ -339,6 +378,9 @@ class Trainer:
             self.dir = new_run_dir(r.tracking.root, r.name or self._default_name())
             atomic_write_text(self.dir / "recipe.yaml", r.to_yaml())
             write_environment(self.dir, r.seed)
+            if self.advice is not None:
+                advice = [a.to_dict() for a in self.advice]
+                atomic_write_text(self.dir / "advice.json", json.dumps(advice, indent=2))
         write_status(self.dir, "running", monitor=self.monitor, step=pos.step, epoch=pos.epoch)
         self.tracker = Tracker(
             self.dir,
@@ -660,6 +702,7 @@ class Trainer:
             steps=self.pos.step,
             model=self.model,
             recipe=self.recipe,
+            advice=self.advice,
         )
 
     def _default_name(self) -> str:

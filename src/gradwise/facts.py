@@ -1,0 +1,214 @@
+"""Facts: what an expert looks at before choosing a recipe, probed without training.
+
+    f = gradwise.facts(model, train_data)
+    f.architecture, f.params, f.modality, f.n_samples, f.num_classes, f.imbalance, f.bf16
+
+The advisor decides from these facts only, so every piece of advice can cite the fact behind it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from gradwise.data.bundle import DataInfo
+
+NORMS = {
+    "batchnorm": nn.modules.batchnorm._BatchNorm,
+    "layernorm": (nn.LayerNorm, nn.RMSNorm),
+    "groupnorm": nn.GroupNorm,
+}
+ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Mish,
+)
+FEATURE_SAMPLE = 2048  # rows of in-memory tensors read to measure the input scale
+DATASET_SAMPLE = 256  # samples read from a generic Dataset (each may load a file)
+
+
+@dataclass
+class Facts:
+    """Model, data and hardware facts (see :func:`facts`)."""
+
+    # model
+    params: int
+    trainable_params: int
+    depth: int  # layers with weights (Linear, Conv, recurrent, attention projections)
+    kinds: dict[
+        str, int
+    ]  # conv, linear, batchnorm, layernorm, groupnorm, attention, recurrent, embedding, dropout
+    activations: list[str]
+    architecture: str  # transformer | rnn | cnn | mlp
+    # data
+    task: str | None
+    modality: str  # image | tokens | sequence | tabular
+    input_shape: tuple[int, ...]
+    n_samples: int
+    num_classes: int | None
+    class_counts: list[int] | None
+    imbalance: float | None  # majority / minority class count
+    feature_scale: dict[str, float]  # mean, std, max_abs of the inputs (floating inputs only)
+    target_heavy_tail: float | None  # regression: fraction of standardised targets beyond 4 sigma
+    # hardware
+    device: str
+    bf16: bool
+    memory_gb: float | None  # available memory for training (GPU memory on CUDA, RAM otherwise)
+    cpu_count: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def facts(
+    model: nn.Module, train_data: Any, task: str | None = None, info: DataInfo | None = None
+) -> Facts:
+    """Probe ``model`` and ``train_data`` (Dataset, DataLoader or (X, y)) without training."""
+    from gradwise.data import as_dataset, describe
+    from gradwise.tasks import resolve_kind
+
+    dataset = train_data.dataset if isinstance(train_data, DataLoader) else as_dataset(train_data)
+    info = info or describe(dataset, name="train_data")
+    kind = resolve_kind(task or "auto", info) if (task or info.task) else None
+    kinds, activations = _module_kinds(model)
+    x, y = _sample(dataset)
+    counts = _class_counts(y, kind, info.num_classes)
+    device, bf16, memory = _hardware()
+    return Facts(
+        params=sum(p.numel() for p in model.parameters()),
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        depth=kinds.get("linear", 0) + kinds.get("conv", 0) + kinds.get("recurrent", 0),
+        kinds=kinds,
+        activations=activations,
+        architecture=_architecture(kinds),
+        task=kind,
+        modality=_modality(info),
+        input_shape=tuple(info.input_shape),
+        n_samples=len(dataset),
+        num_classes=info.num_classes if kind in ("binary", "multiclass", "multilabel") else None,
+        class_counts=counts,
+        imbalance=(max(counts) / max(min(counts), 1)) if counts else None,
+        feature_scale=_scale(x),
+        target_heavy_tail=_heavy_tail(y) if kind == "regression" else None,
+        device=device,
+        bf16=bf16,
+        memory_gb=memory,
+        cpu_count=os.cpu_count() or 1,
+        notes=list(info.notes),
+    )
+
+
+def class_counts(dataset: Dataset, kind: str, num_classes: int | None) -> list[int] | None:
+    """Samples per class (positives per label for multilabel); from a sample of large generic sets."""
+    return _class_counts(_sample(dataset)[1], kind, num_classes)
+
+
+def _module_kinds(model: nn.Module) -> tuple[dict[str, int], list[str]]:
+    kinds: Counter[str] = Counter()
+    activations: list[str] = []
+    for module in model.modules():
+        name = type(module).__name__
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            kinds["conv"] += 1
+        elif isinstance(module, nn.Linear):
+            kinds["linear"] += 1
+        elif isinstance(module, nn.RNNBase):
+            kinds["recurrent"] += 1
+        elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            kinds["embedding"] += 1
+        elif isinstance(module, nn.modules.dropout._DropoutNd):
+            kinds["dropout"] += 1
+        elif isinstance(module, nn.MultiheadAttention) or "Attention" in name:
+            kinds["attention"] += 1
+        for norm, types in NORMS.items():
+            if isinstance(module, types):
+                kinds[norm] += 1
+        if isinstance(module, ACTIVATIONS) and name not in activations:
+            activations.append(name)
+    return dict(kinds), activations
+
+
+def _architecture(kinds: dict[str, int]) -> str:
+    if kinds.get("attention"):
+        return "transformer"
+    if kinds.get("recurrent"):
+        return "rnn"
+    if kinds.get("conv"):
+        return "cnn"
+    return "mlp"
+
+
+def _modality(info: DataInfo) -> str:
+    if info.input_dtype == "int64":
+        return "tokens"
+    if len(info.input_shape) == 3:
+        return "image"
+    if len(info.input_shape) == 2:
+        return "sequence"
+    return "tabular"
+
+
+def _sample(dataset: Dataset) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    tensors = getattr(dataset, "tensors", None)
+    if isinstance(tensors, (tuple, list)) and len(tensors) >= 2:
+        return tensors[0][:FEATURE_SAMPLE], tensors[-1]
+    n = min(len(dataset), DATASET_SAMPLE)
+    try:
+        samples = [dataset[i] for i in range(n)]
+        return torch.stack([s[0] for s in samples]), torch.stack(
+            [torch.as_tensor(s[1]) for s in samples]
+        )
+    except (TypeError, RuntimeError, IndexError):
+        return None, None
+
+
+def _class_counts(
+    y: torch.Tensor | None, kind: str | None, num_classes: int | None
+) -> list[int] | None:
+    if y is None or kind not in ("binary", "multiclass", "multilabel"):
+        return None
+    if kind == "multilabel":
+        positives = y.float().reshape(-1, y.shape[-1]).sum(0)
+        return [int(v) for v in positives]
+    labels = y.reshape(-1).long()
+    return torch.bincount(labels, minlength=num_classes or 0).tolist()
+
+
+def _scale(x: torch.Tensor | None) -> dict[str, float]:
+    if x is None or not x.is_floating_point() or x.numel() == 0:
+        return {}
+    x = x.float()
+    return {"mean": float(x.mean()), "std": float(x.std()), "max_abs": float(x.abs().max())}
+
+
+def _heavy_tail(y: torch.Tensor | None) -> float | None:
+    if y is None or not y.is_floating_point() or y.numel() < 2:
+        return None
+    z = (y.float() - y.float().mean()) / y.float().std().clamp(min=1e-12)
+    return float((z.abs() > 4).float().mean())
+
+
+def _hardware() -> tuple[str, bool, float | None]:
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return torch.cuda.get_device_name(), torch.cuda.is_bf16_supported(), free / 2**30
+    try:
+        pages, size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        memory = pages * size / 2**30
+    except (ValueError, OSError, AttributeError):
+        memory = None
+    return "cpu", False, memory if memory is None else math.floor(memory * 10) / 10
