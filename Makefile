@@ -9,7 +9,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
-EXTRAS ?= all,dev
+EXTRAS ?= all,dev,frameworks
 BIN := $(VENV)/bin
 
 .PHONY: install demo test lint format benchmarks clean
@@ -31,7 +31,7 @@ lint: install
 
 test: lint
 	sh scripts/ensure_chromium.sh  # the doctor's HTML report is checked in headless Chromium
-	$(BIN)/pytest
+	GRADWISE_REQUIRE_FRAMEWORKS=1 $(BIN)/pytest
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -95,6 +95,59 @@ def demo(quiet: QuietOption = False) -> None:
 
 
 @app.command()
+def advise(
+    recipe: Annotated[
+        Path | None, typer.Argument(help="Recipe YAML naming model and data (optional).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Zoo model or import path 'module:factory'.")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Built-in data set or import path 'module:factory'.")
+    ] = None,
+    task: Annotated[str | None, typer.Option(help="Task (default: settled by the data).")] = None,
+    budget: Annotated[
+        int | None, typer.Option(help="Epoch budget (default: by data size).")
+    ] = None,
+    probe: Annotated[
+        bool, typer.Option(help="Refine the learning rate with the LR range test.")
+    ] = False,
+    write: Annotated[Path | None, typer.Option(help="Save the advised recipe as YAML.")] = None,
+) -> None:
+    """Advise a complete recipe for a model and data: every setting, why, and the reference."""
+    from gradwise.advisor import advise as run_advise
+    from gradwise.recipe import load_recipe, set_paths
+    from gradwise.tracking import atomic_write_text
+
+    base = load_recipe(recipe)
+    explicit = set_paths(recipe) if recipe is not None else set()
+    for key, value in (("model", model), ("data", data)):
+        if value is not None:
+            base = base.override({key: {"name": value, "kwargs": {}}})
+    advised = run_advise(recipe=base, explicit=explicit, task=task, budget=budget, probe=probe)
+    rows = advised.table()
+    if out.is_terminal:
+        from rich.table import Table
+
+        table = Table("setting", "value", "why", "reference", show_lines=True)
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+    else:
+        for setting, value, why, ref in rows:
+            print(f"{setting} = {value}\n    why: {why}" + (f"\n    ref: {ref}" if ref else ""))
+    f = advised.facts
+    out.print(
+        f"facts: {f.architecture}, {f.params:,} parameters, {f.n_samples:,} {f.modality} samples, "
+        f"task {f.task}, device {f.device}",
+        soft_wrap=True,
+    )
+    if write is not None:
+        atomic_write_text(write, advised.recipe.to_yaml(comments=True))
+        out.print(f"advised recipe written to {write}")
+
+
+@app.command()
 def check(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     set_: SetOption = None,

@@ -1,0 +1,179 @@
+"""The advisor: facts about each model, advice that differs where an expert's would, reasons for all."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import QUIET, gradwise_cli
+
+import gradwise as gw
+from gradwise.advisor import advise
+from gradwise.data import load_data
+from gradwise.facts import facts
+from gradwise.models import build_model
+
+ZOO = {  # model, data set, kwargs, expected architecture and modality
+    "mlp": ("breast_cancer", {}, "mlp", "tabular"),
+    "cnn": ("digits", {}, "cnn", "image"),
+    "resnet": ("digits", {}, "cnn", "image"),
+    "transformer": ("synthetic_sequences", {"n_samples": 200}, "transformer", "tokens"),
+    "gpt": ("synthetic_sequences", {"n_samples": 200, "task": "lm"}, "transformer", "tokens"),
+    "rnn": ("synthetic_sequences", {"n_samples": 200}, "rnn", "tokens"),
+}
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_facts_on_every_zoo_model(name):
+    data, kwargs, architecture, modality = ZOO[name]
+    bundle = load_data(data, kwargs)
+    kind = bundle.info.task
+    width = (
+        bundle.info.vocab_size
+        if kind == "lm"
+        else (1 if kind == "binary" else bundle.info.num_classes)
+    )
+    model = build_model(name, {}, bundle.info, width)
+    f = facts(model, bundle.train)
+    assert f.architecture == architecture and f.modality == modality
+    assert f.params == sum(p.numel() for p in model.parameters()) > 0
+    assert f.depth > 0 and f.n_samples == len(bundle.train)
+    assert f.device == "cpu" and f.bf16 is False and f.cpu_count >= 1
+    if kind in ("binary", "multiclass"):
+        assert sum(f.class_counts) == len(bundle.train) and f.imbalance >= 1
+    if name == "resnet":
+        assert f.kinds["batchnorm"] >= 4
+    if name == "rnn":
+        assert f.kinds["recurrent"] == 1 and f.kinds["embedding"] == 1
+
+
+def _advice(recipe: dict, **kwargs) -> dict[str, gw.advisor.Advice]:
+    return {a.setting: a for a in advise(recipe=recipe, **kwargs).advice}
+
+
+def test_advice_differs_where_an_experts_would():
+    resnet = _advice({"model": {"name": "resnet"}, "data": {"name": "digits"}})
+    transformer = _advice(
+        {
+            "model": {"name": "transformer"},
+            "data": {"name": "synthetic_sequences", "kwargs": {"n_samples": 1500}},
+        }
+    )
+    lstm = _advice(
+        {
+            "model": {"name": "rnn"},
+            "data": {"name": "synthetic_sequences", "kwargs": {"n_samples": 1500}},
+        }
+    )
+    tiny = _advice(
+        {
+            "model": {"name": "mlp"},
+            "data": {"name": "synthetic_classification", "kwargs": {"n_samples": 625}},
+        }
+    )
+
+    assert transformer["schedule.warmup"].value > resnet["schedule.warmup"].value  # longer warmup
+    assert transformer["optim.betas"].value[1] < resnet["optim.betas"].value[1]  # shorter beta2
+    assert transformer["optim.weight_decay"].value == 0.1
+    assert transformer["optim.lr"].value < lstm["optim.lr"].value
+    assert (
+        "essential" in lstm["train.grad_clip"].why
+        and "essential" in transformer["train.grad_clip"].why
+    )
+    assert "insurance" in resnet["train.grad_clip"].why
+    assert (
+        "model.kwargs.drop_path" in resnet and "model.kwargs.dropout" not in resnet
+    )  # what the model takes
+    assert (
+        tiny["data.batch_size"].value < resnet["data.batch_size"].value
+    )  # 500 samples: smaller batches
+    assert tiny["model.kwargs.dropout"].value > transformer["model.kwargs.dropout"].value
+    assert tiny["optim.weight_decay"].value == 0.1 and "500" in tiny["optim.weight_decay"].why
+    assert resnet["train.label_smoothing"].value == 0.1  # 10 classes
+    for advice in [resnet, transformer, lstm, tiny]:
+        for a in advice.values():
+            assert a.why
+            if a.setting.startswith(("optim.", "schedule.", "train.grad_clip", "model.kwargs")):
+                assert a.references, a.setting
+
+
+def test_imbalanced_classes_get_weights_or_focal_loss():
+    moderate = _advice(
+        {
+            "model": {"name": "mlp"},
+            "data": {
+                "name": "synthetic_classification",
+                "kwargs": {"n_classes": 2, "weights": [0.93, 0.07]},
+            },
+        }
+    )
+    assert (
+        moderate["train.class_weights"].value == "balanced"
+        and "imbalanced" in moderate["train.class_weights"].why
+    )
+    severe = _advice(
+        {
+            "model": {"name": "mlp"},
+            "data": {
+                "name": "synthetic_classification",
+                "kwargs": {"n_samples": 5000, "n_classes": 2, "weights": [0.995, 0.005], "noise": 0.0},
+            },
+        }
+    )
+    assert severe["train.loss"].value == "focal"
+    balanced = _advice({"model": {"name": "mlp"}, "data": {"name": "iris"}})
+    assert "train.class_weights" not in balanced and balanced["train.loss"].value == "auto"
+
+
+def test_explicit_settings_are_kept_and_the_advice_says_so():
+    advised = advise(
+        recipe={"model": {"name": "mlp"}, "data": {"name": "iris"}, "optim": {"lr": 0.5}}
+    )
+    lr = next(a for a in advised.advice if a.setting == "optim.lr")
+    assert advised.recipe.optim.lr == 0.5 and lr.value == 0.5 and "kept your setting" in lr.why
+
+
+def test_trainer_auto_records_the_advice(blobs):
+    x, y = blobs
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    run = gw.Trainer(model, (x, y), epochs=2, lr=0.02, **QUIET).fit()
+    advice = json.loads((run.dir / "advice.json").read_text())
+    settings = {a["setting"]: a for a in advice}
+    assert (
+        settings["optim.lr"]["value"] == 0.02 and "kept your setting" in settings["optim.lr"]["why"]
+    )
+    assert run.recipe.optim.lr == 0.02 and run.advice
+    assert settings["train.epochs"]["value"] == 2
+
+
+def test_probe_refines_the_learning_rate():
+    advised = advise(
+        recipe={"model": {"name": "mlp", "kwargs": {"hidden": [32]}}, "data": {"name": "iris"}},
+        probe=True,
+    )
+    lr = next(a for a in advised.advice if a.setting == "optim.lr")
+    assert "range test" in lr.why and advised.recipe.optim.lr == lr.value
+
+
+def test_cli_advise_writes_a_recipe_that_trains(tmp_path):
+    result = gradwise_cli(
+        "advise",
+        "--model",
+        "mlp",
+        "--data",
+        "iris",
+        "--budget",
+        "3",
+        "--write",
+        "advised.yaml",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "optim.lr" in result.stdout and "why:" in result.stdout and "Loshchilov" in result.stdout
+    recipe = gw.load_recipe(tmp_path / "advised.yaml")
+    assert recipe.train.epochs == 3 and recipe.model.name == "mlp"
+    train = gradwise_cli(
+        "train", "advised.yaml", "-q", "--set", "tracking.mlflow=false", cwd=tmp_path
+    )
+    assert train.returncode == 0, train.stderr
