@@ -31,6 +31,10 @@ _EXPORTS: dict[str, str] = {
     "RULES": "gradwise.doctor",
     "check": "gradwise.doctor.preflight",
     "lr_range_test": "gradwise.doctor.lr_finder",
+    "advise": "gradwise.advisor",
+    "Advice": "gradwise.advisor",
+    "facts": "gradwise.facts",
+    "Facts": "gradwise.facts",
 }
 
 __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
@@ -53,6 +57,10 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "RULES",
     "check",
     "lr_range_test",
+    "advise",
+    "Advice",
+    "facts",
+    "Facts",
 ]
 
 
@@ -72,12 +80,14 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from gradwise import nn
+    from gradwise.advisor import Advice, advise
     from gradwise.checkpoint import load_checkpoint
     from gradwise.data import DATASETS, load_data
     from gradwise.doctor import RULES, Doctor, Finding
     from gradwise.doctor.lr_finder import lr_range_test
     from gradwise.doctor.preflight import check
     from gradwise.errors import ConfigError, DataError, GradwiseError
+    from gradwise.facts import Facts, facts
     from gradwise.models import MODELS, build_model
     from gradwise.recipe import Recipe, load_recipe
     from gradwise.trainer import Run, Trainer
