@@ -359,3 +359,15 @@ def test_bf16_autocast_and_deterministic_mode_on_cpu(blobs):
     torch.use_deterministic_algorithms(False)
     with pytest.raises(ConfigError, match="fp16 loss scaling needs CUDA"):
         _fit(mlp(), (x, y), precision="fp16")
+
+
+def test_on_evaluate_can_stop_a_run(blobs):
+    x, y = blobs
+    seen = []
+
+    def prune(entry):
+        seen.append(entry["epoch"])
+        return entry["epoch"] >= 2
+
+    run = _fit(mlp(), (x[:200], y[:200]), (x[200:], y[200:]), epochs=10, on_evaluate=prune)
+    assert run.state == "stopped" and seen == [1, 2] and len(run.history) == 2

@@ -57,7 +57,7 @@ class Run:
     monitor: str
     best_metric: float | None
     best_checkpoint: Path | None
-    state: str  # finished | stopped_early | interrupted | diverged
+    state: str  # finished | stopped_early | stopped (by on_evaluate) | interrupted | diverged
     steps: int
     model: nn.Module = field(repr=False)
     recipe: Recipe = field(repr=False)
@@ -87,6 +87,8 @@ class Trainer:
     overrides: recipe settings by dotted path or unique name, e.g. ``lr=3e-3, epochs=10``; they
     always win over the advice.
     progress: auto (bar on a terminal, else lines), bar, lines or off.
+    on_evaluate: called with each evaluation's history entry (epoch, step, train_loss, val_*, lr);
+    returning True stops the run there (state "stopped"), e.g. when a tuner prunes the trial.
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class Trainer:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         progress: str = "auto",
         resume_from: str | Path | None = None,
+        on_evaluate: Callable[[dict[str, float]], bool | None] | None = None,
         **overrides: Any,
     ) -> None:
         if task is not None:
@@ -118,6 +121,7 @@ class Trainer:
             "lines" if progress == "auto" and not self.recipe.tracking.progress else progress
         )
         self.resume_from = Path(resume_from) if resume_from is not None else None
+        self.on_evaluate = on_evaluate
         self._stop_signal: str | None = None
 
     @classmethod
@@ -442,6 +446,8 @@ class Trainer:
             self._save(pos, best=improved)
             if self._stop_signal:
                 return self._interrupted(pos)
+            if evaluate and self.on_evaluate is not None and self.on_evaluate(self.history[-1]):
+                return "stopped"
             patience = r.early_stopping.patience
             if evaluate and patience is not None and self.bad_evals >= patience:
                 self.progress.line(
