@@ -89,6 +89,8 @@ class Trainer:
     progress: auto (bar on a terminal, else lines), bar, lines or off.
     on_evaluate: called with each evaluation's history entry (epoch, step, train_loss, val_*, lr);
     returning True stops the run there (state "stopped"), e.g. when a tuner prunes the trial.
+    tags / mlflow_uri: tags for the run's MLflow run and the MLflow tracking URI (default: the
+    runs root's mlflow.db); a tuner makes its trials child runs with ``mlflow.parentRunId``.
     """
 
     def __init__(
@@ -103,6 +105,8 @@ class Trainer:
         progress: str = "auto",
         resume_from: str | Path | None = None,
         on_evaluate: Callable[[dict[str, float]], bool | None] | None = None,
+        tags: dict[str, str] | None = None,
+        mlflow_uri: str | None = None,
         **overrides: Any,
     ) -> None:
         if task is not None:
@@ -122,6 +126,7 @@ class Trainer:
         )
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.on_evaluate = on_evaluate
+        self.tags, self.mlflow_uri = tags, mlflow_uri
         self._stop_signal: str | None = None
 
     @classmethod
@@ -393,6 +398,8 @@ class Trainer:
             mlflow=r.tracking.mlflow,
             wandb=r.tracking.wandb,
             experiment="gradwise",
+            mlflow_uri=self.mlflow_uri,
+            tags=self.tags,
         )
         self.progress = Progress(self.total_steps, mode=self._progress_mode, start_step=pos.step)
         if self.resume_from is not None:

@@ -45,7 +45,8 @@ class Tracker:
     needs a login or ``WANDB_API_KEY`` and ``WANDB_MODE`` not ``disabled``), ``True`` for "required"
     (a GradwiseError if the package is missing) or ``False`` for off. ``params`` (the recipe,
     flattened to dotted keys) is logged as MLflow params, W&B config and a TensorBoard text.
-    Use as a context manager, or call :meth:`close` with the run's final state.
+    ``tags`` are added to the MLflow run (e.g. ``mlflow.parentRunId`` makes it a child run, as the
+    tuner does for its trials). Use as a context manager, or call :meth:`close` with the run's final state.
     """
 
     # metrics.jsonl is flushed (and TensorBoard and W&B written) every flush_secs
@@ -62,6 +63,7 @@ class Tracker:
         wandb: bool | None = None,
         experiment: str = "gradwise",
         mlflow_uri: str | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.params = flatten_params(params)
@@ -78,7 +80,7 @@ class Tracker:
                 self._add_backend(tensorboard, _TensorBoard, self.run_dir, self.params)
             if _enabled(_MLflow, mlflow):
                 backend = self._add_backend(
-                    mlflow, _MLflow, self.run_dir, self.params, experiment, mlflow_uri
+                    mlflow, _MLflow, self.run_dir, self.params, experiment, mlflow_uri, tags
                 )
                 self.mlflow_run_id = backend.run_id if isinstance(backend, _MLflow) else None
             if _enabled(_Wandb, wandb):
@@ -293,7 +295,12 @@ class _MLflow(_Backend):
     name, package = "mlflow", "mlflow"
 
     def __init__(
-        self, run_dir: Path, params: dict[str, Any], experiment: str, uri: str | None
+        self,
+        run_dir: Path,
+        params: dict[str, Any],
+        experiment: str,
+        uri: str | None,
+        extra_tags: Mapping[str, str] | None = None,
     ) -> None:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
@@ -318,6 +325,7 @@ class _MLflow(_Backend):
         commit = _git_commit(run_dir)
         if commit:
             tags["mlflow.source.git.commit"] = commit
+        tags.update({str(k): str(v) for k, v in (extra_tags or {}).items()})
         run = self.client.create_run(experiment_id, run_name=run_dir.name, tags=tags)
         self.run_id: str = run.info.run_id
         entries = [Param(k[:250], _param_text(v, max_len)) for k, v in params.items()]
