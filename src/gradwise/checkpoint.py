@@ -60,6 +60,31 @@ def save_checkpoint(
         save_model(ema, str(tmp / EMA_WEIGHTS))
     torch.save(state, tmp / STATE)
     (tmp / META).write_text(json.dumps({"step": step, **(meta or {})}, indent=2))
+    return _publish(tmp, final)
+
+
+def copy_checkpoint(source: str | Path, run_dir: Path) -> Path:
+    """Copy the checkpoint directory ``source`` into ``run_dir``, atomically, and return the copy.
+
+    The copy keeps its step name, replacing a checkpoint of the same step; resuming ``run_dir``
+    then continues from the copied weights and training state (population-based training's
+    exploit step). Written like :func:`save_checkpoint`: temporary directory, fsync, rename.
+    """
+    source = Path(source)
+    if not (source / WEIGHTS).is_file():
+        raise DataError(f"{source} is not a checkpoint: it has no {WEIGHTS}")
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / source.name
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    return _publish(tmp, final)
+
+
+def _publish(tmp: Path, final: Path) -> Path:
+    """fsync the checkpoint written to ``tmp`` and rename it to ``final`` (replacing one there)."""
+    root = final.parent
     for file in tmp.iterdir():
         with open(file, "rb") as f:
             os.fsync(f.fileno())

@@ -140,7 +140,10 @@ class Trainer:
     ) -> Trainer:
         """Continue the run in ``run_dir`` from its latest checkpoint, with its own recipe.
 
-        Pass the model and data again when the run was started with Python objects.
+        Pass the model and data again when the run was started with Python objects. Settings in
+        ``kwargs`` override the recipe, e.g. ``epochs=30`` to extend the budget or ``lr=1e-4`` (the
+        optimizer settings lr, weight_decay, betas, eps, momentum and nesterov also replace the
+        checkpoint's values in the restored optimizer; a new lr rescales the schedule).
         """
         run_dir = Path(run_dir)
         recipe_file = run_dir / "recipe.yaml"
@@ -651,11 +654,13 @@ class Trainer:
 
     def _restore(self) -> _Position:
         """Load the latest checkpoint of ``self.dir`` into every stateful object."""
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         state = ckpt.load_checkpoint(
             self.dir, self.model, ema=self.ema, which="latest", map_location=self.device
         )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_optim_overrides(fresh)
         self.scaler.load_state_dict(state["scaler"])
         self.best, self.best_step, self.bad_evals = (
             state["best"],
@@ -673,6 +678,35 @@ class Trainer:
         p = state["position"]
         _truncate_metrics(self.dir, p["step"])
         return _Position(p["epoch"], p["batch"], p["step"])
+
+    def _apply_optim_overrides(self, fresh: list[dict[str, Any]]) -> None:
+        """Optimizer settings given explicitly when resuming win over the checkpoint's.
+
+        A checkpoint restores the optimizer's hyperparameters along with its state, so without this
+        ``Trainer.resume(run_dir, lr=1e-4)`` would silently keep the old rate. ``fresh`` holds the
+        param groups built from the recipe. A new ``lr`` is a new peak: per-step schedules keep
+        their position and scale (the current rate becomes new peak x the schedule's multiplier);
+        a plateau schedule restarts at the new rate. Population-based training relies on this.
+        """
+        groups = self.optimizer.param_groups
+        for group, new in zip(groups, fresh, strict=True):
+            for path, key in _RESUMABLE_OPTIM_SETTINGS.items():
+                if path in self._explicit and key in new:
+                    group[key] = new[key]
+            if "optim.lr" not in self._explicit:
+                continue
+            if "initial_lr" in group and "initial_lr" in new:  # a per-step schedule: rescale it
+                ratio = new["initial_lr"] / group["initial_lr"]
+                for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                    if isinstance(group.get(key), float):
+                        group[key] *= ratio
+            else:
+                group["lr"] = new["lr"]
+        if "optim.lr" in self._explicit:
+            if hasattr(self.scheduler, "base_lrs"):
+                self.scheduler.base_lrs = [g.get("initial_lr", g["lr"]) for g in groups]
+            if hasattr(self.scheduler, "_last_lr"):
+                self.scheduler._last_lr = [g["lr"] for g in groups]
 
     def _interrupted(self, pos: _Position) -> str:
         write_status(
@@ -811,6 +845,16 @@ class Trainer:
 # == helpers ======
 
 OBJECT = "object:"  # recipe model/data names for objects passed from Python
+
+# recipe settings that, given explicitly to Trainer.resume, replace the restored param groups' values
+# (optim.lr is handled apart: it also rescales the schedule)
+_RESUMABLE_OPTIM_SETTINGS = {
+    "optim.weight_decay": "weight_decay",  # the no-decay group keeps its 0 from the fresh groups
+    "optim.betas": "betas",
+    "optim.eps": "eps",
+    "optim.momentum": "momentum",
+    "optim.nesterov": "nesterov",
+}
 
 
 def _require_object(name: str, argument: str) -> None:
