@@ -215,6 +215,22 @@ def test_the_same_seed_gives_the_same_lineage(population, tmp_path):
     assert other.lineage["generations"][0]["members"][0]["hyperparams"] != first
 
 
+def test_members_that_diverge_are_all_replaced(tmp_path):
+    recipe = {**RECIPE, "optim": {"name": "sgd"}, "train": {"grad_clip": None}}
+    space = {"lr": (1e-2, 1e6)}  # SGD without clipping: rates above ~10 blow up
+    result = pbt(recipe, space, **{**SETTINGS, "generations": 2}, root=tmp_path, progress=False)
+    first, second = (g["members"] for g in result.lineage["generations"])
+    diverged = [e for e in first if e["metric"] is None]
+    assert len(diverged) >= 2  # more than the bottom 25%: all of them copy a healthy member
+    for entry in first:
+        assert (entry["exploit"] is not None) == (entry in diverged or entry["rank"] == 4)
+        if entry["exploit"]:
+            assert first[entry["exploit"]["from"]]["metric"] is not None
+    assert all(e["rank"] > 4 - len(diverged) for e in diverged)  # ranked last
+    assert sum(e["metric"] is not None for e in second) >= 3
+    assert math.isfinite(result.best_metric)
+
+
 @pytest.mark.parametrize(
     ("hyperparams", "settings", "field", "message"),
     [

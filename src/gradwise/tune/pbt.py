@@ -28,7 +28,10 @@ recipe's, which then spans the whole budget and is scaled by each new learning r
 is off (PBT does the selecting) and ``train.max_steps`` is ignored.
 
 Members train one after another (a synchronous PBT); all of PBT's own random choices come from
-``random.Random(seed)``, so a seed gives the same lineage.
+``random.Random(seed)``, so a seed gives the same lineage. After an exploit the member's run
+directory keeps its own metrics.jsonl, while the copied checkpoint carries the source's history;
+its best.json points at the copy. Ctrl-C stops the member at a checkpoint and PBT with it
+(pbt.json says "interrupted").
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from gradwise import checkpoint as ckpt
-from gradwise.errors import ConfigError
+from gradwise.errors import ConfigError, DataError
 from gradwise.recipe import Recipe, load_recipe, override_paths
 from gradwise.tasks import monitor_mode
 from gradwise.tracking import atomic_write_json, atomic_write_text, new_run_dir
@@ -61,7 +64,7 @@ class PBTResult:
     best_member: int  # the best member after the last generation
     best_metric: float
     best_hyperparams: dict[str, float]  # what the best member trained with in the last generation
-    best_checkpoint: Path  # its checkpoint at the end of training
+    best_checkpoint: Path | None  # its checkpoint at the end of training
     schedule: list[dict[str, Any]]  # per generation: the member the best weights came from and its
     # hyperparameters, following exploits back to generation 1 (the hyperparameter schedule)
     history: list[dict[str, Any]]  # one row per generation and member: hyperparameters, metric,
@@ -114,7 +117,8 @@ def pbt(
     generations / epochs_per_generation: the budget; members are ranked after every generation and
     exploit/explore between generations (not after the last).
     exploit: "truncation": each of the bottom ``fraction`` copies a random one of the top
-    ``fraction`` (at least one member each); fraction in (0, 0.5].
+    ``fraction`` (at least one member each); fraction in (0, 0.5]. Members whose metric is not
+    finite (diverged) are always replaced, even beyond the bottom ``fraction``.
     perturb: the factors explore multiplies each hyperparameter by (one drawn per hyperparameter);
     resample_probability: the chance that a hyperparameter is drawn from its range instead.
     seed: PBT's own random choices (initial values, partners, perturbations). Member i trains with
@@ -182,11 +186,14 @@ def pbt(
             metrics, checkpoints = [], []
             for i in range(population):
                 run = _train(base, folder, i, dirs[i], hps[i], epoch, total_epochs, i in changed)
+                if run.state == "interrupted":  # Ctrl-C or SIGTERM: the member has checkpointed
+                    raise KeyboardInterrupt(f"population-based training stopped in {run.dir}")
                 dirs[i] = run.dir
                 lineage["monitor"] = run.monitor
                 lineage["mode"] = monitor_mode(run.monitor, base.early_stopping.mode)
                 metrics.append(_metric(run, epoch))
-                checkpoints.append(ckpt.list_checkpoints(run.dir)[-1])
+                saved = ckpt.list_checkpoints(run.dir)  # none if it diverged in its first epoch
+                checkpoints.append(saved[-1] if saved else None)
                 say(
                     f"pbt generation {generation}/{generations} member {i}: "
                     f"{run.monitor} {metrics[-1]:.4g}  {_fmt(hps[i])}"
@@ -199,14 +206,14 @@ def pbt(
                     "hyperparams": dict(hps[i]),
                     "metric": _finite(metrics[i]),
                     "rank": ranked.index(i) + 1,
-                    "checkpoint": _rel(checkpoints[i], folder),
+                    "checkpoint": _rel(checkpoints[i], folder) if checkpoints[i] else None,
                     "exploit": None,
                 }
                 for i in range(population)
             ]
             if generation < generations:
-                top, bottom = ranked[:cut], ranked[-cut:]
-                for i in sorted(bottom):
+                top, bottom = _truncate(ranked, metrics, cut)
+                for i in bottom:
                     source = rng.choice(top)
                     copied = ckpt.copy_checkpoint(checkpoints[source], dirs[i])
                     ckpt.mark_best(dirs[i], copied, lineage["monitor"], _finite(metrics[source]))
@@ -379,6 +386,23 @@ def _rank(metrics: list[float], mode: str) -> list[int]:
     return sorted(range(len(metrics)), key=key)
 
 
+def _truncate(ranked: list[int], metrics: list[float], cut: int) -> tuple[list[int], list[int]]:
+    """Truncation selection: the top and the bottom ``cut`` members (the bottom in index order).
+
+    Members that diverged (no finite metric) are always in the bottom, however many they are, so
+    that none goes on from a broken state; the top holds finite members only.
+    """
+    broken = [i for i in ranked if not math.isfinite(metrics[i])]
+    bottom = sorted(set(ranked[-cut:]) | set(broken))
+    top = [i for i in ranked if i not in bottom][:cut]
+    if not top:
+        raise DataError(
+            "population-based training: every member diverged (the loss or gradients are not "
+            "finite); lower the learning-rate range"
+        )
+    return top, bottom
+
+
 def _explore(
     hyperparams: dict[str, float],
     spaces: list[_Space],
@@ -428,7 +452,7 @@ def _finish(folder: Path, lineage: dict[str, Any], dirs: list[Path | None]) -> P
             **e["hyperparams"],
             lineage["monitor"]: e["metric"],
             "rank": e["rank"],
-            "checkpoint": folder / e["checkpoint"],
+            "checkpoint": folder / e["checkpoint"] if e["checkpoint"] else None,
             "copied_from": e["exploit"]["from"] if e["exploit"] else None,
         }
         for gen in lineage["generations"]
@@ -441,7 +465,7 @@ def _finish(folder: Path, lineage: dict[str, Any], dirs: list[Path | None]) -> P
         best_member=best["member"],
         best_metric=math.nan if best["metric"] is None else best["metric"],
         best_hyperparams=dict(best["hyperparams"]),
-        best_checkpoint=folder / best["checkpoint"],
+        best_checkpoint=folder / best["checkpoint"] if best["checkpoint"] else None,
         schedule=schedule,
         history=history,
         members=[d for d in dirs if d is not None],
