@@ -247,6 +247,148 @@ def report(
 
 
 @app.command()
+def tune(
+    recipe: Annotated[
+        Path | None, typer.Argument(help="Recipe YAML: the base of every trial.")
+    ] = None,
+    space: Annotated[
+        Path | None,
+        typer.Option(help="Search space YAML (default: proposed around the advised recipe)."),
+    ] = None,
+    trials: Annotated[
+        int, typer.Option("--trials", "-n", help="Finished trials in all (every worker).")
+    ] = 20,
+    objective: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="What to optimise: a validation metric (default: the recipe's monitor), params "
+            "or latency; repeat for a multi-objective search."
+        ),
+    ] = None,
+    sampler: Annotated[str, typer.Option(help="tpe, random, grid, cmaes or gp.")] = "tpe",
+    pruner: Annotated[str, typer.Option(help="asha, hyperband, median or none.")] = "asha",
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="Study storage: a .journal file or a database URL (postgresql://...); "
+            "default runs/tune/<study>.journal."
+        ),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Local worker processes on the same study.")] = 1,
+    study: Annotated[
+        str | None,
+        typer.Option(help="Study name (default: <model>-<data>); the same name resumes it."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Sampler seed (worker i uses seed + i).")] = 0,
+    timeout: Annotated[
+        float | None, typer.Option(help="Start no trial after this many seconds.")
+    ] = None,
+    probe: Annotated[
+        bool, typer.Option(help="Centre the proposed learning rate on the LR range test.")
+    ] = False,
+    propose: Annotated[
+        bool, typer.Option(help="Print the proposed search space and exit.")
+    ] = False,
+    report: Annotated[
+        str | None,
+        typer.Option(help="Show the results of study NAME again and redraw its plots."),
+    ] = None,
+    root: Annotated[
+        Path, typer.Option(help="Runs directory that holds the study (with --report).")
+    ] = Path("runs"),
+    set_: SetOption = None,
+) -> None:
+    """Tune hyperparameters with Optuna: trials are runs; best recipe, table, importances, plots."""
+    from gradwise.errors import ConfigError
+    from gradwise.recipe import load_recipe, parse_assignment
+
+    if report is not None:
+        from gradwise.tune import study_report
+
+        _tune_summary(study_report(report, storage=storage, root=root))
+        return
+    if recipe is None:
+        raise ConfigError("recipe", None, "a recipe YAML file (or --report STUDY)")
+    load_recipe(recipe)  # a bad recipe fails here, with its own message
+    overrides = dict(parse_assignment(item) for item in set_ or [])
+    source = _with_overrides(recipe, overrides) if overrides else recipe
+    if propose:
+        from gradwise.tune import propose_space
+
+        proposed, _ = propose_space(source, probe=probe)
+        print(proposed.to_yaml(), end="")
+        return
+    from gradwise.tune import tune as run_tune
+
+    result = run_tune(
+        source,
+        space=space,
+        trials=trials,
+        objective=objective or None,
+        sampler=sampler,
+        pruner=pruner,
+        storage=storage,
+        workers=workers,
+        study_name=study,
+        seed=seed,
+        probe=probe,
+        timeout=timeout,
+    )
+    _tune_summary(result)
+
+
+def _with_overrides(path: Path, overrides: dict) -> dict:
+    """The recipe file's own settings plus --set ones, as a dict: the advisor keeps exactly those."""
+    import yaml
+
+    from gradwise.recipe import override_paths
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    for key, value in overrides.items():
+        for dotted in override_paths({key: value}):
+            *parents, last = dotted.split(".")
+            target = data
+            for part in parents:
+                target = target.setdefault(part, {})
+            target[last] = value[last] if isinstance(value, dict) and last in value else value
+    return data
+
+
+def _tune_summary(result) -> None:
+    header, rows = result.table()
+    counts = ", ".join(f"{n} {state}" for state, n in result.counts().items())
+    out.print(f"study {result.study_name} ({result.storage}): {counts}", soft_wrap=True)
+    if out.is_terminal:
+        from rich.table import Table
+
+        table = Table(*header)
+        for row in rows:
+            table.add_row(*(escape(cell) for cell in row))
+        out.print(table)
+    else:
+        for row in [header, *rows]:
+            print("\t".join(row))
+    if result.importances:
+        ranked = sorted(result.importances.items(), key=lambda kv: -kv[1])
+        out.print("importance (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in ranked))
+    elif result.importance_note:
+        out.print(result.importance_note)
+    if len(result.objectives) > 1:
+        front = ", ".join(str(t.number) for t in result.pareto)
+        out.print(f"Pareto front ({', '.join(result.objectives)}): trials {front}")
+    if result.best is not None:
+        values = ", ".join(
+            f"{name} {value:.4g}"
+            for name, value in zip(result.objectives, result.best.values, strict=True)
+        )
+        out.print(f"best: trial {result.best.number}, {values}", soft_wrap=True)
+        out.print(f"best recipe: {result.best_recipe_path}")
+    if result.plots:
+        out.print(f"plots: {result.plots[0].parent}")
+    out.print(f"study folder: {result.dir}")
+
+
+@app.command()
 def recipe(
     path: Annotated[
         Path | None, typer.Argument(help="Recipe YAML to show resolved (default: the defaults).")

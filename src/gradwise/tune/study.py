@@ -125,11 +125,8 @@ MEASURES = {
     "latency": "milliseconds per validation batch (median of 5 forward passes)",
 }
 LATENCY_REPEATS = 5
-STARTUP_FRACTION, STARTUP_MIN, STARTUP_MAX = (
-    0.25,
-    2,
-    10,
-)  # random trials before a model-based sampler
+# random trials before a model-based sampler (TPE, GP): a fraction of the budget, within bounds
+STARTUP_FRACTION, STARTUP_MIN, STARTUP_MAX = 0.25, 2, 10
 
 
 def startup_trials(trials: int) -> int:
