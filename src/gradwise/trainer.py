@@ -575,6 +575,9 @@ class Trainer:
         """Validate, record the epoch's history entry and say whether the monitor improved."""
         results = self.evaluate()
         train_loss = (self._loss_sum / self._loss_count.clamp(min=1)).item()
+        # the log interval's marks move with the epoch's sums, so the next logged loss stays right
+        self._log_sum -= self._loss_sum
+        self._log_count -= self._loss_count
         self._loss_sum.zero_()
         self._loss_count.zero_()
         entry = {
