@@ -377,5 +377,7 @@ def test_logged_training_loss_stays_right_across_epoch_boundaries(blobs):
     x, y = blobs
     # 200 samples in batches of 32: 7 steps per epoch, logged every 5 steps, so logs straddle epochs
     run = _fit(mlp(), (x[:200], y[:200]), (x[200:], y[200:]), epochs=4, batch_size=32, log_every=5)
-    logged = [m["loss"] for m in gw.tracking.read_metrics(run.dir, split="train")]
+    from gradwise.tracking import read_metrics
+
+    logged = [m["loss"] for m in read_metrics(run.dir, split="train")]
     assert len(logged) == 5 and all(0 < loss < 5 for loss in logged), logged
