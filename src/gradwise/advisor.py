@@ -27,7 +27,9 @@ BASE_LR = {  # AdamW peak learning rate at REF_BATCH, by architecture
     "transformer": 1e-3,  # small Transformers (< ~10M parameters): 5e-4..1e-3 (Vaswani 2017; nanoGPT)
     "rnn": 3e-3,  # LSTM/GRU with clipping: 1e-3..3e-3 (Greff et al. 2017, LSTM: a search space odyssey)
     "cnn": 3e-3,  # CNNs with BatchNorm tolerate high rates (Ioffe & Szegedy 2015)
-    "mlp": 3e-3,  # small MLPs on standardised features
+    "mlp": 3e-3,  # MLPs without normalisation layers, on standardised features
+    "mlp_normalised": 3e-2,  # MLPs with LayerNorm/BatchNorm: scale-invariant weights tolerate, and on
+    # small tabular data profit from, high rates (Arora, Li & Lyu 2019); see docs/benchmarks.md sweeps
 }
 LARGE_TRANSFORMER = 10_000_000  # above this many parameters, lower the rate and beta2
 SGD_LR_PER_256 = 0.1  # SGD with momentum: 0.1 per 256 samples (Goyal et al. 2017)
@@ -76,6 +78,7 @@ REFS = {
     "loader": "PyTorch docs, torch.utils.data (num_workers, pin_memory, persistent_workers)",
     "masters": "Masters & Luschi 2018, Revisiting Small Batch Training for Deep Neural Networks, arXiv:1804.07612",
     "smith": "Smith 2017, Cyclical Learning Rates for Training Neural Networks (LR range test), arXiv:1506.01186",
+    "arora": "Arora, Li & Lyu 2019, Theoretical Analysis of Auto Rate-Tuning by Batch Normalization, arXiv:1812.03981",
 }
 
 
@@ -195,14 +198,26 @@ def learning_rate(c: _Context) -> Decision:
         lr = SGD_LR_PER_256 * batch / 256
         return lr, f"SGD: 0.1 per 256 samples, scaled linearly to batch {batch}", ["goyal"]
     base = BASE_LR[c.f.architecture]
+    normalised = c.f.kinds.get("layernorm", 0) + c.f.kinds.get("batchnorm", 0) > 0
+    if c.f.architecture == "mlp" and normalised:
+        base = BASE_LR["mlp_normalised"]
     if c.f.architecture == "transformer" and c.f.params > LARGE_TRANSFORMER:
         base /= 3
     lr = float(f"{base * math.sqrt(batch / REF_BATCH):.2g}")
+    kind = (
+        f"normalised {c.f.architecture}"
+        if c.f.architecture == "mlp" and normalised
+        else c.f.architecture
+    )
     why = (
-        f"AdamW for {_a(c.f.architecture)} ({c.f.params:,} parameters): {base:g} at batch {REF_BATCH}, "
+        f"AdamW for {_a(kind)} ({c.f.params:,} parameters): {base:g} at batch {REF_BATCH}, "
         f"scaled by the square root of the batch ratio to batch {batch}"
     )
-    return lr, why, ["malladi", "adamw"]
+    return (
+        lr,
+        why,
+        ["malladi", "adamw", *(["arora"] if c.f.architecture == "mlp" and normalised else [])],
+    )
 
 
 def weight_decay(c: _Context) -> Decision:
@@ -464,7 +479,9 @@ def decide(
 
 
 def _a(noun: str) -> str:
-    return f"{'an' if noun[0] in 'aeiomr' else 'a'} {noun.upper() if len(noun) <= 3 else noun}"
+    if len(noun) <= 3:
+        noun = noun.upper()
+    return f"{'an' if noun[0] in 'aeiouAEIOMR' else 'a'} {noun}"
 
 
 def _show(value: Any) -> str:
