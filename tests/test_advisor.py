@@ -117,7 +117,12 @@ def test_imbalanced_classes_get_weights_or_focal_loss():
             "model": {"name": "mlp"},
             "data": {
                 "name": "synthetic_classification",
-                "kwargs": {"n_samples": 5000, "n_classes": 2, "weights": [0.995, 0.005], "noise": 0.0},
+                "kwargs": {
+                    "n_samples": 5000,
+                    "n_classes": 2,
+                    "weights": [0.995, 0.005],
+                    "noise": 0.0,
+                },
             },
         }
     )

@@ -127,3 +127,11 @@ def test_proposed_space_centres_on_the_advice():
     # kept settings stay the user's: the range is around their learning rate
     space, advised = propose_space({"optim": {"lr": 0.05}, "data": {"name": "iris"}})
     assert advised.optim.lr == 0.05 and space["optim.lr"].low == pytest.approx(0.005)
+
+
+def test_proposal_from_a_file_keeps_what_the_file_sets(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data: {name: iris}\ntrain: {epochs: 2}\noptim: {weight_decay: 0.02}\n")
+    space, advised = propose_space(path)
+    assert advised.train.epochs == 2 and advised.optim.weight_decay == 0.02
+    assert space["optim.weight_decay"].low == pytest.approx(0.002)

@@ -186,9 +186,12 @@ def propose_space(
     with ``probe``), weight decay a decade either side, half and twice the batch size, warmup up to
     twice the advice, and dropout when the model takes it: the settings that matter most in
     practice (Bergstra & Bengio 2012; Godbole et al. 2023, Deep Learning Tuning Playbook).
+    Settings a recipe file or dict names stay as given; a Recipe object is advised in full.
     """
     from gradwise.advisor import advise
 
+    if isinstance(recipe, Path):  # the advisor keeps the settings a file names (given as str)
+        recipe = str(recipe)
     advised = advise(recipe=recipe, probe=probe)
     r = advised.recipe
     space: dict[str, Any] = {}

@@ -105,8 +105,8 @@ PRUNERS: dict[str, Engine] = {
     ),
     "median": Engine(
         "MedianPruner",
-        {"n_startup_trials": 5, "n_warmup_steps": 1},
-        "stop a trial worse than the median of earlier trials at the same epoch",
+        {"n_startup_trials": 5, "n_warmup_steps": 2},
+        "from epoch 2, stop a trial worse than the median of earlier trials at the same epoch",
     ),
     "none": Engine("NopPruner", {}, "never prune"),
 }
