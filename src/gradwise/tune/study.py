@@ -125,6 +125,7 @@ MEASURES = {
     "latency": "milliseconds per validation batch (median of 5 forward passes)",
 }
 LATENCY_REPEATS = 5
+ATTRS_WAIT_S = 10.0  # how long to wait for the attributes of a study another worker just created
 # random trials before a model-based sampler (TPE, GP): a fraction of the budget, within bounds
 STARTUP_FRACTION, STARTUP_MIN, STARTUP_MAX = 0.25, 2, 10
 
@@ -217,45 +218,27 @@ def tune(
     pruner_name = _engine_name(pruner, PRUNERS, "pruner", workers)
     store = stores.open_storage(location)
     stored = _stored_attrs(optuna, store, name)
-    if stored:
-        _check_same(stored, source, name)
 
     # the base recipe of the trials and the space they search
-    if stored:
-        base = Recipe.from_yaml(stored[RECIPE], source=f"study {name} recipe")
-        stored_space = parse_space(stored[SPACE], base, f"study {name} space")
-    if space is None and stored:
-        space_obj = stored_space
+    if stored:  # continuing: the study's own recipe (with this machine's tracking settings)
+        _check_source(stored, source, name)
+        base = Recipe.from_yaml(stored[RECIPE], source=f"study {name} recipe").override(
+            {"tracking": source.tracking.model_dump()}
+        )
+        space_obj = load_space(space if space is not None else stored[SPACE], base)
     elif space is None:
         space_obj, base = propose_space(
             recipe if isinstance(recipe, (str, Path, dict)) else source, probe=probe
         )
         say(f"proposed search space (save it and pass --space to edit):\n{space_obj.to_yaml()}")
     else:
-        base = base if stored else source
+        base = source
         space_obj = load_space(space, base)
-        if stored and space_obj.to_dict() != stored_space.to_dict():
-            raise ConfigError(
-                "space",
-                str(space) if isinstance(space, (str, Path)) else "<space>",
-                f"the space study {name!r} was started with",
-                "use the same space to continue it, or another study name",
-            )
 
     monitor, mode, metrics = _preflight(base)
     objectives = _objectives(
-        objective or (stored.get(OBJECTIVES) if stored else None) or [monitor],
-        monitor,
-        mode,
-        metrics,
+        objective or stored.get(OBJECTIVES) or [monitor], monitor, mode, metrics
     )
-    if stored and [o.name for o in objectives] != list(stored[OBJECTIVES]):
-        raise ConfigError(
-            "objective",
-            [o.name for o in objectives],
-            f"the objectives of study {name!r}: {stored[OBJECTIVES]}",
-            "use another study name for other objectives",
-        )
     _check_engines(sampler_name, objectives, space_obj)
 
     with _quiet_optuna():
@@ -265,11 +248,19 @@ def tune(
             directions=[o.direction for o in objectives],
             load_if_exists=True,
         )
-    if not stored:
-        study.set_user_attr(SOURCE, source.to_yaml())
-        study.set_user_attr(RECIPE, base.to_yaml())
-        study.set_user_attr(SPACE, space_obj.to_dict())
-        study.set_user_attr(OBJECTIVES, [o.name for o in objectives])
+    attrs = {
+        SOURCE: source.to_yaml(),
+        RECIPE: base.to_yaml(),
+        SPACE: space_obj.to_dict(),
+        OBJECTIVES: [o.name for o in objectives],  # set last: the mark of a complete study
+    }
+    if not stored and OBJECTIVES in study.user_attrs:  # another worker created it meanwhile
+        stored = study.user_attrs
+    if stored:
+        _check_study(stored, attrs, name)
+    else:
+        for key, value in attrs.items():
+            study.set_user_attr(key, value)
     study_dir = root / "tune" / name
     study_dir.mkdir(parents=True, exist_ok=True)
     parent, mlflow_uri = _mlflow_parent(base, study, name, location, sampler_name, pruner_name)
@@ -300,7 +291,13 @@ def tune(
         + (" (off: several objectives)" if len(objectives) > 1 else "")
         + f", {workers} worker{'s' if workers > 1 else ''}, objective {goal}"
     )
-    state = "FINISHED"
+
+    def finish(state: str) -> TuneResult:
+        result = summarize(study, root=root, plots=plots)
+        result.storage = stores.describe(location)
+        _mlflow_finish(parent, mlflow_uri, result, state)
+        return result
+
     try:
         if workers == 1:
             run_worker(
@@ -311,18 +308,14 @@ def tune(
             )
         else:
             _spawn(job, workers, say)
-    except KeyboardInterrupt:
-        state = "KILLED"
-        say(f"interrupted: run the same command again to continue study {name}")
+    except BaseException as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        if interrupted:
+            say(f"interrupted: run the same command again to continue study {name}")
+        with contextlib.suppress(Exception):  # the report of what ran; the error comes first
+            finish("KILLED" if interrupted else "FAILED")
         raise
-    except BaseException:
-        state = "FAILED"
-        raise
-    finally:
-        result = summarize(study, root=root, plots=plots)
-        result.storage = stores.describe(location)
-        _mlflow_finish(parent, mlflow_uri, result, state)
-    return result
+    return finish("FINISHED")
 
 
 def study_report(
@@ -689,19 +682,29 @@ def _check_engines(sampler: str | None, objectives: list[Objective], space: Sear
 
 
 def _stored_attrs(optuna: Any, store: Any, name: str) -> dict[str, Any]:
-    """The user attributes of an existing study (empty when there is none yet)."""
+    """The gradwise attributes of an existing study (empty when there is none yet).
+
+    A study another worker has just created may not have them yet: wait a little for them.
+    """
     if name not in optuna.study.get_all_study_names(storage=store):
         return {}
-    with _quiet_optuna():
-        attrs = optuna.load_study(study_name=name, storage=store).user_attrs
-    if RECIPE not in attrs:
-        raise ConfigError(
-            "study name", name, "a new name or a study started by gradwise tune", "this one is not"
-        )
-    return attrs
+    deadline = time.monotonic() + ATTRS_WAIT_S
+    while True:
+        with _quiet_optuna():
+            attrs = optuna.load_study(study_name=name, storage=store).user_attrs
+        if OBJECTIVES in attrs:
+            return attrs
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                "study name",
+                name,
+                "a new name or a study started by gradwise tune",
+                "this one is not",
+            )
+        time.sleep(0.2)
 
 
-def _check_same(stored: dict[str, Any], source: Recipe, name: str) -> None:
+def _check_source(stored: dict[str, Any], source: Recipe, name: str) -> None:
     """Continuing a study needs the recipe it was started with (paths and run names aside)."""
     before = Recipe.from_yaml(stored[SOURCE]).flat()
     now = source.flat()
@@ -714,6 +717,24 @@ def _check_same(stored: dict[str, Any], source: Recipe, name: str) -> None:
             now.get(key),
             f"{before.get(key)!r}, as in the recipe study {name!r} was started with",
             "use that recipe to continue the study, or another study name",
+        )
+
+
+def _check_study(stored: dict[str, Any], attrs: dict[str, Any], name: str) -> None:
+    """The space and objectives must be those the study was started with."""
+    if attrs[SPACE] != stored[SPACE]:
+        raise ConfigError(
+            "space",
+            attrs[SPACE],
+            f"the space study {name!r} was started with",
+            "leave --space out or give the same space to continue it, or use another study name",
+        )
+    if attrs[OBJECTIVES] != list(stored[OBJECTIVES]):
+        raise ConfigError(
+            "objective",
+            attrs[OBJECTIVES],
+            f"the objectives of study {name!r}: {stored[OBJECTIVES]}",
+            "use another study name for other objectives",
         )
 
 
