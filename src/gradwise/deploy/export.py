@@ -1,0 +1,639 @@
+"""Export a trained model to ONNX, a ``torch.export`` program or TorchScript, with a parity check.
+
+    artifact = gradwise.deploy.export("runs/digits-cnn", format="onnx", quantize="static")
+
+The model is rebuilt from the run directory (``recipe.yaml`` plus the best checkpoint; the EMA
+weights when the run kept an EMA, since those are the ones it validated) or passed in. Every export
+runs the artifact on real validation inputs and compares it with eager PyTorch in eval mode; above
+``tolerance`` (max absolute difference) the export fails with :class:`ParityError`.
+
+Why 1e-4 absolute for fp32: fp32 carries a 24-bit mantissa (epsilon 1.2e-7). Exporters and ONNX
+Runtime reorder sums and fuse operations (GEMM + bias, LayerNorm, GELU, attention), so outputs of
+magnitude ~10 legitimately differ by 1e-7..1e-5 after a few layers (the zoo models measure at most
+about 2e-6). Real export bugs (dropout or BatchNorm left in training mode, a wrong operator
+semantic, a baked-in batch size) show up at 1e-2 and above. 1e-4 sits between the two with about
+50x headroom on each side, and it is far below any gap that could flip a prediction other than an
+exact tie.
+
+The export is written into a temporary directory next to ``out`` and renamed into place only when
+everything (artifact, parity, quantization, card, reference) succeeded, so a failed export never
+leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import sys
+import types
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradwise.deploy.card import (
+    ARTIFACTS,
+    CARD,
+    INT8,
+    REFERENCE,
+    reference_statistics,
+    sha256_file,
+    unpreprocess,
+    versions,
+)
+from gradwise.errors import ConfigError, DataError, GradwiseError
+from gradwise.tracking.files import atomic_write_json, fsync_dir
+
+FORMATS = tuple(ARTIFACTS)
+QUANTIZE_MODES = ("dynamic", "static")
+DEFAULT_TOLERANCE = 1e-4
+PARITY_SAMPLES = 512  # validation inputs the parity check runs
+CALIBRATION_SAMPLES = 256  # training inputs static quantization calibrates on
+REFERENCE_SAMPLES = 20_000  # training inputs the reference statistics come from (at most)
+METRIC_SAMPLES = 10_000  # validation samples the quantized metric delta is measured on (at most)
+CHUNK = 64  # batch size for running artifacts (different from the export example's 2)
+
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+class ExportError(GradwiseError):
+    """A model could not be exported in the asked format."""
+
+
+class ParityError(ExportError):
+    """The exported artifact does not reproduce eager PyTorch within the tolerance."""
+
+
+@dataclass
+class Artifact:
+    """An export directory: the artifact, its model card and reference statistics."""
+
+    dir: Path
+    format: str
+    path: Path  # the artifact file
+    card: dict[str, Any] = field(repr=False)
+    int8_path: Path | None = None
+
+    @property
+    def parity(self) -> dict[str, Any]:
+        return self.card["parity"]
+
+    @property
+    def quantized(self) -> dict[str, Any] | None:
+        return self.card["quantized"]
+
+
+@dataclass
+class _Source:
+    """Where the model and its data come from."""
+
+    run_dir: Path | None = None
+    checkpoint: Path | None = None
+    recipe: Any = None  # gradwise.recipe.Recipe
+    meta: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None  # "model" or "ema"
+
+
+@dataclass
+class _Data:
+    """Inputs (model space) and targets for parity, calibration, reference and metrics."""
+
+    val_x: torch.Tensor
+    val_y: torch.Tensor | None
+    train_x: torch.Tensor
+    info: Any = None  # DataInfo or None
+    source: str = "validation"
+
+
+def export(
+    run_dir_or_checkpoint: str | Path | None,
+    format: str = "onnx",
+    out: str | Path | None = None,
+    quantize: str | None = None,
+    model: nn.Module | None = None,
+    sample: Any = None,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    task: str | None = None,
+) -> Artifact:
+    """Export a run's best model (or ``model``) to ``out`` and return the :class:`Artifact`.
+
+    run_dir_or_checkpoint: a run directory, a checkpoint directory, or None with ``model``.
+    format: onnx (the dynamo exporter, dynamic batch axis), torch-export (``.pt2``) or torchscript.
+    out: the export directory (default ``<run_dir>/export/<format>``); replaced atomically.
+    quantize: dynamic or static int8 (ONNX only): adds ``model.int8.onnx``, measured in the card.
+    model: the model to export; with a run directory the run's best weights are loaded into it
+    (needed when the run was trained on a Python model object).
+    sample: inputs, or an ``(X, y)`` pair, for the parity check (default: the run's validation
+    data); needed when there is no run data to rebuild.
+    tolerance: the largest max-absolute difference to eager PyTorch that passes (fp32).
+    task: the task when no run directory says it (binary, multiclass, regression...).
+    """
+    if format not in FORMATS:
+        raise ConfigError("format", format, f"one of {', '.join(FORMATS)}")
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ConfigError("quantize", quantize, f"one of {', '.join(QUANTIZE_MODES)} or None")
+    if quantize is not None and format != "onnx":
+        raise ConfigError(
+            "quantize", quantize, "format onnx", "int8 quantization runs on ONNX Runtime"
+        )
+    if not isinstance(tolerance, (int, float)) or not tolerance > 0:
+        raise ConfigError("tolerance", tolerance, "a positive number, e.g. 1e-4")
+
+    source = _source(run_dir_or_checkpoint) if run_dir_or_checkpoint is not None else _Source()
+    if model is None and source.recipe is None:
+        raise ConfigError("run_dir_or_checkpoint", None, "a run directory, or a model to export")
+    model = _model(source, model)
+    data = _data(source, sample)
+    task = task or (source.recipe.task if source.recipe is not None else None)
+    if out is None:
+        if source.run_dir is None:
+            raise ConfigError("out", None, "an output directory when exporting a model object")
+        out = source.run_dir / "export" / format
+    out = Path(out)
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        card = _build(model, format, tmp, source, data, task, quantize, float(tolerance))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Artifact(
+        dir=out,
+        format=format,
+        path=out / ARTIFACTS[format],
+        card=card,
+        int8_path=out / INT8 if quantize else None,
+    )
+
+
+# -- source: run directory, checkpoint, model ------------------------------------------------------
+
+
+def _source(path: str | Path) -> _Source:
+    from gradwise.checkpoint import CHECKPOINTS, resolve_checkpoint
+    from gradwise.recipe import load_recipe
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist: expected a run directory or a checkpoint")
+    ckpt = resolve_checkpoint(path)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else None
+    recipe_file = run_dir / "recipe.yaml" if run_dir is not None else None
+    if recipe_file is None or not recipe_file.is_file():
+        raise DataError(f"{path}: no recipe.yaml found; expected a gradwise run directory")
+    meta_file = ckpt / "meta.json"
+    meta = _json(meta_file) if meta_file.is_file() else {}
+    return _Source(run_dir=run_dir, checkpoint=ckpt, recipe=load_recipe(recipe_file), meta=meta)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _model(source: _Source, model: nn.Module | None) -> nn.Module:
+    """The model in eval mode, with the checkpoint's weights when there is a checkpoint."""
+    from gradwise.trainer import OBJECT
+
+    if model is not None and not isinstance(model, nn.Module):
+        raise ConfigError("model", type(model).__name__, "a torch.nn.Module")
+    if model is None:
+        from gradwise.models import build_model
+
+        name = source.recipe.model.name
+        if name.startswith(OBJECT):
+            raise ConfigError(
+                "model",
+                None,
+                f"the {name.removeprefix(OBJECT)} model object this run was trained with",
+                "pass it again: export(run_dir, model=model)",
+            )
+        model = build_model(name, source.recipe.model.kwargs)
+    model = model.cpu()
+    if source.checkpoint is not None:
+        source.weights = _load_weights(model, source.checkpoint)
+    return model.eval()
+
+
+def _load_weights(model: nn.Module, ckpt: Path) -> str:
+    """Load the checkpoint's weights: the EMA copy when there is one (the run validated it)."""
+    from safetensors.torch import load_file
+
+    from gradwise.checkpoint import EMA_WEIGHTS, WEIGHTS
+
+    ema = (ckpt / EMA_WEIGHTS).is_file()
+    state = load_file(str(ckpt / (EMA_WEIGHTS if ema else WEIGHTS)))
+    if ema:  # an AveragedModel: "module." prefixes and its n_averaged counter
+        state = {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that do not fit
+        raise DataError(
+            f"the weights in {ckpt} do not fit the model: {str(exc).splitlines()[-1].strip()}"
+        ) from None
+    missing = [k for k in result.missing_keys if not _shared(model, k, state)]
+    if missing or result.unexpected_keys:
+        raise DataError(
+            f"the weights in {ckpt} do not fit the model: missing {missing[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}"
+        )
+    return "ema" if ema else "model"
+
+
+def _shared(model: nn.Module, key: str, state: dict[str, torch.Tensor]) -> bool:
+    """Whether parameter ``key`` is the same tensor as one that ``state`` holds (weight tying)."""
+    tensors = dict(model.state_dict(keep_vars=True))
+    target = tensors[key]
+    return any(tensors[k] is target for k in state if k in tensors and k != key)
+
+
+# -- data: validation inputs, training inputs --------------------------------------------------------
+
+
+def _data(source: _Source, sample: Any) -> _Data:
+    from gradwise.trainer import OBJECT
+
+    given = _sample(sample) if sample is not None else None
+    recipe = source.recipe
+    bundle = None
+    if recipe is not None and not recipe.data.name.startswith(OBJECT):
+        from gradwise.data import load_data
+
+        bundle = load_data(recipe.data.name, recipe.data.kwargs)
+    if given is None and bundle is None:
+        raise ConfigError(
+            "sample",
+            None,
+            "example inputs (or an (X, y) pair) for the parity check",
+            "the run's data was a Python object, so it cannot be rebuilt",
+        )
+    if bundle is None:
+        x, y = given
+        return _Data(val_x=x, val_y=y, train_x=x, source="sample")
+    train_x, _ = _arrays(bundle.train, REFERENCE_SAMPLES, seed=0)
+    if given is not None:
+        val_x, val_y, where = given[0], given[1], "sample"
+    elif bundle.val is not None and len(bundle.val):
+        val_x, val_y = _arrays(bundle.val, METRIC_SAMPLES, seed=0)
+        where = "validation"
+    else:
+        val_x, val_y = _arrays(bundle.train, METRIC_SAMPLES, seed=1)
+        where = "train"
+    return _Data(val_x=val_x, val_y=val_y, train_x=train_x, info=bundle.info, source=where)
+
+
+def _sample(sample: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from gradwise.data.common import input_tensor, target_tensor
+
+    if isinstance(sample, (tuple, list)) and len(sample) == 2:
+        x, y = input_tensor(sample[0], "sample X"), target_tensor(sample[1], "sample y")
+        if len(x) != len(y):
+            raise DataError(f"sample X has {len(x)} rows but y has {len(y)}")
+    else:
+        x, y = input_tensor(sample, "sample"), None
+    if len(x) == 0:
+        raise DataError("sample is empty; the parity check needs at least one input")
+    return x, y
+
+
+def _arrays(dataset: Any, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inputs and targets of up to ``limit`` samples of a Dataset (a seeded subset when larger)."""
+    from torch.utils.data import TensorDataset, default_collate
+
+    n = len(dataset)
+    idx = np.arange(n)
+    if n > limit:
+        idx = np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        x, y = dataset.tensors[0], dataset.tensors[1]
+        return x[torch.from_numpy(idx)], y[torch.from_numpy(idx)]
+    x, y = default_collate([dataset[int(i)] for i in idx])
+    return x, y
+
+
+# -- building the export directory -----------------------------------------------------------------
+
+
+def _build(
+    model: nn.Module,
+    format: str,
+    tmp: Path,
+    source: _Source,
+    data: _Data,
+    task: str | None,
+    quantize: str | None,
+    tolerance: float,
+) -> dict[str, Any]:
+    example = (
+        data.val_x[:2]
+        if len(data.val_x) >= 2
+        else data.val_x.repeat(2, *[1] * (data.val_x.ndim - 1))
+    )
+    with torch.no_grad():
+        eager_example = model(example)
+    if not isinstance(eager_example, torch.Tensor):
+        raise ExportError(
+            f"the model returns {type(eager_example).__name__}; export needs one output tensor"
+        )
+    path = tmp / ARTIFACTS[format]
+    _write_artifact(model, example, format, path)
+    threads = torch.get_num_threads()
+    runner = load_runner(path, threads)
+
+    parity_x = data.val_x[:PARITY_SAMPLES]
+    eager = run_eager(model, parity_x.numpy())
+    parity = parity_report(eager, run_chunked(runner, parity_x.numpy()), tolerance)
+    parity["inputs"] = data.source
+    if not parity["passed"]:
+        raise ParityError(
+            f"{format} export does not match eager PyTorch: max abs difference "
+            f"{parity['max_abs']:.3g} > tolerance {tolerance:g} on {parity['samples']} "
+            f"{data.source} inputs (max relative {parity['max_rel']:.3g}); no artifact was written"
+        )
+
+    info = data.info
+    quantized = None
+    if quantize is not None:
+        from gradwise.deploy.quantize import quantize_artifact
+
+        quantized = quantize_artifact(
+            path,
+            tmp / INT8,
+            quantize,
+            calibration=_subset(data.train_x, CALIBRATION_SAMPLES).numpy(),
+            val_x=data.val_x.numpy(),
+            val_y=None if data.val_y is None else data.val_y.numpy(),
+            task=task,
+            threads=threads,
+        )
+
+    card = _card(model, format, path, source, data, task, parity, quantized, eager_example)
+    preprocessing = info.preprocessing if info is not None else {}
+    train_x = data.train_x
+    outputs = run_eager(model, train_x.numpy())
+    reference = reference_statistics(
+        unpreprocess(train_x.numpy(), preprocessing),
+        outputs,
+        task=task,
+        class_labels=card["class_labels"],
+        feature_names=info.feature_names if info is not None else None,
+        target_standardize=preprocessing.get("target_standardize"),
+        source="train" if data.source != "sample" else "sample",
+    )
+    atomic_write_json(tmp / REFERENCE, reference)
+    atomic_write_json(tmp / CARD, card)
+    return card
+
+
+def _subset(x: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    if len(x) <= n:
+        return x
+    idx = np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False))
+    return x[torch.from_numpy(idx)]
+
+
+def _card(
+    model: nn.Module,
+    format: str,
+    path: Path,
+    source: _Source,
+    data: _Data,
+    task: str | None,
+    parity: dict[str, Any],
+    quantized: dict[str, Any] | None,
+    eager_example: torch.Tensor,
+) -> dict[str, Any]:
+    info = data.info
+    x = data.val_x
+    class_labels = None
+    if info is not None and info.class_names and task in ("binary", "multiclass", "multilabel"):
+        class_labels = list(info.class_names)
+    recipe = source.recipe.to_dict() if source.recipe is not None else None
+    name = source.run_dir.name if source.run_dir is not None else type(model).__name__
+    card: dict[str, Any] = {
+        "name": name,
+        "format": format,
+        "artifact": path.name,
+        "sha256": sha256_file(path),
+        "size_bytes": path.stat().st_size,
+        "inputs": [{"name": "input", "shape": [None, *x.shape[1:]], "dtype": _dtype(x)}],
+        "outputs": [
+            {
+                "name": "output",
+                "shape": [None, *eager_example.shape[1:]],
+                "dtype": _dtype(eager_example),
+            }
+        ],
+        "task": task,
+        "class_labels": class_labels,
+        "preprocessing": info.preprocessing if info is not None else {},
+        "recipe": recipe,
+        "metrics": {k: v for k, v in source.meta.items() if k.startswith("val_")},
+        "versions": versions(),
+        "parity": parity,
+        "quantized": quantized,
+        "created": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "source": {
+            "run_dir": str(source.run_dir.resolve()) if source.run_dir else None,
+            "checkpoint": str(source.checkpoint.resolve()) if source.checkpoint else None,
+            "weights": source.weights,
+            "step": source.meta.get("step"),
+        },
+    }
+    if format == "onnx":
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        card["opset"] = next(
+            (o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None
+        )
+    if format == "torchscript":
+        card["torchscript"] = getattr(model, "_gradwise_ts_method", None)
+    return card
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished temporary directory to ``out``, replacing an older export there."""
+    for file in tmp.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    fsync_dir(tmp)
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+    os.rename(tmp, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- writing and running artifacts ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporters' progress prints, warnings and log lines (errors still raise)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _write_artifact(model: nn.Module, example: torch.Tensor, format: str, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        with _quiet(), torch.no_grad():
+            if format == "onnx":
+                program = torch.onnx.export(
+                    model,
+                    (example,),
+                    dynamo=True,
+                    input_names=["input"],
+                    output_names=["output"],
+                    dynamic_shapes=({0: batch},),
+                    verbose=False,
+                )
+                program.save(str(path))
+            elif format == "torch-export":
+                program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+                torch.export.save(program, str(path))
+            else:
+                torch.jit.save(_torchscript(model, example), str(path))
+    except GradwiseError:
+        raise
+    except Exception as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        others = ", ".join(f for f in FORMATS if f != format)
+        raise ExportError(
+            f"{format} export of {type(model).__name__} failed: {type(exc).__name__}: {first}. "
+            f"The model may use Python control flow or operations the exporter cannot trace; "
+            f"try another format ({others})"
+        ) from exc
+
+
+def _torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """``torch.jit.script`` (keeps control flow), else ``torch.jit.trace`` on the example."""
+    try:
+        scripted = torch.jit.script(model)
+        model._gradwise_ts_method = "script"
+        return scripted
+    except Exception:
+        model._gradwise_ts_method = "trace"
+        return torch.jit.trace(model, (example,), check_trace=False)
+
+
+def load_runner(path: str | Path, threads: int | None = None) -> Runner:
+    """A function from a NumPy batch to NumPy outputs for an artifact file (by its suffix).
+
+    ONNX runs on ONNX Runtime's CPU provider with ``intra_op_num_threads = threads``;
+    ``.pt2`` and ``.ts`` on PyTorch with ``torch.set_num_threads(threads)`` left to the caller.
+    """
+    path = Path(path)
+    if path.suffix == ".onnx":
+        session = ort_session(path, threads)
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: x})[0]
+    if path.suffix == ".pt2":
+        with _quiet():
+            module = torch.export.load(str(path)).module()
+    elif path.suffix == ".ts":
+        module = torch.jit.load(str(path))
+    else:
+        raise ConfigError("artifact", str(path), "a .onnx, .pt2 or .ts file")
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(x)).numpy()
+
+    return run
+
+
+def ort_session(path: str | Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads (and one inter-op thread)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_eager(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    """Eager PyTorch outputs of ``model`` (eval mode) on ``x``, in chunks."""
+    model.eval()
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(batch)).numpy()
+
+    return run_chunked(run, x)
+
+
+def run_chunked(runner: Runner, x: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
+    """``runner`` over ``x`` in batches of ``chunk``, outputs concatenated."""
+    x = np.ascontiguousarray(x)
+    return np.concatenate([runner(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+
+
+def parity_report(eager: np.ndarray, exported: np.ndarray, tolerance: float) -> dict[str, Any]:
+    """Max absolute difference, and max relative difference to the largest eager magnitude.
+
+    ``max_rel`` divides by the largest ``|eager|`` rather than element by element: an element-wise
+    ratio is meaningless for outputs near zero (logits that cross zero), which always exist.
+    """
+    if eager.shape != exported.shape:
+        return {
+            "max_abs": float("inf"), "max_rel": float("inf"), "tolerance": tolerance,
+            "samples": len(eager), "passed": False,
+            "note": f"output shapes differ: eager {eager.shape}, exported {exported.shape}",
+        }  # fmt: skip
+    diff = np.abs(eager.astype(np.float64) - exported.astype(np.float64))
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.abs(eager).max()) if eager.size else 0.0
+    finite = bool(np.isfinite(exported).all())
+    return {
+        "max_abs": max_abs,
+        "max_rel": max_abs / scale if scale > 0 else max_abs,
+        "tolerance": tolerance,
+        "samples": len(eager),
+        "passed": finite and max_abs <= tolerance,
+    }
+
+
+class _CallableModule(types.ModuleType):
+    """``gradwise.deploy.export`` is both this module and its function: once the module has been
+    imported, Python binds the package attribute ``export`` to the module, so calling it must work."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Artifact:
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
