@@ -434,6 +434,66 @@ def runs(
     out.print(table)
 
 
+@app.command()
+def serve(
+    artifact: Annotated[
+        str,
+        typer.Argument(
+            help="Export directory (gradwise export), or models:/NAME@ALIAS or models:/NAME/VERSION."
+        ),
+    ],
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    host: Annotated[
+        str, typer.Option(help="Interface to listen on (0.0.0.0: every interface).")
+    ] = "127.0.0.1",
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="GRADWISE_TOKEN",
+            show_envvar=True,
+            help="Bearer token every endpoint but /health requires.",
+        ),
+    ] = None,
+    max_batch_size: Annotated[
+        int, typer.Option(min=1, help="Rows per micro-batch; 1 turns micro-batching off.")
+    ] = 32,
+    max_wait_ms: Annotated[
+        float, typer.Option(min=0, help="Longest wait for a micro-batch to fill, in ms.")
+    ] = 5.0,
+    max_body_mb: Annotated[
+        float, typer.Option(min=0.001, help="Largest request body, in MiB (bigger: 413).")
+    ] = 16.0,
+    int8: Annotated[bool, typer.Option("--int8", help="Serve model.int8.onnx.")] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="ONNX Runtime intra-op threads per worker (default: cores / workers)."
+        ),
+    ] = None,
+) -> None:
+    """Serve an exported model over HTTP: /v1/predict, /health, /v1/model, /v1/drift, /metrics."""
+    from gradwise.deploy.serve import serve as run_serve
+
+    out.print(
+        f"serving {artifact} on http://{host}:{port} (docs: /docs; Ctrl-C stops after in-flight "
+        "requests)",
+        soft_wrap=True,
+    )
+    run_serve(
+        artifact,
+        host=host,
+        port=port,
+        workers=workers,
+        token=token or None,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        max_body_mb=max_body_mb,
+        int8=int8,
+        threads=threads,
+    )
+
+
 def _fit(recipe, quiet: bool) -> None:
     from gradwise.trainer import Trainer
 
