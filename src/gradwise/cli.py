@@ -370,7 +370,8 @@ def _tune_summary(result) -> None:
             print("\t".join(row))
     if result.importances:
         ranked = sorted(result.importances.items(), key=lambda kv: -kv[1])
-        out.print("importance (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in ranked))
+        text = ", ".join(f"{k} {v:.2f}" for k, v in ranked)
+        out.print(f"importance (fANOVA): {text}", soft_wrap=True)
     elif result.importance_note:
         out.print(result.importance_note)
     if len(result.objectives) > 1:
@@ -386,6 +387,101 @@ def _tune_summary(result) -> None:
     if result.plots:
         out.print(f"plots: {result.plots[0].parent}")
     out.print(f"study folder: {result.dir}")
+
+
+@app.command()
+def export(
+    source: Annotated[Path, typer.Argument(help="Run directory or checkpoint directory.")],
+    format_: Annotated[
+        str, typer.Option("--format", "-f", help="onnx, torch-export or torchscript.")
+    ] = "onnx",
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Export directory (default RUN/export/FORMAT)."),
+    ] = None,
+    quantize: Annotated[
+        str | None, typer.Option(help="Also write model.int8.onnx: dynamic or static.")
+    ] = None,
+    tolerance: Annotated[
+        float, typer.Option(help="Largest max-absolute difference to eager PyTorch (fp32).")
+    ] = 1e-4,
+) -> None:
+    """Export a run's best model with a parity check; writes the artifact, model.json, reference.json."""
+    from gradwise.deploy.export import export as run_export
+
+    artifact = run_export(
+        source, format=format_, out=out_dir, quantize=quantize, tolerance=tolerance
+    )
+    p = artifact.parity
+    out.print(f"{artifact.format}: {artifact.path}", soft_wrap=True)
+    out.print(
+        f"parity: max abs {p['max_abs']:.2e}, max rel {p['max_rel']:.2e} on {p['samples']} "
+        f"{p['inputs']} inputs (tolerance {p['tolerance']:g})"
+    )
+    q = artifact.quantized
+    if q is not None:
+        line = f"int8 ({q['mode']}): {artifact.int8_path}, {q['size_bytes']:,} bytes"
+        line += f" (fp32 {q['float_size_bytes']:,})"
+        if q.get("metric"):
+            line += (
+                f"; {q['metric']} {q['metric_int8']:.4f} vs {q['metric_float']:.4f} fp32 "
+                f"(delta {q['metric_delta']:+.4f})"
+            )
+        lat = q["latency_ms"]
+        line += (
+            f"; p50 at batch {lat['batch_size']}: {lat['int8_p50']:.3f} ms vs "
+            f"{lat['float_p50']:.3f} ms ({lat['threads']} threads)"
+        )
+        out.print(line, soft_wrap=True)
+    out.print(f"model card: {artifact.dir / 'model.json'}", soft_wrap=True)
+
+
+@app.command()
+def bench(
+    artifact_dir: Annotated[Path, typer.Argument(help="Export directory (with model.json).")],
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32,128",
+    threads: Annotated[
+        int | None,
+        typer.Option(help="Threads for PyTorch and ONNX Runtime alike (default: torch's)."),
+    ] = None,
+    seconds: Annotated[float, typer.Option(help="Timed seconds per backend and batch size.")] = 1.0,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results as JSON.")
+    ] = None,
+) -> None:
+    """Latency percentiles and throughput: eager PyTorch, ONNX Runtime fp32 and int8, interleaved."""
+    from gradwise.deploy.bench import bench as run_bench
+    from gradwise.errors import ConfigError
+    from gradwise.tracking import atomic_write_text
+
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError("--batch-sizes", batch_sizes, "integers like 1,8,32,128") from None
+    result = run_bench(artifact_dir, sizes, threads=threads, seconds=seconds)
+    out.print(f"{result.dir}: {result.threads} threads, {result.seconds:g} s per measurement")
+    header, rows = result.table()
+    if out.is_terminal:
+        from rich.table import Table
+
+        table = Table(*header)
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+    else:
+        for row in [header, *rows]:
+            print("\t".join(row))
+    for entry in result.ratios():
+        ratios = ", ".join(f"{k} {v:.2f}x" for k, v in entry.items() if k != "batch_size")
+        if ratios:
+            out.print(f"batch {entry['batch_size']}: {ratios}")
+    for note in result.notes:
+        out.print(note)
+    if json_out is not None:
+        import json
+
+        atomic_write_text(json_out, json.dumps(result.to_dict(), indent=2))
+        out.print(f"results: {json_out}")
 
 
 @app.command()

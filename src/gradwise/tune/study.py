@@ -122,9 +122,9 @@ ALIASES = {
 # objectives measured on the trained model rather than read from the validation history
 MEASURES = {
     "params": "trainable parameters",
-    "latency": "milliseconds per validation batch (median of 5 forward passes)",
+    "latency": "milliseconds per validation batch (median of 10 forward passes)",
 }
-LATENCY_REPEATS = 5
+LATENCY_WARMUP, LATENCY_REPEATS = 3, 10  # forward passes before timing, and timed (median)
 ATTRS_WAIT_S = 10.0  # how long to wait for the attributes of a study another worker just created
 # random trials before a model-based sampler (TPE, GP): a fraction of the budget, within bounds
 STARTUP_FRACTION, STARTUP_MIN, STARTUP_MAX = 0.25, 2, 10
@@ -431,14 +431,12 @@ class _Objective:
         objectives: list[Objective],
         say: Callable[[str], None],
     ) -> None:
-        self.job, self.base, self.space, self.objectives, self.say = (
-            job,
-            base,
-            space,
-            objectives,
-            say,
-        )
-        self.failures = 0
+        self.job = job
+        self.base = base
+        self.space = space
+        self.objectives = objectives
+        self.say = say
+        self.failures = 0  # failed trials of this worker
 
     def __call__(self, trial: Any) -> float | list[float]:
         import optuna
@@ -550,7 +548,8 @@ def latency_ms(trainer: Any) -> float:
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     times = []
     with torch.inference_mode(), trainer.autocast():
-        model(x)  # warm-up: lazy initialisation, kernel selection
+        for _ in range(LATENCY_WARMUP):  # lazy initialisation, kernel selection, caches
+            model(x)
         for _ in range(LATENCY_REPEATS):
             sync()
             start = time.perf_counter()
