@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import math
 import multiprocessing
 import os
@@ -405,7 +406,7 @@ def make_sampler(name: str, seed: int, space: SearchSpace, trials: int = 20) -> 
         kwargs["n_startup_trials"] = startup_trials(trials)
     if name == "grid":
         kwargs["search_space"] = space.grid()
-    return getattr(optuna.samplers, engine.cls)(seed=seed, **kwargs)
+    return _build(getattr(optuna.samplers, engine.cls), seed=seed, **kwargs)
 
 
 def make_pruner(name: str) -> Any:
@@ -413,7 +414,13 @@ def make_pruner(name: str) -> Any:
     import optuna
 
     engine = PRUNERS[name]
-    return getattr(optuna.pruners, engine.cls)(**engine.kwargs)
+    return _build(getattr(optuna.pruners, engine.cls), **engine.kwargs)
+
+
+def _build(cls: type, **kwargs: Any) -> Any:
+    """``cls(**kwargs)`` without the options this Optuna version does not have (they are tweaks)."""
+    accepted = inspect.signature(cls).parameters
+    return cls(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
 class _CapReached(Exception):
