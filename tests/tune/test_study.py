@@ -13,7 +13,7 @@ import optuna
 import pytest
 
 from gradwise.errors import ConfigError, GradwiseError
-from gradwise.tune import tune
+from gradwise.tune import study_report, tune
 from gradwise.tune.report import WORKER
 from gradwise.tune.storage import journal_path, open_storage
 from gradwise.tune.study import PRUNERS, SAMPLERS, make_pruner, make_sampler
@@ -227,3 +227,12 @@ def test_a_study_continues_only_with_its_space_and_recipe():
         tune(_recipe(1), {"optim.lr": [0.1]}, trials=2, **QUIET)
     with pytest.raises(ConfigError, match=r"train\.epochs: got 2; expected 1"):
         tune(_recipe(2), SPACE, trials=2, **QUIET)
+
+
+def test_a_database_url_is_an_rdb_storage_that_the_report_reads_back():
+    url = "sqlite:///runs/db/studies.db"  # the RDBStorage path that postgresql:// URLs take
+    result = tune(_recipe(1), SPACE, trials=2, pruner="none", storage=url, **QUIET)
+    assert result.storage == url and len(_finished(result)) == 2
+    assert type(open_storage(url)).__name__ == "RDBStorage"
+    again = study_report("mlp-iris", storage=url, plots=False)
+    assert [t.number for t in again.trials] == [0, 1] and again.best.number == result.best.number

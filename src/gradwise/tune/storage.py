@@ -72,6 +72,8 @@ def open_storage(location: str) -> Any:
             raise GradwiseError(f"cannot open the study journal {path}: {exc}") from None
     url = _with_driver(location)
     scheme = url.split("://", 1)[0].split("+", 1)[0]
+    if scheme == "sqlite":  # a new database file in a folder that does not exist yet
+        _make_parent(url)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if scheme in ("postgresql", "mysql"):
         engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
@@ -93,6 +95,17 @@ def open_storage(location: str) -> Any:
                 " (install the database driver; PostgreSQL's is in pip install 'gradwise[tune]')"
             )
         raise GradwiseError(f"cannot open the study storage {describe(location)}: {hint}") from None
+
+
+def _make_parent(url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    try:
+        database = make_url(url).database
+    except Exception:
+        return  # the RDBStorage below reports a malformed URL
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
 
 
 def _with_driver(url: str) -> str:
