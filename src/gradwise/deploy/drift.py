@@ -73,11 +73,14 @@ def psi_level(value: float) -> str:
 def ks(
     reference: Sequence[float] | np.ndarray, current: Sequence[float] | np.ndarray
 ) -> tuple[float, float]:
-    """Two-sample Kolmogorov-Smirnov statistic and p-value (``scipy.stats.ks_2samp``)."""
+    """Two-sample Kolmogorov-Smirnov statistic and p-value (``scipy.stats.ks_2samp``; the
+    asymptotic p-value: windows have hundreds of rows, and exact p-values fail on ties)."""
     from scipy.stats import ks_2samp
 
     result = ks_2samp(
-        np.asarray(reference, dtype=np.float64), np.asarray(current, dtype=np.float64)
+        np.asarray(reference, dtype=np.float64),
+        np.asarray(current, dtype=np.float64),
+        method="asymp",
     )
     return float(result.statistic), float(result.pvalue)
 

@@ -265,7 +265,9 @@ class Model:
             )
         for axis, (got, expected) in enumerate(zip(x.shape[1:], self.sample_shape, strict=True)):
             if expected is not None and got != expected:
-                what = "features" if len(self.sample_shape) == 1 else f"entries on axis {axis + 1}"
+                what = f"entries on axis {axis + 1}"
+                if len(self.sample_shape) == 1:
+                    what = "token ids" if integer else "features"
                 raise InputError(
                     f"each instance must have shape {want}: expected {expected} {what}, got {got}"
                 )
@@ -389,7 +391,9 @@ def _pydantic_message(e: ValidationError) -> str:
     parts = []
     for error in e.errors():
         where = ".".join(str(p) for p in error["loc"]) or "body"
-        if error["type"] == "json_invalid":
+        if error["type"] == "model_type":
+            parts.append('the body must be a JSON object: {"instances": [[...], ...]}')
+        elif error["type"] == "json_invalid":
             parts.append(f"the body is not valid JSON ({error['msg']})")
         elif error["type"] == "missing":
             parts.append(f'{where}: field required (send {{"instances": [[...], ...]}})')
