@@ -29,14 +29,10 @@ from gradwise.tune.space import SearchSpace
 # trial user attributes written by the tuner (gradwise.tune.study)
 RUN_DIR, RUN_STATE, STEPS, EPOCHS = "run_dir", "run_state", "steps", "epochs"
 DURATION, ERROR, WORKER, SKIPPED = "duration_s", "error", "worker", "skipped"
-# study user attributes
-RECIPE, SOURCE, SPACE, OBJECTIVES = (
-    "gradwise.recipe",
-    "gradwise.source",
-    "gradwise.space",
-    ("gradwise.objectives"),
-)
-MLFLOW_PARENT = "gradwise.mlflow_parent"
+# study user attributes: the user's recipe, the trials' base recipe (advised when no space was
+# given), the space, the objectives (set last: a study with them is complete), the MLflow run
+SOURCE, RECIPE, SPACE = "gradwise.source", "gradwise.recipe", "gradwise.space"
+OBJECTIVES, MLFLOW_PARENT = "gradwise.objectives", "gradwise.mlflow_parent"
 
 STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}
 

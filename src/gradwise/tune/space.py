@@ -114,11 +114,7 @@ class Param:
         return out
 
 
-class _Unset:
-    pass
-
-
-_UNSET = _Unset()
+_UNSET = object()  # a parameter not sampled (its own condition was false)
 
 
 @dataclass
