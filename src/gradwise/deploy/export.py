@@ -26,6 +26,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import shutil
 import sys
 import types
@@ -493,16 +494,30 @@ def _publish(tmp: Path, out: Path) -> None:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence the exporters' progress prints, warnings and log lines (errors still raise)."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Silence the exporters' progress prints, warnings and log records up to WARNING while they
+    run (torch's loggers carry their own levels and handlers, so only ``logging.disable`` reaches
+    them); errors still raise."""
+    disabled = logging.root.manager.disable
+    logging.disable(max(disabled, logging.WARNING))
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        logging.disable(disabled)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """``Type: first line`` of the innermost cause, without terminal colour codes."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def _write_artifact(model: nn.Module, example: torch.Tensor, format: str, path: Path) -> None:
@@ -528,10 +543,9 @@ def _write_artifact(model: nn.Module, example: torch.Tensor, format: str, path: 
     except GradwiseError:
         raise
     except Exception as exc:
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         others = ", ".join(f for f in FORMATS if f != format)
         raise ExportError(
-            f"{format} export of {type(model).__name__} failed: {type(exc).__name__}: {first}. "
+            f"{format} export of {type(model).__name__} failed: {_root_cause(exc)}. "
             f"The model may use Python control flow or operations the exporter cannot trace; "
             f"try another format ({others})"
         ) from exc
@@ -563,7 +577,9 @@ def load_runner(path: str | Path, threads: int | None = None) -> Runner:
         with _quiet():
             module = torch.export.load(str(path)).module()
     elif path.suffix == ".ts":
-        module = torch.jit.load(str(path))
+        with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13: legacy format
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(path))
     else:
         raise ConfigError("artifact", str(path), "a .onnx, .pt2 or .ts file")
 
