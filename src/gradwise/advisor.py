@@ -24,7 +24,8 @@ from gradwise.recipe import Recipe
 REF_BATCH = 64
 """Batch size at which the base learning rates below hold."""
 BASE_LR = {  # AdamW peak learning rate at REF_BATCH, by architecture
-    "transformer": 1e-3,  # small Transformers (< ~10M parameters): 5e-4..1e-3 (Vaswani 2017; nanoGPT)
+    "transformer": 3e-3,  # small Transformers (< ~10M parameters) tolerate 1e-3..3e-3 (nanoGPT's
+    # character model; our char-LM sweep, docs/benchmarks.md); larger ones get a third of it
     "rnn": 3e-3,  # LSTM/GRU with clipping: 1e-3..3e-3 (Greff et al. 2017, LSTM: a search space odyssey)
     "cnn": 3e-3,  # CNNs with BatchNorm tolerate high rates (Ioffe & Szegedy 2015)
     "mlp": 3e-3,  # MLPs without normalisation layers, on standardised features
@@ -33,8 +34,15 @@ BASE_LR = {  # AdamW peak learning rate at REF_BATCH, by architecture
 }
 LARGE_TRANSFORMER = 10_000_000  # above this many parameters, lower the rate and beta2
 SGD_LR_PER_256 = 0.1  # SGD with momentum: 0.1 per 256 samples (Goyal et al. 2017)
-WEIGHT_DECAY = {"adamw": 0.05, "adamw_transformer": 0.1, "adamw_tiny_data": 0.1, "sgd": 5e-4}
-TINY_DATA = 1_000  # samples: strong regularisation, small batches
+WEIGHT_DECAY = {
+    "adamw": 0.05,
+    "adamw_transformer": 0.1,
+    "adamw_tiny_data": 0.1,
+    "sgd": 5e-4,
+    "few_epochs": 0.01,
+}
+TINY_DATA = 1_000  # samples: strong regularisation
+FEW_EPOCHS = 3  # each sample seen this few times: the model underfits, regularisation only slows it
 SMALL_DATA = 10_000
 SGD_MIN_SAMPLES = 50_000  # SGD+Nesterov pays off for CNNs on large data with long schedules...
 SGD_MIN_EPOCHS = 30  # ...and enough epochs (Wilson et al. 2017)
@@ -51,7 +59,8 @@ DROP_PATH_MIN_DEPTH = 12  # stochastic depth helps deep residual stacks (Huang e
 EMA_MIN_STEPS = 5_000  # EMA of weights pays off on longer runs (Polyak & Juditsky 1992)
 EPOCHS = [(2_000, 50), (20_000, 30), (200_000, 20), (math.inf, 10)]  # (samples below, epochs)
 PATIENCE_FRACTION, PATIENCE_MIN = 0.2, 5  # early stopping: a fifth of the budget, at least 5
-BATCH_BY_SAMPLES = [(1_000, 32), (20_000, 64), (math.inf, 128)]
+BATCH_CHOICES = (128, 64, 32, 16)  # the largest that still gives MIN_STEPS optimizer steps
+MIN_STEPS = 500  # fewer updates than this and a smaller batch learns more in the same budget
 MEMORY_FRACTION = 0.5  # leave half the memory for activations' peaks and the allocator
 HEAVY_TAIL = 0.01  # regression: > 1% of targets beyond 4 sigma -> Huber loss (Huber 1964)
 
@@ -145,8 +154,15 @@ def epochs(c: _Context) -> Decision:
 
 
 def batch_size(c: _Context) -> Decision:
-    size = next(b for limit, b in BATCH_BY_SAMPLES if c.f.n_samples < limit)
-    why = f"{c.f.n_samples:,} samples: {size} gives enough steps per epoch and some gradient noise, which helps generalisation"
+    n, epochs = c.f.n_samples, c.epochs
+    size = next(
+        (b for b in BATCH_CHOICES if epochs * math.ceil(n / b) >= MIN_STEPS), BATCH_CHOICES[-1]
+    )
+    steps = epochs * math.ceil(n / size)
+    why = (
+        f"the largest batch that still gives {MIN_STEPS}+ optimizer steps in {epochs} epochs of "
+        f"{n:,} samples ({steps:,}): with a small budget, more updates beat larger batches"
+    )
     if c.f.memory_gb:
         per_sample_mb = 4 * math.prod(c.f.input_shape) * max(c.f.depth, 1) * 8 / 2**20
         fits = int(c.f.memory_gb * 1024 * MEMORY_FRACTION / max(per_sample_mb, 1e-6))
@@ -221,6 +237,12 @@ def learning_rate(c: _Context) -> Decision:
 
 
 def weight_decay(c: _Context) -> Decision:
+    if c.epochs <= FEW_EPOCHS:
+        return (
+            WEIGHT_DECAY["few_epochs"],
+            f"only {c.epochs} passes over the data: the model underfits, so keep decay light",
+            ["adamw"],
+        )
     if c.chosen["optim.name"] == "sgd":
         return WEIGHT_DECAY["sgd"], "SGD: L2 5e-4 is the standard for CNNs", ["goyal"]
     if c.f.architecture == "transformer":
@@ -288,6 +310,12 @@ def precision(c: _Context) -> Decision:
 def dropout(c: _Context) -> Decision:
     if "dropout" not in c.zoo_kwargs:
         return None
+    if c.epochs <= FEW_EPOCHS:
+        return (
+            0.0,
+            f"only {c.epochs} passes over the data: the model underfits, dropout would only slow it",
+            ["dropout"],
+        )
     if c.f.architecture == "transformer":
         return DROPOUT["transformer"], "Transformers: 0.1 on attention and MLP outputs", ["dropout"]
     size = (
