@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "Advice": "gradwise.advisor",
     "facts": "gradwise.facts",
     "Facts": "gradwise.facts",
+    "tune": "gradwise.tune",
 }
 
 __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
@@ -61,6 +62,7 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "Advice",
     "facts",
     "Facts",
+    "tune",
 ]
 
 
@@ -79,7 +81,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
-    from gradwise import nn
+    from gradwise import nn, tune
     from gradwise.advisor import Advice, advise
     from gradwise.checkpoint import load_checkpoint
     from gradwise.data import DATASETS, load_data
