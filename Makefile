@@ -31,7 +31,8 @@ lint: install
 
 test: lint
 	sh scripts/ensure_chromium.sh  # the doctor's HTML report is checked in headless Chromium
-	GRADWISE_REQUIRE_FRAMEWORKS=1 $(BIN)/pytest
+	sh scripts/ensure_postgres.sh  # a local PostgreSQL server for the multi-machine tuning tests
+	GRADWISE_REQUIRE_FRAMEWORKS=1 GRADWISE_REQUIRE_POSTGRES=1 $(BIN)/pytest
 
 format: install
 	$(BIN)/ruff check --fix .
