@@ -10,7 +10,9 @@ that cannot be opened is a GradwiseError before any trial starts.
 from __future__ import annotations
 
 import os
+import random
 import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from gradwise.errors import ConfigError, GradwiseError
 JOURNAL_SUFFIX = ".journal"
 HEARTBEAT_S, GRACE_S = 60, 180  # RDB: a trial without a heartbeat for GRACE_S seconds is failed
 CONNECT_TIMEOUT_S = 10
+SCHEMA_ATTEMPTS = 5  # workers opening an empty database at once race to create its tables
 
 
 def journal_path(root: str | Path, study: str) -> Path:
@@ -78,14 +81,7 @@ def open_storage(location: str) -> Any:
     if scheme in ("postgresql", "mysql"):
         engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
     try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S,
-            )
+        return _rdb_storage(optuna, url, engine_kwargs)
     except Exception as exc:  # sqlalchemy's errors, a missing driver, a malformed URL
         cause = exc.__cause__ if isinstance(exc, ImportError) and exc.__cause__ else exc
         reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()
@@ -95,6 +91,36 @@ def open_storage(location: str) -> Any:
                 " (install the database driver; PostgreSQL's is in pip install 'gradwise[tune]')"
             )
         raise GradwiseError(f"cannot open the study storage {describe(location)}: {hint}") from None
+
+
+def _rdb_storage(optuna: Any, url: str, engine_kwargs: dict[str, Any]) -> Any:
+    """Optuna's RDBStorage, which creates its tables in an empty database.
+
+    Workers started at once on several machines all find the database empty and create the
+    tables together; all but one fail ("duplicate key value violates unique constraint",
+    "relation ... already exists"). The tables exist once the winner has committed, so a loser
+    tries again after a short, random pause.
+    """
+    from sqlalchemy import exc as sql_errors
+
+    def attempt() -> Any:
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+            )
+
+    for tries in range(1, SCHEMA_ATTEMPTS):
+        try:
+            return attempt()
+        except (sql_errors.IntegrityError, sql_errors.ProgrammingError) as exc:
+            if isinstance(exc, sql_errors.ProgrammingError) and "already exists" not in str(exc):
+                raise  # a real error (permissions, a bad database)
+            time.sleep(random.uniform(0.1, 0.5) * tries)
+    return attempt()
 
 
 def _make_parent(url: str) -> None:
