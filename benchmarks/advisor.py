@@ -49,12 +49,24 @@ NAIVE = {
 QUIET = {"progress": "off", "mlflow": False, "tensorboard": False, "doctor.mode": "off"}
 
 
-def train(recipe: gw.Recipe, root: str) -> tuple[float, str]:
-    run = gw.Trainer(recipe=recipe.override(QUIET, root=root), progress="off").fit()
+SEEDS = (0, 1, 2)
+
+
+def train(recipe: gw.Recipe, root: str, seed: int = 0) -> tuple[float | None, str]:
+    """The best validation value of one run (None when it failed or diverged), and its metric."""
+    run = gw.Trainer(recipe=recipe.override(QUIET, root=root, seed=seed), progress="off").fit()
     value = (
         run.best_metric if run.best_metric is not None and math.isfinite(run.best_metric) else None
     )
     return value, run.monitor
+
+
+def train_seeds(recipe: gw.Recipe, root: str) -> tuple[float | None, str]:
+    """The mean over SEEDS (None when any seed failed: a recipe that sometimes diverges loses)."""
+    results = [train(recipe, root, seed) for seed in SEEDS]
+    values = [value for value, _ in results]
+    mean = None if None in values else sum(values) / len(values)
+    return mean, results[0][1]
 
 
 def better(a: float | None, b: float | None, monitor: str) -> bool:
@@ -76,16 +88,20 @@ def relative_gap(advised: float, tuned: float, monitor: str) -> float:
     return max(gap, 0.0)
 
 
+def search_space(trial: optuna.Trial) -> dict:
+    return {
+        "optim.lr": trial.suggest_float("lr", 1e-4, 1e-1, log=True),
+        "optim.weight_decay": trial.suggest_float("weight_decay", 1e-5, 0.3, log=True),
+        "data.batch_size": trial.suggest_categorical("batch_size", [16, 32, 64, 128]),
+        "schedule.name": trial.suggest_categorical("schedule", ["warmup_cosine", "constant", "onecycle", "step"]),
+    }  # fmt: skip
+
+
 def tune(base: gw.Recipe, trials: int, root: str, monitor_mode: str) -> tuple[float | None, dict]:
+    """Search on seed 0, then re-run the best setting on every seed (the mean is the result)."""
+
     def objective(trial: optuna.Trial) -> float:
-        recipe = base.override(
-            {
-                "optim.lr": trial.suggest_float("lr", 1e-4, 1e-1, log=True),
-                "optim.weight_decay": trial.suggest_float("weight_decay", 1e-5, 0.3, log=True),
-                "data.batch_size": trial.suggest_categorical("batch_size", [16, 32, 64, 128]),
-                "schedule.name": trial.suggest_categorical("schedule", ["warmup_cosine", "constant", "onecycle", "step"]),
-            }
-        )  # fmt: skip
+        recipe = base.override(search_space(trial))
         value, _ = train(recipe, root)
         return value if value is not None else (-math.inf if monitor_mode == "max" else math.inf)
 
@@ -95,7 +111,9 @@ def tune(base: gw.Recipe, trials: int, root: str, monitor_mode: str) -> tuple[fl
         sampler=optuna.samplers.TPESampler(seed=0),
     )
     study.optimize(objective, n_trials=trials)
-    return study.best_value, study.best_params
+    best = base.override(search_space(optuna.trial.FixedTrial(study.best_params)))
+    value, _ = train_seeds(best, root)
+    return value, study.best_params
 
 
 def main() -> None:
@@ -112,8 +130,8 @@ def main() -> None:
             advised_recipe = gw.advise(
                 recipe=base, budget=epochs, explicit={"early_stopping.patience"}
             ).recipe
-            advised, monitor = train(advised_recipe, root)
-            naive, _ = train(base.override(NAIVE), root)
+            advised, monitor = train_seeds(advised_recipe, root)
+            naive, _ = train_seeds(base.override(NAIVE), root)
             mode = "max" if monitor.endswith(("accuracy", "f1", "auroc", "r2")) else "min"
             tuned, params = tune(base, args.trials, root, mode)
             rows.append((name, monitor, advised, naive, tuned, params, time.perf_counter() - start))

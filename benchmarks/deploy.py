@@ -13,8 +13,9 @@ fp32 on the MLP and Transformer with <= 1 point accuracy loss.
     .venv/bin/python benchmarks/deploy.py [--threads 1] [--seconds 1] [--batch-sizes 1,8,32,128]
                                           [--models mlp cnn transformer] [--json results.json]
 
-Sections are functions in ``SECTIONS`` (name -> function(args) -> results dict); a new comparison
-(e.g. serving) adds one and is selected with ``--sections``.
+The ``serving`` section runs ``benchmarks/serve.py`` (micro-batching on vs off under 32 concurrent
+clients; target >= 2x). Sections are functions in ``SECTIONS`` (name -> function(args) -> results
+dict), selected with ``--sections``.
 """
 
 from __future__ import annotations
@@ -171,7 +172,24 @@ def export_section(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-SECTIONS = {"export": export_section}
+def serving_section(args: argparse.Namespace) -> dict[str, Any]:
+    """Serving throughput with micro-batching on vs off (benchmarks/serve.py, its defaults)."""
+    import serve  # benchmarks/ is on sys.path when this file runs as a script
+
+    print("\n== serving: micro-batching on vs off ==")
+    return serve.benchmark(
+        argparse.Namespace(
+            models=list(serve.MODELS),
+            clients=args.clients,
+            seconds=args.serve_seconds,
+            rounds=args.rounds,
+            threads=None,
+            waits=[5.0],
+        )
+    )
+
+
+SECTIONS = {"export": export_section, "serving": serving_section}
 
 
 def main() -> None:
@@ -181,6 +199,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,8,32,128")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    parser.add_argument("--clients", type=int, default=32, help="serving: concurrent clients")
+    parser.add_argument("--serve-seconds", type=float, default=5.0, help="serving: per round")
+    parser.add_argument("--rounds", type=int, default=3, help="serving: interleaved rounds")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
