@@ -129,3 +129,17 @@ def test_train_then_list_runs(tmp_path):
     assert (
         listing.returncode == 0 and "iris-quick" in listing.stdout and "finished" in listing.stdout
     )
+
+
+def test_public_functions_stay_callable_after_their_modules_are_imported():
+    # gradwise.tune, gradwise.deploy.export and .serve are modules and the functions users call.
+    code = (
+        "import gradwise, gradwise.tune.space, gradwise.deploy.export, gradwise.deploy.serve\n"
+        "from gradwise.tune.study import tune\n"
+        "from gradwise.deploy.export import export\n"
+        "print(callable(gradwise.tune), callable(gradwise.deploy.export),"
+        " callable(gradwise.deploy.serve), gradwise.export is export,"
+        " 'tpe' in gradwise.tune.SAMPLERS, sorted(dir(gradwise))[:2])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True True True True True ['Advice', 'ConfigError']"

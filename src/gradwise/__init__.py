@@ -6,8 +6,9 @@ nothing until a name is used.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from gradwise._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,8 @@ _EXPORTS: dict[str, str] = {
     "facts": "gradwise.facts",
     "Facts": "gradwise.facts",
     "tune": "gradwise.tune",
+    "deploy": "gradwise.deploy",
+    "export": "gradwise.deploy.export",
 }
 
 __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
@@ -63,28 +66,20 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "facts",
     "Facts",
     "tune",
+    "deploy",
+    "export",
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gradwise' has no attribute {name!r}")
-    mod = importlib.import_module(module)
-    value = mod if module == f"gradwise.{name}" else getattr(mod, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports("gradwise", _EXPORTS, globals())
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
-    from gradwise import nn, tune
+    from gradwise import deploy, nn, tune
     from gradwise.advisor import Advice, advise
     from gradwise.checkpoint import load_checkpoint
     from gradwise.data import DATASETS, load_data
+    from gradwise.deploy.export import export
     from gradwise.doctor import RULES, Doctor, Finding
     from gradwise.doctor.lr_finder import lr_range_test
     from gradwise.doctor.preflight import check

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from gradwise.errors import DataError
+from gradwise.errors import ConfigError, DataError
 
 CARD = "model.json"
 REFERENCE = "reference.json"
@@ -100,7 +100,7 @@ def load_reference(export_dir: str | Path) -> dict[str, Any]:
 
 def _read_json(path: Path, expected: str) -> dict[str, Any]:
     if not path.is_file():
-        raise DataError(f"{path.parent} is not {expected}")
+        raise ConfigError("artifact", str(path.parent), expected)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:

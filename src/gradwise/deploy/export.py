@@ -28,8 +28,6 @@ import logging
 import os
 import re
 import shutil
-import sys
-import types
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradwise._lazy import callable_as_namesake
 from gradwise.deploy.card import (
     ARTIFACTS,
     CARD,
@@ -644,12 +643,4 @@ def parity_report(eager: np.ndarray, exported: np.ndarray, tolerance: float) -> 
     }
 
 
-class _CallableModule(types.ModuleType):
-    """``gradwise.deploy.export`` is both this module and its function: once the module has been
-    imported, Python binds the package attribute ``export`` to the module, so calling it must work."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Artifact:
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+callable_as_namesake(__name__)

@@ -12,16 +12,14 @@ else ``sqlite:///runs/mlflow.db`` with artifacts under ``runs/mlartifacts`` (as 
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from gradwise.errors import ConfigError, GradwiseError
+from gradwise.tracking.tracker import quiet_loggers
 
 EXPERIMENT = "gradwise-models"
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))$")
@@ -153,9 +151,9 @@ def resolve(model_uri: str, dst: str | Path | None = None, *, uri: str | None = 
 def _checked_card(artifact_dir: Path) -> dict[str, Any]:
     """The model card of an export directory whose artifact matches its recorded sha256."""
     from gradwise.deploy.card import sha256_file
-    from gradwise.deploy.serve import load_card
+    from gradwise.deploy.serve import serving_card
 
-    card = load_card(artifact_dir)
+    card = serving_card(artifact_dir)
     artifact = artifact_dir / card.get("artifact", "model.onnx")
     if not artifact.is_file():
         raise GradwiseError(f"{artifact_dir} has a model card but no {artifact.name}")
@@ -168,7 +166,7 @@ def _client(uri: str | None) -> tuple[Any, str | None]:
     from mlflow.tracking import MlflowClient
 
     resolved, artifact_location = tracking_uri(uri)
-    with _quiet("mlflow.store.db.utils", "alembic"):  # the first use creates the tables
+    with quiet_loggers("mlflow.store.db.utils", "alembic"):  # the first use creates the tables
         client = MlflowClient(tracking_uri=resolved, registry_uri=resolved)
         client.search_experiments(max_results=1)
     return client, artifact_location
@@ -199,17 +197,3 @@ def _numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
         elif isinstance(value, int | float) and not isinstance(value, bool):
             flat[re.sub(r"[^\w\-. /]", "_", f"{prefix}{key}")[:250]] = float(value)
     return flat
-
-
-@contextmanager
-def _quiet(*names: str) -> Iterator[None]:
-    """Silence INFO messages of the named loggers for the duration."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)

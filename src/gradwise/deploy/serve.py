@@ -34,8 +34,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 
 from gradwise import __version__
+from gradwise._lazy import callable_as_namesake
 from gradwise.deploy.batching import MicroBatcher, ShuttingDown
-from gradwise.deploy.card import preprocess, sha256_file
+from gradwise.deploy.card import load_card, preprocess, sha256_file
 from gradwise.errors import ConfigError, GradwiseError
 
 logger = logging.getLogger("gradwise.serve")
@@ -134,19 +135,10 @@ class InputError(ValueError):
 # -- the model ---------------------------------------------------------------------------------
 
 
-def load_card(artifact_dir: str | Path) -> dict[str, Any]:
-    """The model card ``model.json`` of an exported artifact directory, checked."""
+def serving_card(artifact_dir: str | Path) -> dict[str, Any]:
+    """The model card of an exported artifact directory, checked for serving."""
+    card = load_card(artifact_dir)
     path = Path(artifact_dir) / "model.json"
-    if not path.is_file():
-        raise ConfigError(
-            "artifact",
-            str(artifact_dir),
-            "a directory written by gradwise export (with model.json)",
-        )
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise GradwiseError(f"{path} is not valid JSON: {e}") from e
     if card.get("format", "onnx") != "onnx":
         raise ConfigError(f"{path}: format", card.get("format"), "'onnx'")
     if not card.get("inputs") or not card.get("outputs"):
@@ -166,7 +158,7 @@ class Model:
         import onnxruntime as ort
 
         self.dir = Path(artifact_dir)
-        self.card = load_card(self.dir)
+        self.card = serving_card(self.dir)
         self.name: str = self.card.get("name") or self.dir.name
         self.task: str = self.card.get("task") or "multiclass"
         file, expected_sha = self.card.get("artifact") or "model.onnx", self.card.get("sha256")
@@ -782,3 +774,6 @@ def app_from_env() -> FastAPI:
     """The app of a worker process (``serve(workers=N)``): options from the environment."""
     options = json.loads(os.environ[_OPTIONS_ENV])
     return create_app(token=os.environ.get("GRADWISE_TOKEN") or None, **options)
+
+
+callable_as_namesake(__name__)

@@ -7,9 +7,7 @@ documentation page (``gradwise explain GW302``) and can be ignored by code.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from gradwise._lazy import lazy_exports
 from gradwise.doctor.doctor import Doctor
 from gradwise.doctor.findings import RULES, Finding, Rule
 
@@ -25,7 +23,4 @@ _LAZY = {
 __all__ = ["RULES", "Doctor", "Finding", "Rule", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'gradwise.doctor' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports("gradwise.doctor", _LAZY, globals())

@@ -318,7 +318,7 @@ class _MLflow(_Backend):
             uri = f"sqlite:///{(root / 'mlflow.db').as_posix()}"
             artifact_location = (root / "mlartifacts").as_uri()
         # the first use of a database creates its tables: slow (seconds) and chatty
-        with _quiet("mlflow.store.db.utils", "alembic"):
+        with quiet_loggers("mlflow.store.db.utils", "alembic"):
             self.client = MlflowClient(tracking_uri=uri)
             experiment_id = self._experiment_id(experiment, artifact_location)
         tags = {"gradwise.run_dir": str(self.run_dir)}
@@ -432,7 +432,7 @@ def _git_commit(run_dir: Path) -> str | None:
 
 
 @contextmanager
-def _quiet(*names: str) -> Iterator[None]:
+def quiet_loggers(*names: str) -> Iterator[None]:
     """Silence INFO messages of the named loggers for the duration."""
     loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]

@@ -10,8 +10,9 @@ imported by the code that runs a study).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from gradwise._lazy import callable_as_namesake, lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "tune": "gradwise.tune.study",
@@ -44,17 +45,8 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gradwise.tune' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(__all__) | {"space", "study", "report", "storage"})
+__getattr__, __dir__ = lazy_exports("gradwise.tune", _EXPORTS, globals())
+callable_as_namesake(__name__)  # gradwise.tune(...) is gradwise.tune.tune(...)
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
