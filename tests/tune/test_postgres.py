@@ -113,13 +113,13 @@ def database(server: str) -> Iterator[str]:
 
 @pytest.fixture
 def slow_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    (tmp_path / "user_models.py").write_text(SLOW)
+    (tmp_path / "slow_models.py").write_text(SLOW)
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
 
 
 def _recipe_file(folder: Path, delay: float) -> Path:
-    recipe = {**RECIPE, "model": {"name": "user_models:slow", "kwargs": {"delay": delay}}}
+    recipe = {**RECIPE, "model": {"name": "slow_models:slow", "kwargs": {"delay": delay}}}
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     (folder / "space.yaml").write_text(yaml.safe_dump(SPACE))

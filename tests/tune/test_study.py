@@ -164,9 +164,9 @@ FLAKY = textwrap.dedent(
 
 
 def test_a_crashed_trial_is_failed_with_its_message_and_the_study_goes_on(tmp_path, monkeypatch):
-    (tmp_path / "user_models.py").write_text(FLAKY)
+    (tmp_path / "flaky_models.py").write_text(FLAKY)
     monkeypatch.syspath_prepend(str(tmp_path))
-    recipe = _recipe(1, model={"name": "user_models:flaky"})
+    recipe = _recipe(1, model={"name": "flaky_models:flaky"})
     space = {"model.kwargs.crash": [False, True], "optim.lr": [0.01, 0.1]}
     result = tune(recipe, space, trials=4, sampler="grid", pruner="none", **QUIET)
     failed = [t for t in result.trials if t.state == "failed"]

@@ -808,9 +808,9 @@ def _mlflow_parent(
     try:
         from mlflow.tracking import MlflowClient
 
-        from gradwise.tracking.tracker import _quiet
+        from gradwise.tracking.tracker import quiet_loggers
 
-        with _quiet("mlflow.store.db.utils", "alembic"):
+        with quiet_loggers("mlflow.store.db.utils", "alembic"):
             client = MlflowClient(tracking_uri=uri)
             experiment = client.get_experiment_by_name("gradwise")
             experiment_id = (
