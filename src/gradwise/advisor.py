@@ -24,15 +24,18 @@ from gradwise.recipe import Recipe
 REF_BATCH = 64
 """Batch size at which the base learning rates below hold."""
 BASE_LR = {  # AdamW peak learning rate at REF_BATCH, by architecture
-    "transformer": 3e-3,  # small Transformers (< ~10M parameters) tolerate 1e-3..3e-3 (nanoGPT's
-    # character model; our char-LM sweep, docs/benchmarks.md); larger ones get a third of it
+    "transformer": 1e-3,  # at TRANSFORMER_REF_WIDTH (nanoGPT's character model: d_model 384, batch 64)
     "rnn": 3e-3,  # LSTM/GRU with clipping: 1e-3..3e-3 (Greff et al. 2017, LSTM: a search space odyssey)
     "cnn": 3e-3,  # CNNs with BatchNorm tolerate high rates (Ioffe & Szegedy 2015)
     "mlp": 3e-3,  # MLPs without normalisation layers, on standardised features
     "mlp_normalised": 3e-2,  # MLPs with LayerNorm/BatchNorm: scale-invariant weights tolerate, and on
     # small tabular data profit from, high rates (Arora, Li & Lyu 2019); see docs/benchmarks.md sweeps
 }
-LARGE_TRANSFORMER = 10_000_000  # above this many parameters, lower the rate and beta2
+TRANSFORMER_REF_WIDTH = 384
+"""Transformers: Adam's stable rate falls as 1/width (muP, Yang et al. 2022), so the base rate is
+scaled by TRANSFORMER_REF_WIDTH / d_model, within TRANSFORMER_LR_RANGE."""
+TRANSFORMER_LR_RANGE = (1e-4, 1e-2)
+LARGE_TRANSFORMER = 10_000_000  # above this many parameters, lower beta2
 SGD_LR_PER_256 = 0.1  # SGD with momentum: 0.1 per 256 samples (Goyal et al. 2017)
 WEIGHT_DECAY = {
     "adamw": 0.05,
@@ -71,6 +74,7 @@ REFS = {
     "goyal": "Goyal et al. 2017, Accurate, Large Minibatch SGD, arXiv:1706.02677 (linear scaling, warmup)",
     "malladi": "Malladi et al. 2022, On the SDEs and Scaling Rules for Adaptive Gradient Algorithms (square-root scaling for Adam)",
     "vaswani": "Vaswani et al. 2017, Attention Is All You Need, arXiv:1706.03762",
+    "mup": "Yang et al. 2022, Tensor Programs V: Tuning Large Neural Networks via Zero-Shot Hyperparameter Transfer (muP), arXiv:2203.03466",
     "popel": "Popel & Bojar 2018, Training Tips for the Transformer Model, arXiv:1804.00247",
     "cosine": "Loshchilov & Hutter 2017, SGDR: Stochastic Gradient Descent with Warm Restarts, arXiv:1608.03983",
     "pascanu": "Pascanu, Mikolov & Bengio 2013, On the difficulty of training recurrent neural networks",
@@ -217,8 +221,14 @@ def learning_rate(c: _Context) -> Decision:
     normalised = c.f.kinds.get("layernorm", 0) + c.f.kinds.get("batchnorm", 0) > 0
     if c.f.architecture == "mlp" and normalised:
         base = BASE_LR["mlp_normalised"]
-    if c.f.architecture == "transformer" and c.f.params > LARGE_TRANSFORMER:
-        base /= 3
+    width_note, refs = "", ["malladi", "adamw"]
+    if c.f.architecture == "transformer" and c.f.width:
+        low, high = TRANSFORMER_LR_RANGE
+        base = min(max(base * TRANSFORMER_REF_WIDTH / c.f.width, low), high)
+        width_note = f" (1e-3 at width {TRANSFORMER_REF_WIDTH}, scaled by 1/width to {c.f.width})"
+        refs.append("mup")
+    if c.f.architecture == "mlp" and normalised:
+        refs.append("arora")
     lr = float(f"{base * math.sqrt(batch / REF_BATCH):.2g}")
     kind = (
         f"normalised {c.f.architecture}"
@@ -226,14 +236,10 @@ def learning_rate(c: _Context) -> Decision:
         else c.f.architecture
     )
     why = (
-        f"AdamW for {_a(kind)} ({c.f.params:,} parameters): {base:g} at batch {REF_BATCH}, "
-        f"scaled by the square root of the batch ratio to batch {batch}"
+        f"AdamW for {_a(kind)} ({c.f.params:,} parameters): {base:.2g} at batch {REF_BATCH}"
+        f"{width_note}, scaled by the square root of the batch ratio to batch {batch}"
     )
-    return (
-        lr,
-        why,
-        ["malladi", "adamw", *(["arora"] if c.f.architecture == "mlp" and normalised else [])],
-    )
+    return lr, why, refs
 
 
 def weight_decay(c: _Context) -> Decision:

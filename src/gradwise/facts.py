@@ -53,6 +53,7 @@ class Facts:
     ]  # conv, linear, batchnorm, layernorm, groupnorm, attention, recurrent, embedding, dropout
     activations: list[str]
     architecture: str  # transformer | rnn | cnn | mlp
+    width: int | None  # the most common input width of the Linear layers (d_model in a Transformer)
     # data
     task: str | None
     modality: str  # image | tokens | sequence | tabular
@@ -95,6 +96,7 @@ def facts(
         kinds=kinds,
         activations=activations,
         architecture=_architecture(kinds),
+        width=_width(model),
         task=kind,
         modality=_modality(info),
         input_shape=tuple(info.input_shape),
@@ -115,6 +117,11 @@ def facts(
 def class_counts(dataset: Dataset, kind: str, num_classes: int | None) -> list[int] | None:
     """Samples per class (positives per label for multilabel); from a sample of large generic sets."""
     return _class_counts(_sample(dataset)[1], kind, num_classes)
+
+
+def _width(model: nn.Module) -> int | None:
+    widths = Counter(m.in_features for m in model.modules() if isinstance(m, nn.Linear))
+    return widths.most_common(1)[0][0] if widths else None
 
 
 def _module_kinds(model: nn.Module) -> tuple[dict[str, int], list[str]]:
