@@ -46,6 +46,8 @@ def test_facts_on_every_zoo_model(name):
         assert f.kinds["batchnorm"] >= 4
     if name == "rnn":
         assert f.kinds["recurrent"] == 1 and f.kinds["embedding"] == 1
+    if name in ("transformer", "gpt"):
+        assert f.width == 128  # the zoo default d_model
 
 
 def _advice(recipe: dict, **kwargs) -> dict[str, gw.advisor.Advice]:
@@ -96,6 +98,17 @@ def test_advice_differs_where_an_experts_would():
             assert a.why
             if a.setting.startswith(("optim.", "schedule.", "train.grad_clip", "model.kwargs")):
                 assert a.references, a.setting
+
+
+def test_wider_transformers_get_lower_learning_rates():
+    def lr(d_model: int) -> gw.advisor.Advice:
+        model = {"name": "gpt", "kwargs": {"d_model": d_model, "n_heads": 4, "n_layers": 2}}
+        data = {"name": "synthetic_sequences", "kwargs": {"n_samples": 400, "task": "lm"}}
+        return _advice({"model": model, "data": data})["optim.lr"]
+
+    narrow, wide = lr(64), lr(512)
+    assert narrow.value == pytest.approx(wide.value * 512 / 64, rel=0.05)  # 1/width (muP)
+    assert "width" in narrow.why and any("muP" in ref for ref in narrow.references)
 
 
 def test_imbalanced_classes_get_weights_or_focal_loss():
