@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from gradwise import __version__
-from gradwise.errors import GradwiseError
+from gradwise.errors import ConfigError, GradwiseError
 
 app = typer.Typer(
     name="gradwise",
@@ -405,9 +405,23 @@ def export(
     tolerance: Annotated[
         float, typer.Option(help="Largest max-absolute difference to eager PyTorch (fp32).")
     ] = 1e-4,
+    register: Annotated[
+        str | None,
+        typer.Option(
+            help="Also register the export as a new version of this model in the MLflow registry "
+            "(runs/mlflow.db, or MLFLOW_TRACKING_URI)."
+        ),
+    ] = None,
+    alias: Annotated[
+        str | None,
+        typer.Option(help="With --register: point this alias (e.g. champion) at the new version."),
+    ] = None,
 ) -> None:
     """Export a run's best model with a parity check; writes the artifact, model.json, reference.json."""
     from gradwise.deploy.export import export as run_export
+
+    if alias and not register:
+        raise ConfigError("--alias", alias, "--register NAME as well (an alias names a version)")
 
     artifact = run_export(
         source, format=format_, out=out_dir, quantize=quantize, tolerance=tolerance
@@ -434,6 +448,12 @@ def export(
         )
         out.print(line, soft_wrap=True)
     out.print(f"model card: {artifact.dir / 'model.json'}", soft_wrap=True)
+    if register:
+        from gradwise.deploy.registry import register as register_model
+
+        version = register_model(artifact.dir, register, alias=alias)
+        at = f"models:/{register}@{alias}" if alias else f"models:/{register}/{version}"
+        out.print(f"registered {register} version {version}: gradwise serve {at}", soft_wrap=True)
 
 
 @app.command()

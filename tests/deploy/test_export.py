@@ -215,3 +215,23 @@ def test_cli_export_writes_the_directory_and_bad_input_exits_2(runs, tmp_path):
     )
     assert bad.returncode == 2 and bad.stderr.startswith("error: quantize")
     assert "Traceback" not in bad.stderr
+
+
+def test_cli_export_registers_with_an_alias(runs, tmp_path):
+    from gradwise.deploy.registry import resolve
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{(tmp_path / 'reg.db').as_posix()}"}
+    args = ("export", str(runs["mlp"]), "-o", "mlp-onnx", "--register", "digits")
+    result = gradwise_cli(*args, "--alias", "champion", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "registered digits version 1: gradwise serve models:/digits@champion" in result.stdout
+    again = gradwise_cli(*args[:3], "mlp-onnx-2", *args[4:], cwd=tmp_path, env=env)
+    assert "registered digits version 2: gradwise serve models:/digits/2" in again.stdout
+    champion = resolve("models:/digits@champion", tmp_path / "dl", uri=env["MLFLOW_TRACKING_URI"])
+    card = json.loads((champion / "model.json").read_text())
+    assert (
+        card["sha256"] == json.loads((tmp_path / "mlp-onnx" / "model.json").read_text())["sha256"]
+    )
+    bad = gradwise_cli("export", str(runs["mlp"]), "--alias", "champion", cwd=tmp_path, env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --alias")
+    assert "Traceback" not in bad.stderr
