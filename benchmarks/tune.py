@@ -5,16 +5,19 @@ same space, trial count and sampler seed through ``gradwise.tune.tune``, one aft
 process. Compute is training steps, the sum of ``steps`` over the trials table (the batch size is
 fixed, so a step costs the same everywhere). Printed per task and seed:
 
-- the best objective each search reaches (complete trials only; a pruned trial is no result),
-- the steps each spent, and their ratio,
+- the best objective each search reaches with the same trial count (complete trials only; a
+  pruned trial is no result), the steps each spent, and their ratio;
 - the compute at which ASHA first matches random search's final best: ASHA's trials in order,
-  steps accumulated, until its running best is at least as good; divided by random's total.
+  steps accumulated, until its running best is at least as good; divided by random's total. ASHA
+  may go on past the trial count (up to ``--extra`` times as many trials, never past random's total
+  compute): pruning is what buys those extra trials. With one worker and a fixed seed, the first
+  ``--trials`` trials of that longer study are exactly the same-count study.
 
 The objective is the validation loss: on these small validation sets (360 and 114 samples)
 accuracy saturates, and many settings tie at the top. Torch runs on one thread (a shared machine;
 two threads on two busy cores were ten times slower).
 
-    .venv/bin/python benchmarks/tune.py [--trials 30] [--seeds 0 1 2] [--tasks digits diabetes]
+    .venv/bin/python benchmarks/tune.py [--trials 30] [--extra 3] [--seeds 0 1 2] [--tasks digits ...]
 """
 
 from __future__ import annotations
@@ -106,14 +109,34 @@ def run_search(task: Task, method: str, seed: int, trials: int, root: Path) -> S
     )
 
 
-def steps_to_match(search: Search, target: float, minimize: bool) -> int | None:
-    """Steps ``search`` spends, trial by trial, until its running best is as good as ``target``."""
-    spent, best = 0, math.inf if minimize else -math.inf
+def first(search: Search, trials: int) -> Search:
+    """The same search stopped after its first ``trials`` trials."""
+    trail = search.trail[:trials]
+    values = [v for _, v in trail if v is not None]
+    best = (min if search.minimize else max)(values) if values else math.nan
+    return Search(
+        method=search.method,
+        minimize=search.minimize,
+        best=best,
+        steps=sum(steps for steps, _ in trail),
+        complete=len(values),
+        pruned=len(trail) - len(values),
+        wall_s=search.wall_s * len(trail) / max(len(search.trail), 1),
+        trail=trail,
+    )
+
+
+def steps_to_match(search: Search, target: float, limit: int) -> int | None:
+    """Steps ``search`` spends, trial by trial, until its running best is as good as ``target``
+    (None if it is not within ``limit`` steps)."""
+    spent, best = 0, math.inf if search.minimize else -math.inf
     for steps, value in search.trail:
         spent += steps
+        if spent > limit:
+            return None
         if value is not None:
-            best = min(best, value) if minimize else max(best, value)
-        if (best <= target) if minimize else (best >= target):
+            best = min(best, value) if search.minimize else max(best, value)
+        if (best <= target) if search.minimize else (best >= target):
             return spent
     return None
 
@@ -123,6 +146,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    parser.add_argument("--extra", type=int, default=3, help="ASHA's trial cap, x --trials")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -134,8 +158,9 @@ def main() -> None:
         for name in args.tasks:
             task = TASKS[name]
             for seed in args.seeds:
-                runs = {m: run_search(task, m, seed, args.trials, Path(tmp)) for m in METHODS}
-                random, asha = runs["random"], runs["asha-tpe"]
+                random = run_search(task, "random", seed, args.trials, Path(tmp))
+                longer = run_search(task, "asha-tpe", seed, args.trials * args.extra, Path(tmp))
+                asha = first(longer, args.trials)
                 minimize = random.minimize
                 for search in (random, asha):
                     print(
@@ -143,7 +168,7 @@ def main() -> None:
                         f"{search.pruned}\t{search.steps}\t{search.steps / random.steps:.3f}\t"
                         f"{search.wall_s:.0f}"
                     )
-                matched = steps_to_match(asha, random.best, minimize)
+                matched = steps_to_match(longer, random.best, random.steps)
                 ratio = None if matched is None else matched / random.steps
                 as_good = asha.best <= random.best if minimize else asha.best >= random.best
                 summary.setdefault(name, []).append((asha.steps / random.steps, ratio, as_good))
@@ -152,7 +177,8 @@ def main() -> None:
                     + (
                         f"after {matched} steps = {ratio:.3f} of random's compute"
                         if matched is not None
-                        else "never (its best is worse)"
+                        else f"never within random's compute ({len(longer.trail)} trials, "
+                        f"best {longer.best:.4f})"
                     ),
                     flush=True,
                 )

@@ -132,9 +132,11 @@ def test_train_then_list_runs(tmp_path):
 
 
 def test_public_functions_stay_callable_after_their_modules_are_imported():
-    # gradwise.tune, gradwise.deploy.export and .serve are modules and the functions users call.
+    # gradwise.facts, .tune, .deploy.export and .serve are modules and the functions users call.
     code = (
         "import gradwise, gradwise.tune.space, gradwise.deploy.export, gradwise.deploy.serve\n"
+        "import gradwise.advisor\n"
+        "assert callable(gradwise.facts) and gradwise.facts.Facts\n"
         "from gradwise.tune.study import tune\n"
         "from gradwise.deploy.export import export\n"
         "print(callable(gradwise.tune), callable(gradwise.deploy.export),"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -381,3 +383,18 @@ def test_logged_training_loss_stays_right_across_epoch_boundaries(blobs):
 
     logged = [m["loss"] for m in read_metrics(run.dir, split="train")]
     assert len(logged) == 5 and all(0 < loss < 5 for loss in logged), logged
+
+
+def test_deterministic_mode_keeps_validation_metrics_in_bounded_memory():
+    # torchmetrics' deterministic bincount fallback needed 16 GB for digits' 10-class AUROC
+    code = (
+        "import resource, gradwise as gw\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+        "run = gw.Trainer(recipe={'model': {'name': 'cnn'}, 'data': {'name': 'digits'}},"
+        " epochs=1, deterministic=True, progress='off', mlflow=False, tensorboard=False).fit()\n"
+        "print(run.state, run.best_metric > 0.5)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.stdout.split() == ["finished", "True"], result.stderr[-2000:]

@@ -39,7 +39,7 @@ class _NamesakeModule(types.ModuleType):
 def callable_as_namesake(module_name: str) -> None:
     """Calling the module ``a.b.tune`` calls its function ``tune``.
 
-    ``gradwise.tune``, ``gradwise.deploy.export`` and ``gradwise.deploy.serve`` are both a module and
+    ``gradwise.facts``, ``gradwise.tune``, ``gradwise.deploy.export`` and ``.serve`` are both a module and
     the function users call; once the module is imported, Python binds the parent's attribute to the
     module, so the module itself must be callable for ``gradwise.tune(...)`` to keep working.
     """

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from gradwise._lazy import callable_as_namesake
 from gradwise.data.bundle import DataInfo
 
 NORMS = {
@@ -219,3 +220,6 @@ def _hardware() -> tuple[str, bool, float | None]:
     except (ValueError, OSError, AttributeError):
         memory = None
     return "cpu", False, memory if memory is None else math.floor(memory * 10) / 10
+
+
+callable_as_namesake(__name__)  # gradwise.facts(...) is gradwise.facts.facts(...)

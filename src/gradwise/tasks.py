@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -299,8 +300,11 @@ class Metrics:
         n = self.task.count(target)
         self.loss_sum += self.task.loss(out, target, train=False).double() * n
         self.count += n
-        if self.collection is None:
-            return
+        if self.collection is not None:
+            with _counting_kernels_allowed():
+                self._update_collection(out, target)
+
+    def _update_collection(self, out: torch.Tensor, target: torch.Tensor) -> None:
         kind = self.task.kind
         out = out.float()
         if kind == "binary":
@@ -319,6 +323,25 @@ class Metrics:
         if self.collection is not None:
             results.update({f"val_{k}": float(v) for k, v in self.collection.compute().items()})
         return results
+
+
+@contextmanager
+def _counting_kernels_allowed() -> Iterator[None]:
+    """Lift ``torch.use_deterministic_algorithms`` while the metrics count.
+
+    Under it torchmetrics replaces ``bincount`` by a one-hot sum of (samples x bins) entries: 16 GB
+    for a 200-threshold AUROC over one batch of 10 classes. Integer counts are exact either way, and
+    metrics never feed back into training, so a deterministic run stays deterministic.
+    """
+    if not torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
 
 def _collection(task: Task):
