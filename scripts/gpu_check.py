@@ -71,7 +71,7 @@ def main() -> None:
         model = gw.build_model("cnn", {}, bundle.info, bundle.info.num_classes)
         f = gw.facts(model, bundle.train)
         advice = {a.setting: a.value for a in gw.advise(recipe=DIGITS).advice}
-        ok = f.device.startswith("cuda") and f.bf16 and (f.memory_gb or 0) > 1
+        ok = f.device != "cpu" and f.bf16 and (f.memory_gb or 0) > 1
         ok = ok and advice["train.precision"] == "bf16"
         return {"ok": ok, "device": f.device, "bf16": f.bf16, "memory_gb": f.memory_gb,
                 "precision": advice["train.precision"], "batch_size": advice["data.batch_size"]}  # fmt: skip
@@ -81,8 +81,8 @@ def main() -> None:
         out = {}
         for precision in ("fp32", "bf16", "fp16"):
             run = digits(
-                root, name=f"digits-{precision}", precision=precision, epochs=6,
-                ema_decay=0.99, accumulate=2,
+                root, name=f"digits-{precision}", precision=precision, epochs=10,
+                ema_decay=0.9, accumulate=2,
             )  # fmt: skip
             path = run.dir / "doctor" / "findings.json"
             findings = json.loads(path.read_text()) if path.exists() else []
