@@ -89,7 +89,7 @@ def test_pruned_trials_stop_early_and_keep_their_steps():
             range(1, t.epochs + 1)
         )
         run_dir = Path(t.run_dir)
-        assert stored[t.number].user_attrs["run_state"] == "stopped"
+        assert stored[t.number].user_attrs["run"]["run_state"] == "stopped"
         assert json.loads((run_dir / "status.json").read_text())["message"] == "stopped"
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert len([m for m in lines if m["split"] == "val"]) == t.epochs  # it really stopped

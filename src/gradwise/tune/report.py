@@ -29,6 +29,16 @@ from gradwise.tune.space import SearchSpace
 # trial user attributes written by the tuner (gradwise.tune.study)
 RUN_DIR, RUN_STATE, STEPS, EPOCHS = "run_dir", "run_state", "steps", "epochs"
 DURATION, ERROR, WORKER, SKIPPED = "duration_s", "error", "worker", "skipped"
+RUN = "run"  # one attribute, one storage write, for RUN_DIR, RUN_STATE, STEPS, EPOCHS, DURATION
+
+
+def trial_attrs(trial: Any) -> dict[str, Any]:
+    """A trial's user attributes with the run record (``RUN``) spread into them."""
+    attrs = dict(trial.user_attrs)
+    attrs.update(attrs.pop(RUN, None) or {})
+    return attrs
+
+
 # study user attributes: the user's recipe, the trials' base recipe (advised when no space was
 # given), the space, the objectives (set last: a study with them is complete), the MLflow run
 SOURCE, RECIPE, SPACE = "gradwise.source", "gradwise.recipe", "gradwise.space"
@@ -166,7 +176,7 @@ def summarize(study: Any, *, root: str | Path | None = None, plots: bool = True)
 
 
 def _row(trial: Any, space: SearchSpace) -> TrialRow | None:
-    attrs = trial.user_attrs
+    attrs = trial_attrs(trial)
     if attrs.get(SKIPPED):  # asked, then not run: the study already had its trials
         return None
     state = STATES.get(trial.state.name, trial.state.name.lower())

@@ -41,6 +41,7 @@ from gradwise.tune.report import (
     MLFLOW_PARENT,
     OBJECTIVES,
     RECIPE,
+    RUN,
     RUN_DIR,
     RUN_STATE,
     SKIPPED,
@@ -50,6 +51,7 @@ from gradwise.tune.report import (
     WORKER,
     TuneResult,
     summarize,
+    trial_attrs,
 )
 from gradwise.tune.space import SearchSpace, load_space, parse_space, propose_space
 
@@ -493,14 +495,14 @@ class _Objective:
                 trial.set_user_attr(RUN_DIR, str(trainer.dir))
             trial.set_user_attr(DURATION, time.perf_counter() - started)
             raise
-        for key, value in (
-            (RUN_DIR, str(run.dir)),
-            (RUN_STATE, run.state),
-            (STEPS, run.steps),
-            (EPOCHS, len(run.history)),
-            (DURATION, time.perf_counter() - started),
-        ):
-            trial.set_user_attr(key, value)
+        record = {
+            RUN_DIR: str(run.dir),
+            RUN_STATE: run.state,
+            STEPS: run.steps,
+            EPOCHS: len(run.history),
+            DURATION: time.perf_counter() - started,
+        }
+        trial.set_user_attr(RUN, record)  # one write: each is an fsync on journal storage
         if run.state == "interrupted":
             trial.set_user_attr(ERROR, "interrupted")
             raise KeyboardInterrupt
@@ -522,7 +524,7 @@ class _Objective:
 
     def after_trial(self, study: Any, trial: Any) -> None:
         """A line per trial; stop this worker after ``max_failures`` failed trials."""
-        attrs = trial.user_attrs
+        attrs = trial_attrs(trial)
         if attrs.get(SKIPPED):
             return
         params = " ".join(f"{k}={_num(v)}" for k, v in self.space.values(trial.params).items())
