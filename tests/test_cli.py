@@ -135,7 +135,9 @@ def test_public_functions_stay_callable_after_their_modules_are_imported():
     # gradwise.facts, .tune, .deploy.export and .serve are modules and the functions users call.
     code = (
         "import gradwise, gradwise.tune.space, gradwise.deploy.export, gradwise.deploy.serve\n"
-        "import gradwise.advisor\n"
+        "import gradwise.advisor, gradwise.deploy.bench\n"
+        "from gradwise.deploy import bench\n"
+        "assert callable(bench) and callable(gradwise.deploy.bench)\n"
         "assert callable(gradwise.facts) and gradwise.facts.Facts\n"
         "from gradwise.tune.study import tune\n"
         "from gradwise.deploy.export import export\n"

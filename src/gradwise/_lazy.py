@@ -39,8 +39,9 @@ class _NamesakeModule(types.ModuleType):
 def callable_as_namesake(module_name: str) -> None:
     """Calling the module ``a.b.tune`` calls its function ``tune``.
 
-    ``gradwise.facts``, ``gradwise.tune``, ``gradwise.deploy.export`` and ``.serve`` are both a module and
-    the function users call; once the module is imported, Python binds the parent's attribute to the
-    module, so the module itself must be callable for ``gradwise.tune(...)`` to keep working.
+    ``gradwise.facts``, ``gradwise.tune`` and ``gradwise.deploy.export``, ``.bench`` and ``.serve``
+    are each both a module and the function users call. Once such a module is imported, Python binds
+    the parent's attribute to the module, so the module itself must be callable for
+    ``gradwise.tune(...)`` to keep working.
     """
     sys.modules[module_name].__class__ = _NamesakeModule

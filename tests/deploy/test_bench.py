@@ -15,7 +15,7 @@ from conftest import QUIET, gradwise_cli
 import gradwise as gw
 from gradwise.deploy import bench, export
 from gradwise.deploy.bench import compare_latency, latency_stats
-from gradwise.errors import ConfigError, DataError
+from gradwise.errors import ConfigError
 
 BACKENDS = ["eager", "onnxruntime-fp32", "onnxruntime-int8"]
 
@@ -103,7 +103,7 @@ def test_bench_torch_export_artifact_with_token_inputs(tmp_path):
 def test_bench_bad_input(exported, tmp_path):
     with pytest.raises(ConfigError, match="batch_sizes"):
         bench(exported, batch_sizes=(0,))
-    with pytest.raises(DataError, match=r"model\.json"):
+    with pytest.raises(ConfigError, match=r"artifact: .*model\.json"):
         bench(tmp_path)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradwise._lazy import callable_as_namesake
 from gradwise.deploy.card import INT8, load_card
 from gradwise.errors import ConfigError
 
@@ -220,3 +221,6 @@ def _eager_model(
     except ConfigError as exc:
         notes.append(f"eager PyTorch not measured: {exc}")
         return None
+
+
+callable_as_namesake(__name__)  # gradwise.deploy.bench(...) is its function bench(...)
