@@ -245,6 +245,27 @@ def test_binary_metrics_apply_sigmoid_even_when_logits_fall_in_0_1():
     assert metrics.compute()["val_accuracy"] == 1.0
 
 
+def test_ema_warms_up_so_short_runs_are_not_judged_on_initial_weights(blobs):
+    from gradwise.trainer import ema_update
+
+    update = ema_update(0.999)
+    average, current = (
+        [torch.zeros(3), torch.zeros((), dtype=torch.long)],
+        [
+            torch.ones(3),
+            torch.tensor(7),
+        ],
+    )
+    update(average, current, torch.tensor(1))  # second update: decay (1 + 1) / (10 + 1)
+    assert torch.allclose(average[0], torch.full((3,), 9 / 11)) and average[1] == 7
+    update(average, current, torch.tensor(10_000))  # late: the configured decay
+    assert torch.allclose(average[0], torch.full((3,), 9 / 11 + (2 / 11) * 0.001))
+
+    x, y = blobs  # ~26 updates: without the warm-up a 0.999 average is still the initial weights
+    run = _fit(mlp(), (x[:200], y[:200]), (x[200:], y[200:]), ema_decay=0.999, epochs=2, lr=1e-2)
+    assert run.best_metric > 0.8
+
+
 def test_ema_weights_are_checkpointed_and_used_for_validation(blobs):
     x, y = blobs
     trainer = gw.Trainer(

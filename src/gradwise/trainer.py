@@ -246,10 +246,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.ema = None
         if r.train.ema_decay:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+            from torch.optim.swa_utils import AveragedModel
 
             self.ema = AveragedModel(
-                self.model, multi_avg_fn=get_ema_multi_avg_fn(r.train.ema_decay), use_buffers=True
+                self.model, multi_avg_fn=ema_update(r.train.ema_decay), use_buffers=True
             )
         self.metrics = self.task.metrics(self.device) if self.val_loader is not None else None
         self.mixing = r.train.mixup > 0 or r.train.cutmix > 0
@@ -882,6 +882,30 @@ def _clip(params: list[nn.Parameter], max_norm: float, norm: torch.Tensor | None
         return nn.utils.clip_grad_norm_(params, max_norm)
     nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
+
+
+EMA_WARMUP = 10
+"""EMA warm-up: after n updates the decay is min(decay, (1 + n) / (EMA_WARMUP + n)), as in
+TensorFlow's ExponentialMovingAverage(num_updates=...), so a short run is not validated on weights
+that are still mostly the initial ones (0.999 needs ~1,000 updates to forget them)."""
+
+
+def ema_update(decay: float) -> Callable[[list, list, torch.Tensor], None]:
+    """``multi_avg_fn`` for ``AveragedModel``: an exponential moving average with a warm-up."""
+
+    @torch.no_grad()
+    def update(averages: list, current: list, num_averaged: torch.Tensor) -> None:
+        warm = (1 + num_averaged) / (EMA_WARMUP + num_averaged)
+        weight = 1 - torch.clamp(warm, max=decay)  # a tensor: no host synchronisation
+        floats = [(a, c) for a, c in zip(averages, current, strict=True) if a.is_floating_point()]
+        if floats:
+            weight = weight.to(floats[0][0].dtype)
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], weight)
+        for a, c in zip(averages, current, strict=True):
+            if not a.is_floating_point():  # counters such as BatchNorm's num_batches_tracked
+                a.copy_(c)
+
+    return update
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
