@@ -127,7 +127,8 @@ class TrainSpec(_Section):
     and cutmix on, each batch uses one of them at random."""
     ema_decay: float | None = Field(None, gt=0, lt=1)
     """Keep an exponential moving average of the weights (Polyak averaging) and validate with it;
-    0.999 for runs of a few thousand steps, 0.9999 for long runs; null off."""
+    0.999 for runs of a few thousand steps, 0.9999 for long runs; null off. The decay warms up as
+    min(decay, (1 + n) / (10 + n)) after n updates, so early evaluations are meaningful."""
     loss: str = "auto"
     """auto picks from the task (cross-entropy, BCE-with-logits, MSE); also focal (classification:
     down-weights easy examples, Lin et al. 2017), mse, mae, huber (regression with outliers), or an
