@@ -226,7 +226,10 @@ def learning_rate(c: _Context) -> Decision:
     if c.f.architecture == "transformer" and c.f.width:
         low, high = TRANSFORMER_LR_RANGE
         base = min(max(base * TRANSFORMER_REF_WIDTH / c.f.width, low), high)
-        width_note = f" (1e-3 at width {TRANSFORMER_REF_WIDTH}, scaled by 1/width to {c.f.width})"
+        width_note = (
+            f" ({BASE_LR['transformer']:g} at width {TRANSFORMER_REF_WIDTH}, scaled by 1/width "
+            f"to {c.f.width})"
+        )
         refs.append("mup")
     if c.f.architecture == "mlp" and normalised:
         refs.append("arora")
