@@ -895,11 +895,12 @@ def ema_update(decay: float) -> Callable[[list, list, torch.Tensor], None]:
 
     @torch.no_grad()
     def update(averages: list, current: list, num_averaged: torch.Tensor) -> None:
-        warm = (1 + num_averaged) / (EMA_WARMUP + num_averaged)
-        weight = 1 - torch.clamp(warm, max=decay)  # a tensor: no host synchronisation
+        # AveragedModel reads n_averaged on the host at every update anyway; a float weight keeps
+        # the fused _foreach_lerp_ (a tensor weight falls back to one lerp_ per parameter)
+        n = int(num_averaged)
+        weight = 1 - min(decay, (1 + n) / (EMA_WARMUP + n))
         floats = [(a, c) for a, c in zip(averages, current, strict=True) if a.is_floating_point()]
         if floats:
-            weight = weight.to(floats[0][0].dtype)
             torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], weight)
         for a, c in zip(averages, current, strict=True):
             if not a.is_floating_point():  # counters such as BatchNorm's num_batches_tracked
