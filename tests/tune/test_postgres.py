@@ -213,7 +213,11 @@ def test_a_study_killed_mid_trial_resumes_to_its_cap(database, slow_model):
         while not running and worker.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
             with contextlib.suppress(KeyError):  # the study is not there yet
-                running = [t for t in _trials(database, "killed") if t.state.name == "RUNNING"]
+                running = [
+                    t
+                    for t in _trials(database, "killed")
+                    if t.state.name == "RUNNING" and WORKER in t.user_attrs  # really under way
+                ]
         assert running, "the worker never started a trial"
     finally:
         worker.send_signal(signal.SIGKILL)  # a machine that dies: no clean-up at all

@@ -131,6 +131,21 @@ def test_a_trial_left_running_by_a_dead_worker_is_failed_and_replaced():
     assert "is gone" in next(t for t in result.trials if t.number == orphan.number).message
 
 
+def test_a_trial_whose_worker_died_before_recording_itself_is_failed(monkeypatch):
+    import gradwise.tune.study as study_module
+
+    tune(_recipe(1), SPACE, trials=1, pruner="none", **QUIET)
+    store = open_storage(str(journal_path("runs", "mlp-iris")))
+    unnamed = optuna.load_study(study_name="mlp-iris", storage=store).ask()  # no worker attribute
+    result = tune(_recipe(1), SPACE, trials=2, pruner="none", **QUIET)
+    assert {t.number: t.state for t in result.trials}[unnamed.number] == "running"  # too young
+    monkeypatch.setattr(study_module, "UNCLAIMED_GRACE_S", 0.0)
+    result = tune(_recipe(1), SPACE, trials=3, pruner="none", **QUIET)
+    orphan = next(t for t in result.trials if t.number == unnamed.number)
+    assert orphan.state == "failed" and "never recorded itself" in orphan.message
+    assert len(_finished(result)) == 3
+
+
 def test_two_worker_processes_share_one_journal_study_and_its_cap():
     result = tune(_recipe(1), SPACE, trials=5, workers=2, pruner="none", **QUIET)
     numbers = [t.number for t in result.trials]

@@ -18,6 +18,7 @@ worker). Running the same command again continues an interrupted study up to the
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib.util
 import inspect
 import math
@@ -128,6 +129,7 @@ MEASURES = {
     "latency": "milliseconds per validation batch (median of 10 forward passes)",
 }
 LATENCY_WARMUP, LATENCY_REPEATS = 3, 10  # forward passes before timing, and timed (median)
+UNCLAIMED_GRACE_S = 60.0  # a running trial without its worker's name after this long is orphaned
 ATTRS_WAIT_S = 10.0  # how long to wait for the attributes of a study another worker just created
 # random trials before a model-based sampler (TPE, GP): a fraction of the budget, within bounds
 STARTUP_FRACTION, STARTUP_MIN, STARTUP_MAX = 0.25, 2, 10
@@ -452,12 +454,12 @@ class _Objective:
 
         from gradwise.trainer import Trainer
 
+        trial.set_user_attr(WORKER, stores.worker_id())  # first: a killed worker is recognised
         earlier = trial.study.get_trials(deepcopy=False, states=_states(*CLAIMED))
         if sum(t.number < trial.number for t in earlier) >= self.job.trials:
             trial.set_user_attr(SKIPPED, True)
             trial.study.stop()
             raise _CapReached(f"study {self.job.study} has its {self.job.trials} trials")
-        trial.set_user_attr(WORKER, stores.worker_id())
         overrides = self.space.sample(trial)
         recipe = self.base.override(overrides).override(
             {"name": f"trial-{trial.number:04d}", "tracking.root": self.job.study_dir}
@@ -783,14 +785,22 @@ def _objectives(
 
 
 def _fail_orphans(optuna: Any, study: Any) -> None:
-    """Fail trials left running by a worker of this machine that no longer exists (a kill -9)."""
+    """Fail trials left running by a worker of this machine that no longer exists (a kill -9),
+    and trials whose worker died between creating them and recording itself on them."""
+    now = datetime.datetime.now()
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         worker = trial.user_attrs.get(WORKER)
         if worker and stores.is_gone(worker):
-            study._storage.set_trial_user_attr(
-                trial._trial_id, ERROR, f"its worker ({worker}) is gone"
-            )
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            message = f"its worker ({worker}) is gone"
+        elif worker is None and trial.datetime_start is not None:
+            age = (now - trial.datetime_start).total_seconds()
+            if age < UNCLAIMED_GRACE_S:
+                continue
+            message = f"its worker is gone: {age:.0f} s running and never recorded itself"
+        else:
+            continue
+        study._storage.set_trial_user_attr(trial._trial_id, ERROR, message)
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
 # == MLflow: a parent run for the study ===========================================================
