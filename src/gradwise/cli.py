@@ -400,7 +400,10 @@ def export(
         typer.Option("--out", "-o", help="Export directory (default RUN/export/FORMAT)."),
     ] = None,
     quantize: Annotated[
-        str | None, typer.Option(help="Also write model.int8.onnx: dynamic or static.")
+        str | None,
+        typer.Option(
+            help="Also write model.int8.onnx: dynamic, static or qat (quantization-aware fine-tuning)."
+        ),
     ] = None,
     tolerance: Annotated[
         float, typer.Option(help="Largest max-absolute difference to eager PyTorch (fp32).")

@@ -36,7 +36,7 @@ def digits_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return runs
 
 
-@pytest.mark.parametrize("mode", ["static", "dynamic"])
+@pytest.mark.parametrize("mode", ["static", "dynamic", "qat"])
 @pytest.mark.parametrize("name", list(DIGITS))
 def test_int8_accuracy_within_one_point_of_fp32_on_digits(digits_runs, tmp_path, name, mode):
     artifact = export(digits_runs[name], "onnx", out=tmp_path / "out", quantize=mode)
@@ -46,9 +46,10 @@ def test_int8_accuracy_within_one_point_of_fp32_on_digits(digits_runs, tmp_path,
     assert q["sha256"] == hashlib.sha256(int8.read_bytes()).hexdigest()
     assert q["size_bytes"] == int8.stat().st_size < q["float_size_bytes"]
     assert q["metric"] == "accuracy" and q["samples"] == 360  # the whole validation split
-    assert q["metric_float"] > 0.85 and abs(q["accuracy_delta"]) <= 0.01
+    assert q["metric_float"] > 0.85 and q["accuracy_delta"] >= -0.01  # at most one point lost
     assert q["accuracy_delta"] == pytest.approx(q["metric_int8"] - q["metric_float"])
-    assert q["agreement"] >= 0.97
+    if mode != "qat":  # QAT goes on training (it may gain), post-training modes only round
+        assert abs(q["accuracy_delta"]) <= 0.01 and q["agreement"] >= 0.97
     latency = q["latency_ms"]
     assert latency["batch_size"] == 32 and latency["threads"] == torch.get_num_threads()
     assert latency["float_p50"] > 0 and latency["int8_p50"] > 0 and q["speedup"] > 0
@@ -61,6 +62,13 @@ def test_int8_accuracy_within_one_point_of_fp32_on_digits(digits_runs, tmp_path,
     if mode == "static":
         assert q["format"] == "QDQ" and {"QuantizeLinear", "DequantizeLinear"} <= ops
         assert q["calibration_samples"] == 256 and q["per_channel"]
+    elif mode == "qat":  # fine-tuned with fake quantization from the run's weights, then QDQ
+        assert q["format"] == "QDQ" and {"QuantizeLinear", "DequantizeLinear"} <= ops
+        assert q["qat_epochs"] == 2 and q["qat_samples"] == len(gw.load_data("digits").train)
+        assert q["qat_lr"] == pytest.approx(
+            0.1 * gw.load_recipe(digits_runs[name] / "recipe.yaml").optim.lr
+        )
+        assert q["qat_final_loss"] < math.log(10)  # below chance: it trained, dropout on
     else:
         assert q["format"] == "QOperator" and "DynamicQuantizeLinear" in ops
     # the int8 model keeps the dynamic batch axis
@@ -91,6 +99,9 @@ def test_quantization_needs_onnx(tmp_path):
         )
     with pytest.raises(ConfigError, match="quantize"):
         export(None, "onnx", out=tmp_path, model=model, sample=torch.randn(4, 4), quantize="int4")
+    with pytest.raises(ConfigError, match=r"quantize: got 'qat'; expected a run whose training"):
+        export(None, "onnx", out=tmp_path, model=model, sample=torch.randn(4, 4), quantize="qat")
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing half-written
 
 
 def test_task_metric_matches_torch():

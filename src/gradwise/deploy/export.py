@@ -54,7 +54,7 @@ from gradwise.errors import ConfigError, DataError, GradwiseError
 from gradwise.tracking.files import atomic_write_json, fsync_dir
 
 FORMATS = tuple(ARTIFACTS)
-QUANTIZE_MODES = ("dynamic", "static")
+QUANTIZE_MODES = ("dynamic", "static", "qat")
 DEFAULT_TOLERANCE = 1e-4
 PARITY_SAMPLES = 512  # validation inputs the parity check runs
 CALIBRATION_SAMPLES = 256  # training inputs static quantization calibrates on
@@ -110,6 +110,7 @@ class _Data:
     val_x: torch.Tensor
     val_y: torch.Tensor | None
     train_x: torch.Tensor
+    train_y: torch.Tensor | None = None
     info: Any = None  # DataInfo or None
     source: str = "validation"
 
@@ -130,7 +131,8 @@ def export(
     run_dir_or_checkpoint: a run directory, a checkpoint directory, or None with ``model``.
     format: onnx (the dynamo exporter, dynamic batch axis), torch-export (``.pt2``) or torchscript.
     out: the export directory (default ``<run_dir>/export/<format>``); replaced atomically.
-    quantize: dynamic or static int8 (ONNX only): adds ``model.int8.onnx``, measured in the card.
+    quantize: dynamic or static int8, or qat (quantization-aware fine-tuning; ONNX only): adds
+    ``model.int8.onnx``, measured in the card.
     model: the model to export; with a run directory the run's best weights are loaded into it
     (needed when the run was trained on a Python model object).
     sample: inputs, or an ``(X, y)`` pair, for the parity check (default: the run's validation
@@ -285,7 +287,7 @@ def _data(source: _Source, sample: Any) -> _Data:
     if bundle is None:
         x, y = given
         return _Data(val_x=x, val_y=y, train_x=x, source="sample")
-    train_x, _ = _arrays(bundle.train, REFERENCE_SAMPLES, seed=0)
+    train_x, train_y = _arrays(bundle.train, REFERENCE_SAMPLES, seed=0)
     if given is not None:
         val_x, val_y, where = given[0], given[1], "sample"
     elif bundle.val is not None and len(bundle.val):
@@ -294,7 +296,7 @@ def _data(source: _Source, sample: Any) -> _Data:
     else:
         val_x, val_y = _arrays(bundle.train, METRIC_SAMPLES, seed=1)
         where = "train"
-    return _Data(val_x=val_x, val_y=val_y, train_x=train_x, info=bundle.info, source=where)
+    return _Data(val_x, val_y, train_x, train_y, info=bundle.info, source=where)
 
 
 def _sample(sample: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -351,7 +353,7 @@ def _build(
             f"the model returns {type(eager_example).__name__}; export needs one output tensor"
         )
     path = tmp / ARTIFACTS[format]
-    _write_artifact(model, example, format, path)
+    write_artifact(model, example, format, path)
     threads = torch.get_num_threads()
     runner = load_runner(path, threads)
 
@@ -380,6 +382,7 @@ def _build(
             val_y=None if data.val_y is None else data.val_y.numpy(),
             task=task,
             threads=threads,
+            qat=_qat_inputs(model, source, data, task) if quantize == "qat" else None,
         )
 
     card = _card(model, format, path, source, data, task, parity, quantized, eager_example)
@@ -398,6 +401,32 @@ def _build(
     atomic_write_json(tmp / REFERENCE, reference)
     atomic_write_json(tmp / CARD, card)
     return card
+
+
+def _qat_inputs(model: nn.Module, source: _Source, data: _Data, task: str | None) -> dict:
+    """What quantization-aware fine-tuning needs: the model, labelled training data, the run's
+    loss and a tenth of its learning rate."""
+    from gradwise.deploy.quantize import QAT_DEFAULT_LR, QAT_LR_FRACTION
+    from gradwise.tasks import TASKS, Task
+
+    if data.train_y is None:
+        raise ConfigError(
+            "quantize", "qat", "a run whose training data gradwise can rebuild",
+            "QAT fine-tunes on the training data; a model object with a sample has none",
+        )  # fmt: skip
+    if task not in TASKS or task == "custom":
+        raise ConfigError("quantize", "qat", "a run with a built-in task", f"the task is {task}")
+    recipe = source.recipe
+    loss = Task(task, None, loss=recipe.train.loss if recipe is not None else "auto").loss
+    lr = recipe.optim.lr * QAT_LR_FRACTION if recipe is not None else QAT_DEFAULT_LR
+    return {
+        "model": model,
+        "train_x": data.train_x,
+        "train_y": data.train_y,
+        "loss_fn": loss,
+        "lr": lr,
+        "seed": recipe.seed if recipe is not None else 0,
+    }
 
 
 def _subset(x: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
@@ -492,7 +521,7 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """Silence the exporters' progress prints, warnings and log records up to WARNING while they
     run (torch's loggers carry their own levels and handlers, so only ``logging.disable`` reaches
     them); errors still raise."""
@@ -519,10 +548,10 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def _write_artifact(model: nn.Module, example: torch.Tensor, format: str, path: Path) -> None:
+def write_artifact(model: nn.Module, example: torch.Tensor, format: str, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1)
     try:
-        with _quiet(), torch.no_grad():
+        with quiet(), torch.no_grad():
             if format == "onnx":
                 program = torch.onnx.export(
                     model,
@@ -573,7 +602,7 @@ def load_runner(path: str | Path, threads: int | None = None) -> Runner:
         name = session.get_inputs()[0].name
         return lambda x: session.run(None, {name: x})[0]
     if path.suffix == ".pt2":
-        with _quiet():
+        with quiet():
             module = torch.export.load(str(path)).module()
     elif path.suffix == ".ts":
         with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13: legacy format

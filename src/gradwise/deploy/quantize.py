@@ -18,29 +18,16 @@ Each quantized artifact is measured next to the float one on the validation set:
 (accuracy, MSE or perplexity), the largest output difference, prediction agreement, file size and
 latency (see :func:`quantize_artifact`).
 
-**Quantization-aware training is not offered (yet)**, for these reasons, checked with torch 2.13,
-onnxruntime 1.32 and onnxscript 0.7:
-
-- torch 2.13 no longer ships the PT2E flow: ``torch.ao.quantization.quantize_pt2e``
-  (``prepare_qat_pt2e``, ``convert_pt2e``) and ``torch.ao.quantization.quantizer`` are gone; it
-  lives in torchao now, which is not a gradwise dependency.
-- The eager-mode ``torch.ao.quantization.prepare_qat``/``convert`` API (still present, deprecated)
-  yields modules with quantized tensors and packed parameters that ``torch.export``, and so the
-  dynamo ONNX exporter, cannot trace.
-- Hand-rolled fake quantization with core ops (``torch.fake_quantize_per_tensor_affine``,
-  ``..._per_channel_affine``, which onnxscript's torchlib would map to QuantizeLinear /
-  DequantizeLinear) fails at the exporter's first step: torch.export has no fake-tensor kernel for
-  ``aten.fake_quantize_per_tensor_affine_cachemask`` (UnsupportedOperatorException).
-
-The path that does work, verified outside gradwise with torchao 0.18 on CPU: ``torch.export`` the
-model, ``prepare_qat_pt2e`` with ``X86InductorQuantizer`` (``is_qat=True``), train the prepared
-GraphModule, ``convert_pt2e``, then ``torch.onnx.export(dynamo=True)``: the result is a QDQ ONNX
-model that ONNX Runtime runs (digits MLP 64-128-128-10, four epochs: 0.969 accuracy). Landing it
-needs torchao in the ``deploy`` extra and a Trainer hook that trains the prepared GraphModule
-instead of the nn.Module (checkpoints, EMA and the doctor's per-layer hooks then see a different
-module tree, and export must repeat prepare + convert before loading weights): more than a small
-additive change. Offered instead: post-training static (calibrated, per-channel) and dynamic int8,
-within 0.3 accuracy points of fp32 on digits (see benchmarks/deploy.py).
+**Quantization-aware training** (``qat``) fine-tunes the trained float model with fake
+quantization before converting it, so the weights learn to live on the int8 grid (Jacob et al. 2018;
+Krishnamoorthi 2018). torch 2.13 no longer ships the PT2E flow, so it comes from torchao:
+``torch.export`` the model, ``prepare_qat_pt2e`` with ``X86InductorQuantizer`` (int8 symmetric
+per-channel weights, uint8 activations), a few epochs at a tenth of the run's learning rate,
+``convert_pt2e``, and the dynamo ONNX exporter writes the QDQ model that ONNX Runtime runs. The
+eager ``torch.ao.quantization.prepare_qat`` modules cannot be exported, and core fake-quantize ops
+have no ``torch.export`` kernels, hence torchao. QAT runs at export time from the run's best
+checkpoint and training data, not inside ``Trainer.fit``: it needs the traced graph, which the
+doctor's hooks, EMA and checkpoints of the Trainer do not work with.
 """
 
 from __future__ import annotations
@@ -61,6 +48,12 @@ from gradwise.errors import ConfigError, GradwiseError
 DYNAMIC_OPS = ["MatMul", "Gemm", "Attention", "LSTM", "GRU"]  # convolutions stay fp32 (see above)
 LATENCY_BATCH = 32
 LATENCY_SECONDS = 0.5
+
+
+QAT_EPOCHS = 2  # fine-tuning passes over the training data with fake quantization
+QAT_LR_FRACTION = 0.1  # of the run's peak learning rate: fine-tune, do not retrain
+QAT_DEFAULT_LR = 1e-4  # when the run's learning rate is unknown (a model object)
+QAT_BATCH = 64
 
 
 class QuantizationError(GradwiseError):
@@ -164,6 +157,91 @@ def _quiet_root_logger() -> Iterator[None]:
         root.setLevel(level)
 
 
+def quantize_qat(
+    model: Any,
+    out_path: str | Path,
+    train_x: Any,
+    train_y: Any,
+    loss_fn: Any,
+    *,
+    lr: float,
+    epochs: int = QAT_EPOCHS,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Quantization-aware fine-tuning of a float ``model`` (torch), written as int8 QDQ ONNX.
+
+    ``train_x``/``train_y``: training inputs (model space) and targets; ``loss_fn(out, y)``.
+    Returns the settings used, for the model card.
+    """
+    import copy
+
+    import torch
+
+    from gradwise.deploy.export import quiet, write_artifact
+
+    try:
+        with quiet():  # torchao's import reports every optional kernel it cannot load
+            from torchao.quantization.pt2e import (
+                move_exported_model_to_eval,
+                move_exported_model_to_train,
+            )
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+            from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+                X86InductorQuantizer,
+                get_default_x86_inductor_quantization_config,
+            )
+    except ImportError:
+        raise ConfigError(
+            "quantize", "qat", "torchao installed for quantization-aware training",
+            "pip install 'gradwise[deploy]'",
+        ) from None  # fmt: skip
+
+    if len(train_x) < 2:
+        raise ConfigError("training data", len(train_x), "at least 2 samples for QAT")
+    torch.manual_seed(seed)
+    example = train_x[:2]
+    try:
+        float_model = copy.deepcopy(model).eval()
+        batch = torch.export.Dim("batch", min=1)
+        graph = torch.export.export(float_model, (example,), dynamic_shapes=({0: batch},))
+        config = get_default_x86_inductor_quantization_config(is_qat=True)
+        with quiet():
+            prepared = prepare_qat_pt2e(graph.module(), X86InductorQuantizer().set_global(config))
+    except Exception as exc:
+        raise QuantizationError(f"qat: inserting fake quantization failed: {exc}") from exc
+    move_exported_model_to_train(prepared)
+    optimizer = torch.optim.AdamW(prepared.parameters(), lr=lr, weight_decay=0.0)
+    order_rng = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    for _ in range(epochs):
+        order = torch.randperm(len(train_x), generator=order_rng)
+        losses = []
+        for i in range(0, len(order), QAT_BATCH):
+            idx = order[i : i + QAT_BATCH]
+            if len(idx) < 2:  # a batch of one would meet BatchNorm and specialised shapes
+                continue
+            loss = loss_fn(prepared(train_x[idx]), train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    move_exported_model_to_eval(prepared)
+    with quiet():
+        converted = convert_pt2e(prepared)
+    write_artifact(converted, example, "onnx", Path(out_path))
+    return {
+        "format": "QDQ",
+        "method": "quantization-aware fine-tuning (torchao PT2E, X86InductorQuantizer)",
+        "qat_epochs": epochs,
+        "qat_lr": lr,
+        "qat_samples": len(train_x),
+        "qat_final_loss": sum(losses) / max(len(losses), 1),
+        "activations": "uint8 asymmetric per tensor",
+        "weights": "int8 symmetric per channel",
+        "per_channel": True,
+    }
+
+
 def task_metric(
     task: str | None, outputs: np.ndarray, targets: np.ndarray
 ) -> tuple[str, float] | None:
@@ -204,13 +282,22 @@ def quantize_artifact(
     task: str | None,
     threads: int,
     per_channel: bool = True,
+    qat: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Quantize ``float_path`` and measure the int8 model against it: the card's ``quantized``."""
+    """Quantize ``float_path`` and measure the int8 model against it: the card's ``quantized``.
+
+    ``qat``: for mode ``qat``, the keyword arguments of :func:`quantize_qat` but ``out_path``.
+    """
     from gradwise.deploy.bench import compare_latency
     from gradwise.deploy.card import sha256_file
     from gradwise.deploy.export import load_runner, run_chunked
 
-    settings = quantize_onnx(float_path, out_path, mode, calibration, per_channel=per_channel)
+    if mode == "qat":
+        if qat is None:
+            raise ConfigError("quantize", mode, "the model and its training data for QAT")
+        settings = quantize_qat(out_path=out_path, **qat)
+    else:
+        settings = quantize_onnx(float_path, out_path, mode, calibration, per_channel=per_channel)
     fp32, int8 = load_runner(float_path, threads), load_runner(out_path, threads)
     out_f, out_q = run_chunked(fp32, val_x), run_chunked(int8, val_x)
     report: dict[str, Any] = {
