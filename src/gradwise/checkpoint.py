@@ -27,7 +27,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from gradwise.errors import DataError
-from gradwise.tracking.files import atomic_write_json, fsync_dir
+from gradwise.tracking.files import atomic_write_json, publish_dir
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS, EMA_WEIGHTS, STATE, META, BEST = (
@@ -60,7 +60,7 @@ def save_checkpoint(
         save_model(ema, str(tmp / EMA_WEIGHTS))
     torch.save(state, tmp / STATE)
     (tmp / META).write_text(json.dumps({"step": step, **(meta or {})}, indent=2))
-    return _publish(tmp, final)
+    return publish_dir(tmp, final)
 
 
 def copy_checkpoint(source: str | Path, run_dir: Path) -> Path:
@@ -79,25 +79,7 @@ def copy_checkpoint(source: str | Path, run_dir: Path) -> Path:
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
-    return _publish(tmp, final)
-
-
-def _publish(tmp: Path, final: Path) -> Path:
-    """fsync the checkpoint written to ``tmp`` and rename it to ``final`` (replacing one there)."""
-    root = final.parent
-    for file in tmp.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-    fsync_dir(tmp)
-    old = None
-    if final.exists():  # same step saved again (e.g. an epoch ends on a step checkpoint)
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.rename(final, old)
-    os.rename(tmp, final)
-    fsync_dir(root)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    return publish_dir(tmp, final)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -129,7 +111,7 @@ def prune(run_dir: Path, keep_last: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep_last]:
         if old != best:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")]:
+    for stale in [*root.glob(".tmp-*"), *root.glob(".*.old-*")]:  # publish_dir names old ones
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
 

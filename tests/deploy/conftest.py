@@ -1,6 +1,6 @@
 """Shared fixtures for the deploy tests: small exported artifacts and a live server.
 
-Artifacts follow the export contract (model.onnx from ``torch.onnx.export(dynamo=True)``, the
+Artifacts follow the export contract (model.onnx from the exporter's ``write_artifact``, the
 model card model.json, reference.json from ``gradwise.deploy.card``); they are built once per
 session, so each ONNX export (about 2 s) runs once.
 """
@@ -39,18 +39,10 @@ def export_artifact(
     """Write an export directory as ``gradwise export`` does: model.onnx, model.json and
     reference.json (statistics of ``raw_train``, the raw training inputs)."""
     from gradwise.deploy.card import preprocess, reference_statistics, sha256_file
+    from gradwise.deploy.export import write_artifact
 
     out.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    program = torch.onnx.export(
-        model,
-        (example,),
-        dynamo=True,
-        input_names=["input"],
-        output_names=["output"],
-        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-    )
-    program.save(str(out / "model.onnx"))
+    write_artifact(model.eval(), example, "onnx", out / "model.onnx")
     preprocessing = preprocessing or {}
     with torch.no_grad():
         outputs = model(torch.as_tensor(preprocess(raw_train, preprocessing))).numpy()

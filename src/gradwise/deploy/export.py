@@ -51,7 +51,7 @@ from gradwise.deploy.card import (
     versions,
 )
 from gradwise.errors import ConfigError, DataError, GradwiseError
-from gradwise.tracking.files import atomic_write_json, fsync_dir
+from gradwise.tracking.files import atomic_write_json, publish_dir
 
 FORMATS = tuple(ARTIFACTS)
 QUANTIZE_MODES = ("dynamic", "static", "qat")
@@ -169,7 +169,7 @@ def export(
     tmp.mkdir()
     try:
         card = _build(model, format, tmp, source, data, task, quantize, float(tolerance))
-        _publish(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -498,23 +498,6 @@ def _card(
 
 def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary directory to ``out``, replacing an older export there."""
-    for file in tmp.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-    fsync_dir(tmp)
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
-    os.rename(tmp, out)
-    fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # -- writing and running artifacts ---------------------------------------------------------------

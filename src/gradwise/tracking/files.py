@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -45,6 +46,27 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def publish_dir(tmp: Path, final: Path) -> Path:
+    """Publish the directory written at ``tmp`` as ``final``, atomically: fsync every file and the
+    directory, rename it over ``final`` (an older one there is moved aside, then removed) and fsync
+    the parent, so readers see the old directory or the complete new one, never a part."""
+    root = final.parent
+    for file in tmp.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    fsync_dir(tmp)
+    old = None
+    if final.exists():
+        old = root / f".{final.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_dir(root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
