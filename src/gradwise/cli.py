@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from gradwise import __version__
-from gradwise.errors import ConfigError, GradwiseError
+from gradwise.errors import ConfigError, GradwiseError, GradwiseWarning
 
 app = typer.Typer(
     name="gradwise",
@@ -629,11 +630,23 @@ def _report(run) -> None:
         raise typer.Exit(130)  # like a process stopped by Ctrl-C; the run can be resumed
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Recoveries (GradwiseWarning) as one ``warning:`` line; other warnings as Python shows them."""
+    if issubclass(category, GradwiseWarning):
+        err.print(f"[yellow]warning:[/] {escape(str(message))}", soft_wrap=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
 def main() -> None:
     """Entry point: user errors exit with code 2 and one message; tracebacks only with --debug."""
     debug = "--debug" in sys.argv or os.environ.get("GRADWISE_DEBUG") == "1"
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
+    warnings.showwarning = _show_warning
     try:
         app(standalone_mode=True)
     except GradwiseError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,6 +25,15 @@ class ConfigError(GradwiseError, ValueError):
 
 class DataError(GradwiseError, ValueError):
     """The data cannot be used as given (missing file, bad shape, labels out of range)."""
+
+
+class GradwiseWarning(UserWarning):
+    """Something was wrong and gradwise recovered (a damaged file repaired, a fallback taken)."""
+
+
+def warn(message: str) -> None:
+    """Warn the user about a recovery; the CLI prints it as one ``warning:`` line."""
+    warnings.warn(message, GradwiseWarning, stacklevel=3)
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:

@@ -27,18 +27,24 @@ def now_iso() -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a part.
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a part."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
-    The text goes to a temporary file in the same directory, which is fsynced and renamed over
-    ``path``; the directory is then fsynced so that the rename survives a crash.
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part.
+
+    The data goes to a temporary file in the same directory, which is fsynced and renamed over
+    ``path``; the directory is then fsynced so that the rename survives a crash. If writing fails
+    (a full disk), the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     # os.open applies the umask, so the file gets the same permissions as one made with open()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
