@@ -17,7 +17,13 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import gradwise as gw
-from gradwise.checkpoint import STATE, list_checkpoints, load_checkpoint, save_checkpoint
+from gradwise.checkpoint import (
+    STATE,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    write_manifest,
+)
 from gradwise.tracking import read_status
 
 
@@ -39,6 +45,9 @@ def test_round_trip_and_state_loads_with_weights_only(tmp_path):
 def test_a_pickled_object_in_the_state_file_is_refused(tmp_path):
     path = save_checkpoint(tmp_path, 1, model=mlp(), state={"ok": 1})
     torch.save({"evil": Path("x")}, path / STATE)  # an arbitrary class instance
+    with pytest.raises(gw.DataError, match=r"state\.pt does not match its SHA-256"):
+        load_checkpoint(path)
+    write_manifest(path)  # one who also rewrites the manifest still cannot unpickle objects
     with pytest.raises(Exception, match=r"[Ww]eights only"):
         load_checkpoint(path)
 

@@ -5,19 +5,30 @@ A checkpoint is a directory ``checkpoints/step-00000120/`` holding
 - ``model.safetensors`` (and ``ema.safetensors``): the weights, in safetensors;
 - ``state.pt``: optimizer, scheduler, scaler and RNG states and the data position, only tensors and
   plain Python values, so it loads with ``torch.load(weights_only=True)``;
-- ``meta.json``: step, epoch and metrics for people.
+- ``meta.json``: step, epoch and metrics for people;
+- ``manifest.json``: the size and SHA-256 of every other file, written last.
 
 It is written into a hidden temporary directory, every file and the directory are fsynced, and the
 directory is renamed into place: a reader sees a whole checkpoint or none. ``best.json`` points at the
 best one; the last ``keep_last`` are kept besides it.
+
+Disks and copies still damage files, so loading verifies the manifest first (checkpoints from before
+manifests are checked for structure only: a complete safetensors file, the state file's zip CRCs).
+A damaged latest (or best) checkpoint falls back to the newest good one with a warning that names
+it and why; when none is good, one DataError lists what is wrong with each.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import random
 import shutil
+import struct
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +37,20 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from gradwise.errors import DataError
+from gradwise.errors import DataError, warn
 from gradwise.tracking.files import atomic_write_json, publish_dir
 
 CHECKPOINTS = "checkpoints"
-WEIGHTS, EMA_WEIGHTS, STATE, META, BEST = (
+WEIGHTS, EMA_WEIGHTS, STATE, META, MANIFEST, BEST = (
     "model.safetensors",
     "ema.safetensors",
     "state.pt",
     "meta.json",
+    "manifest.json",
     "best.json",
 )
+FORMAT = 2  # meta.json's "format": 2 and later have a manifest; 1 (no key) had none
+DAMAGED = "damaged-"  # prefix of a damaged checkpoint set aside by a resumed run
 
 
 def save_checkpoint(
@@ -55,12 +69,38 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, str(tmp / WEIGHTS))
-    if ema is not None:
-        save_model(ema, str(tmp / EMA_WEIGHTS))
-    torch.save(state, tmp / STATE)
-    (tmp / META).write_text(json.dumps({"step": step, **(meta or {})}, indent=2))
-    return publish_dir(tmp, final)
+    try:
+        # the weights are hashed in a thread while the (larger) state file is written
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            digests = {}
+            for name, module in ((WEIGHTS, model), (EMA_WEIGHTS, ema)):
+                if module is not None:
+                    save_model(module, str(tmp / name))
+                    digests[name] = pool.submit(_sha256, tmp / name)
+            torch.save(state, tmp / STATE)
+            meta = {"step": step, **(meta or {}), "format": FORMAT}
+            (tmp / META).write_text(json.dumps(meta, indent=2))
+            write_manifest(tmp, {name: digest.result() for name, digest in digests.items()})
+        return publish_dir(tmp, final)
+    except BaseException:  # e.g. a full disk: leave no partial checkpoint behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(directory: Path, digests: dict[str, str] | None = None) -> None:
+    """Record the size and SHA-256 of every file in ``directory`` in its manifest.json
+    (``digests``: those already computed, by file name)."""
+    files = {}
+    for file in sorted(directory.iterdir()):
+        if file.name != MANIFEST and file.is_file():
+            digest = (digests or {}).get(file.name) or _sha256(file)
+            files[file.name] = {"bytes": file.stat().st_size, "sha256": digest}
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def copy_checkpoint(source: str | Path, run_dir: Path) -> Path:
@@ -73,6 +113,9 @@ def copy_checkpoint(source: str | Path, run_dir: Path) -> Path:
     source = Path(source)
     if not (source / WEIGHTS).is_file():
         raise DataError(f"{source} is not a checkpoint: it has no {WEIGHTS}")
+    damage = verify_checkpoint(source)
+    if damage:
+        raise DataError(f"checkpoint {source} is damaged: {damage}")
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / source.name
@@ -97,11 +140,19 @@ def mark_best(run_dir: Path, checkpoint: Path, metric: str, value: float) -> Non
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:
-    pointer = Path(run_dir) / CHECKPOINTS / BEST
-    if not pointer.is_file():
-        return None
-    path = pointer.parent / json.loads(pointer.read_text())["checkpoint"]
-    return path if (path / WEIGHTS).is_file() else None
+    """The checkpoint best.json points at, if it exists (not verified: see resolve_checkpoint)."""
+    name = _best_pointer(run_dir).get("checkpoint")
+    path = Path(run_dir) / CHECKPOINTS / name if isinstance(name, str) else None
+    return path if path is not None and (path / WEIGHTS).is_file() else None
+
+
+def _best_pointer(run_dir: Path) -> dict[str, Any]:
+    """best.json's contents; {} when missing or damaged."""
+    try:
+        pointer = json.loads((Path(run_dir) / CHECKPOINTS / BEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return pointer if isinstance(pointer, dict) else {}
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
@@ -116,19 +167,181 @@ def prune(run_dir: Path, keep_last: int) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
-    """A checkpoint directory from itself, its run directory (``which``: best or latest)."""
+def resolve_checkpoint(path: str | Path, which: str = "best", *, set_aside: bool = False) -> Path:
+    """A good checkpoint directory from itself or its run directory (``which``: best or latest).
+
+    A checkpoint named directly must be good (a DataError names its damage). From a run directory,
+    a damaged latest checkpoint falls back to the newest good one, and a damaged best one to the
+    best good one by its recorded metric (or the newest good one), with a warning. ``set_aside``
+    (a run about to continue): damaged checkpoints newer than the one chosen are renamed
+    ``damaged-step-...`` so that the continued run neither keeps them nor prunes good ones for them.
+    """
     path = Path(path)
     if (path / WEIGHTS).is_file():
+        damage = verify_checkpoint(path)
+        if damage:
+            raise DataError(f"checkpoint {path} is damaged: {damage}")
         return path
     run_dir = path.parent if path.name == CHECKPOINTS else path
-    found = best_checkpoint(run_dir) if which == "best" else None
-    if found is None:
-        complete = list_checkpoints(run_dir)
-        found = complete[-1] if complete else None
-    if found is None:
+    complete = list_checkpoints(run_dir)
+    if not complete:
         raise DataError(f"no checkpoint found at {path}: expected a run directory or a checkpoint")
+    damaged: dict[Path, str] = {}
+
+    def good(candidate: Path) -> bool:
+        if candidate not in damaged:
+            damaged[candidate] = verify_checkpoint(candidate)
+        return not damaged[candidate]
+
+    best_wanted = which == "best" and (run_dir / CHECKPOINTS / BEST).exists()
+    best = best_checkpoint(run_dir) if best_wanted else None
+    if best is not None and good(best):
+        return best
+    found = _best_good(run_dir, [c for c in complete if good(c)]) if best_wanted else None
+    found = found or next((c for c in reversed(complete) if good(c)), None)
+    if best_wanted:
+        why = f"{best.name}: {damaged[best]}" if best else "best.json names no checkpoint"
+        instead = f"using {found.name} instead" if found else "no checkpoint is good"
+        warn(f"the best checkpoint of {run_dir} cannot be used ({why}); {instead}")
+    bad = {c: why for c, why in damaged.items() if why}
+    if found is None:
+        problems = "; ".join(f"{c.name}: {why}" for c, why in sorted(bad.items(), reverse=True))
+        raise DataError(f"no good checkpoint in {run_dir}: {problems}")
+    newer = [c for c in sorted(bad, reverse=True) if c.name > found.name]
+    if newer:
+        where = ", ".join(f"{c.name} ({bad[c]})" for c in newer)
+        warn(f"skipped damaged checkpoints of {run_dir}: {where}; using {found.name}")
+    if set_aside and newer:
+        for c in newer:
+            _set_aside(c)
+        if _best_pointer(run_dir).get("checkpoint") in {c.name for c in newer}:
+            _repoint_best(run_dir, [c for c in complete if c not in newer and good(c)])
     return found
+
+
+def verify_checkpoint(path: Path) -> str:
+    """What is wrong with the checkpoint at ``path``: "" when it is good.
+
+    With a manifest every file must have its recorded size and SHA-256. A checkpoint written before
+    manifests (meta.json without ``format``) is checked for structure: complete safetensors files
+    and a state file whose zip CRCs match.
+    """
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        try:
+            meta = json.loads((path / META).read_text())
+        except (OSError, ValueError):
+            return f"{MANIFEST} is missing and {META} is missing or damaged"
+        if not isinstance(meta, dict) or meta.get("format", 1) >= FORMAT:
+            return f"{MANIFEST} is missing"
+        return _check_structure(path)
+    try:
+        files = json.loads(manifest_file.read_text())["files"]
+        entries = [(name, int(e["bytes"]), str(e["sha256"])) for name, e in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"{MANIFEST} is damaged ({type(exc).__name__})"
+    if WEIGHTS not in files:
+        return f"{MANIFEST} does not list {WEIGHTS}"
+    for name, size, digest in entries:
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        actual = file.stat().st_size
+        if actual != size:
+            return f"{name} has {actual} bytes, {size} were written"
+        if _sha256(file) != digest:
+            return f"{name} does not match its SHA-256 (the file changed after it was written)"
+    return ""
+
+
+def _check_structure(path: Path) -> str:
+    """Damage a checkpoint without a manifest shows: truncated or garbage files, bad zip CRCs."""
+    for name in (WEIGHTS, EMA_WEIGHTS):
+        if name == WEIGHTS or (path / name).exists():
+            damage = _safetensors_damage(path / name)
+            if damage:
+                return f"{name} {damage}"
+    state = path / STATE
+    if state.exists():
+        try:
+            with zipfile.ZipFile(state) as archive:
+                bad = archive.testzip()
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+            return f"{STATE} is not a complete torch file ({exc})"
+        if bad is not None:
+            return f"{STATE}: {bad} does not match its CRC"
+    return ""
+
+
+def _safetensors_damage(file: Path) -> str:
+    """Why ``file`` is not a complete safetensors file, or ""."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                return f"is truncated or not safetensors ({size} bytes)"
+            header = json.loads(f.read(length))
+        end = max(
+            (e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0
+        )
+    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError):
+        return "is truncated or not safetensors"
+    if size != 8 + length + end:
+        return f"has {size} bytes, its header describes {8 + length + end}"
+    return ""
+
+
+def _best_good(run_dir: Path, good: list[Path]) -> Path | None:
+    """The good checkpoint with the best metric that best.json names, recorded at its own step."""
+    monitor = _monitor(run_dir)
+    if monitor is None:
+        return None
+    from gradwise.errors import ConfigError
+    from gradwise.tasks import monitor_mode
+
+    try:
+        sign = 1 if monitor_mode(monitor, "auto") == "max" else -1
+    except ConfigError:
+        return None
+    scored = []
+    for c in good:
+        try:
+            meta = json.loads((c / META).read_text())
+        except (OSError, ValueError):
+            continue
+        value = meta.get(monitor) if isinstance(meta, dict) else None
+        evaluated_here = meta.get("step") == int(c.name.removeprefix("step-"))
+        if evaluated_here and isinstance(value, (int, float)) and math.isfinite(value):
+            scored.append((sign * value, c.name, c))
+    return max(scored)[2] if scored else None
+
+
+def _monitor(run_dir: Path) -> str | None:
+    return next((k for k in _best_pointer(run_dir) if k != "checkpoint"), None)
+
+
+def _repoint_best(run_dir: Path, good: list[Path]) -> None:
+    """Point best.json at the best good checkpoint, or remove it when none has the metric."""
+    pointer = Path(run_dir) / CHECKPOINTS / BEST
+    best, monitor = _best_good(run_dir, good), _monitor(run_dir)
+    if best is None or monitor is None:
+        pointer.unlink(missing_ok=True)
+        warn(f"removed {pointer}: no good checkpoint records its metric")
+        return
+    mark_best(run_dir, best, monitor, json.loads((best / META).read_text())[monitor])
+    warn(f"{pointer} now points at {best.name}")
+
+
+def _set_aside(checkpoint: Path) -> None:
+    """Rename a damaged checkpoint to ``damaged-<name>`` (kept for a look; never loaded)."""
+    target = checkpoint.with_name(DAMAGED + checkpoint.name)
+    n = 1
+    while target.exists():
+        n += 1
+        target = checkpoint.with_name(f"{DAMAGED}{checkpoint.name}-{n}")
+    os.rename(checkpoint, target)
+    warn(f"moved the damaged checkpoint {checkpoint} to {target.name}")
 
 
 def load_checkpoint(
@@ -138,13 +351,15 @@ def load_checkpoint(
     ema: nn.Module | None = None,
     which: str = "best",
     map_location: str | torch.device = "cpu",
+    set_aside: bool = False,
 ) -> dict[str, Any]:
     """Load weights into ``model`` (and ``ema``) and return the training state.
 
     ``path`` is a checkpoint directory or a run directory (then its best checkpoint, or the latest
-    with ``which="latest"``). The state file is read with ``weights_only=True``.
+    with ``which="latest"``), verified and with fallbacks as in :func:`resolve_checkpoint`. The
+    state file is read with ``weights_only=True``.
     """
-    ckpt = resolve_checkpoint(path, which)
+    ckpt = resolve_checkpoint(path, which, set_aside=set_aside)
     device = str(map_location)
     if model is not None:
         load_model(model, str(ckpt / WEIGHTS), device=device)

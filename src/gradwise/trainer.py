@@ -658,9 +658,10 @@ class Trainer:
     def _restore(self) -> _Position:
         """Load the latest checkpoint of ``self.dir`` into every stateful object."""
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        state = ckpt.load_checkpoint(
-            self.dir, self.model, ema=self.ema, which="latest", map_location=self.device
-        )
+        state = ckpt.load_checkpoint(  # the newest good one: damaged newer ones are set aside
+            self.dir, self.model, ema=self.ema, which="latest", map_location=self.device,
+            set_aside=True,
+        )  # fmt: skip
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_optim_overrides(fresh)
