@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, mlp
+from conftest import QUIET, gradwise_cli, mlp
 from safetensors.torch import load_file
 
 import gradwise as gw
@@ -25,7 +31,8 @@ from gradwise.checkpoint import (
     save_checkpoint,
 )
 from gradwise.errors import DataError, GradwiseWarning
-from gradwise.tracking import read_metrics
+from gradwise.tracking import list_runs, read_metrics, read_status, write_status
+from gradwise.tracking.files import Heartbeat
 
 # -- checkpoints ------------------------------------------------------------------------------
 
@@ -161,3 +168,126 @@ def test_a_run_resumes_exactly_from_the_newest_good_checkpoint(blobs):
     assert aside == [f"damaged-{before.name}", f"damaged-{last.name}"]
     assert list_checkpoints(run.dir)[-1].name == last.name  # written again, whole
     assert torch.equal(load_file(last / WEIGHTS)["0.weight"], expected["0.weight"])
+
+
+# -- dead runs --------------------------------------------------------------------------------
+
+
+def _running(run_dir: Path, **identity) -> Path:
+    run_dir.mkdir(parents=True)
+    write_status(run_dir, "running", step=3)
+    status = json.loads((run_dir / "status.json").read_text())
+    (run_dir / "status.json").write_text(json.dumps({**status, **identity}))
+    return run_dir
+
+
+def _states(root: Path) -> dict[str, tuple[str, str | None]]:
+    return {r.name: (r.state, r.message) for r in list_runs(root)}
+
+
+def test_a_running_run_whose_process_is_gone_is_shown_dead(tmp_path):
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+    )
+    pid = int(gone.stdout)
+    _running(tmp_path / "alive")  # this very process
+    _running(tmp_path / "killed", pid=pid)
+    start = json.loads((tmp_path / "alive" / "status.json").read_text())["process_start"]
+    _running(tmp_path / "reused", process_start=start + 1)  # our pid, but another process
+    _running(tmp_path / "elsewhere", host="another-host")  # heartbeat fresh
+    _running(tmp_path / "silent", host="another-host")
+    old = time.time() - 11 * 60
+    os.utime(tmp_path / "silent" / "status.json", (old, old))
+    old_style = tmp_path / "old"  # written before process identities: taken at its word
+    old_style.mkdir()
+    (old_style / "status.json").write_text(json.dumps({"state": "running"}))
+    states = _states(tmp_path)
+    assert states["alive"] == ("running", None) and states["elsewhere"] == ("running", None)
+    assert states["old"] == ("running", None)
+    host = socket.gethostname()
+    assert states["killed"] == ("dead", f"dead: its process {pid} on {host} is gone")
+    assert states["reused"][0] == "dead" and "another process's now" in states["reused"][1]
+    assert states["silent"] == ("dead", "dead: no heartbeat from another-host for 11 minutes")
+
+
+def test_a_sigkilled_training_is_dead_in_gradwise_runs(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "model: {name: mlp}\ndata: {name: iris}\ntrain: {epochs: 100000}\n"
+        "tracking: {mlflow: false, tensorboard: false}\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradwise", "train", str(recipe), "--name", "k", "-q"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    status = tmp_path / "runs" / "k" / "status.json"
+    deadline = time.time() + 120
+    while not status.is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    assert _states(tmp_path / "runs")["k"] == ("running", None)
+    proc.kill()
+    proc.wait()
+    assert read_status(tmp_path / "runs" / "k")["state"] == "running"  # as the kill left it
+    out = gradwise_cli("runs", "--root", "runs", cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.splitlines()[1].split("\t")[:2] == ["k", "dead"]
+
+
+def test_the_heartbeat_touches_status_json_off_the_training_thread(tmp_path):
+    write_status(tmp_path, "running")
+    os.utime(tmp_path / "status.json", (0, 0))
+    beat = Heartbeat(tmp_path, interval=0.01)
+    deadline = time.time() + 10
+    while (tmp_path / "status.json").stat().st_mtime == 0 and time.time() < deadline:
+        time.sleep(0.01)
+    beat.stop()
+    assert (tmp_path / "status.json").stat().st_mtime > 0 and not beat._thread.is_alive()
+
+
+# -- a full disk ------------------------------------------------------------------------------
+
+_TMPFS = "mkdir -p {mnt} && mount -t tmpfs -o size={size} tmpfs {mnt}"
+
+
+def _tmpfs_reason() -> str | None:
+    """Why a small tmpfs cannot be mounted here (None if it can): a real full disk needs one."""
+    if shutil.which("unshare") is None:
+        return "no unshare command to mount a small tmpfs in a private mount namespace"
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", _TMPFS.format(mnt="/tmp", size="64k")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if probe.returncode != 0:
+        return f"cannot mount a tmpfs in a user namespace: {probe.stderr.strip()}"
+    return None
+
+
+_NO_TMPFS = _tmpfs_reason()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_NO_TMPFS is not None, reason=str(_NO_TMPFS))
+def test_a_full_disk_is_one_line_exit_2_and_a_failed_run(tmp_path):
+    """`gradwise train` on a real 2 MB tmpfs: the first checkpoint (17 MB) does not fit."""
+    mnt, saved = tmp_path / "disk", tmp_path / "saved"
+    (tmp_path / "recipe.yaml").write_text(
+        "model: {name: mlp, kwargs: {hidden: [1024, 1024]}}\ndata: {name: digits}\n"
+        f"train: {{epochs: 1}}\ntracking: {{mlflow: false, tensorboard: false, root: {mnt}/runs}}\n"
+    )
+    script = (
+        _TMPFS.format(mnt=mnt, size="2m")
+        + f" && {sys.executable} -m gradwise train recipe.yaml --name full -q;"
+        + f" rc=$?; cp -a {mnt}/runs {saved}; exit $rc"
+    )  # the mount vanishes with the namespace: keep a copy of what was written
+    proc = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "GRADWISE_DEBUG": "0"}, timeout=300,
+    )  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert errors == [
+        f"error: no space left on device while writing {mnt}/runs/full/checkpoints/"
+        "step-00000023: free space or set tracking.root to a disk with room"
+    ]
+    status = read_status(saved / "full")
+    assert status["state"] == "failed" and "No space left on device" in status["message"]
+    assert list((saved / "full" / "checkpoints").iterdir()) == []  # nothing half-written

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import struct
 import zipfile
@@ -34,11 +35,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
 from gradwise.errors import DataError, warn
-from gradwise.tracking.files import atomic_write_json, publish_dir
+from gradwise.tracking.files import atomic_write_json, naming, publish_dir
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS, EMA_WEIGHTS, STATE, META, MANIFEST, BEST = (
@@ -75,16 +77,30 @@ def save_checkpoint(
             digests = {}
             for name, module in ((WEIGHTS, model), (EMA_WEIGHTS, ema)):
                 if module is not None:
-                    save_model(module, str(tmp / name))
+                    _save_weights(module, tmp / name)
                     digests[name] = pool.submit(_sha256, tmp / name)
-            torch.save(state, tmp / STATE)
+            with open(tmp / STATE, "wb") as f:  # a file object: a full disk is an OSError
+                torch.save(state, f)
             meta = {"step": step, **(meta or {}), "format": FORMAT}
             (tmp / META).write_text(json.dumps(meta, indent=2))
             write_manifest(tmp, {name: digest.result() for name, digest in digests.items()})
         return publish_dir(tmp, final)
-    except BaseException:  # e.g. a full disk: leave no partial checkpoint behind
+    except BaseException as exc:  # e.g. a full disk: leave no partial checkpoint behind
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise naming(exc, final) from exc
         raise
+
+
+def _save_weights(module: nn.Module, path: Path) -> None:
+    """safetensors' save_model, with its I/O errors (a full disk) as OSError."""
+    try:
+        save_model(module, str(path))
+    except SafetensorError as exc:
+        code = re.search(r"\(os error (\d+)\)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from exc
 
 
 def write_manifest(directory: Path, digests: dict[str, str] | None = None) -> None:

@@ -7,6 +7,7 @@ and exits with code 2; ``--debug`` (anywhere on the line, or GRADWISE_DEBUG=1) s
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import warnings
@@ -659,6 +660,30 @@ def main() -> None:
             raise
         err.print("interrupted")
         sys.exit(130)
+    except OSError as exc:  # a full disk, a read-only or missing directory: one line, no traceback
+        if debug:
+            raise
+        err.print(f"[bold red]error:[/] {escape(_os_error(exc))}", soft_wrap=True)
+        sys.exit(2)
+
+
+_NO_ROOM = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large"}
+if hasattr(errno, "EDQUOT"):
+    _NO_ROOM[errno.EDQUOT] = "disk quota exceeded"
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError as one line: what went wrong, on which file, and what to do."""
+    file = f" {exc.filename}" if exc.filename else ""
+    if exc.errno in _NO_ROOM:
+        return (
+            f"{_NO_ROOM[exc.errno]} while writing{file or ' the run directory'}: "
+            "free space or set tracking.root to a disk with room"
+        )
+    reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
+    hint = ": check its permissions or set tracking.root" if exc.errno in _READ_ONLY else ""
+    return f"{reason}{':' if file else ''}{file}{hint}"
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +45,7 @@ from gradwise.tracking import (
     write_environment,
     write_status,
 )
+from gradwise.tracking.files import Heartbeat, try_write_status
 
 DataLike = Dataset | DataLoader | tuple | None
 
@@ -410,24 +412,31 @@ class Trainer:
         self._start_doctor()
         state = "failed"
         previous_handlers = self._install_signal_handlers()
+        heartbeat = Heartbeat(self.dir)  # gradwise runs tells a dead run by it (or its pid)
         try:
             state = self._loop(pos)
             return self._result(state)
+        # best effort: on a full disk status.json stays "running", and the pid shows it dead
         except GradwiseError as exc:
-            write_status(self.dir, "failed", message=str(exc))
+            try_write_status(self.dir, "failed", message=str(exc))
             raise
         except BaseException as exc:
-            write_status(self.dir, "failed", message=f"{type(exc).__name__}: {exc}")
+            try_write_status(self.dir, "failed", message=f"{type(exc).__name__}: {exc}")
             raise
         finally:
+            heartbeat.stop()
+            # while an error propagates, a cleanup error (a full disk) must not replace it
+            quiet = contextlib.suppress(OSError) if sys.exc_info()[1] else contextlib.nullcontext()
             self._restore_signal_handlers(previous_handlers)
-            self._stop_doctor()
+            with quiet:
+                self._stop_doctor()
             self.progress.close()
-            self.tracker.close(
-                {"failed": "failed", "interrupted": "interrupted", "diverged": "failed"}.get(
-                    state, "finished"
+            with quiet:
+                self.tracker.close(
+                    {"failed": "failed", "interrupted": "interrupted", "diverged": "failed"}.get(
+                        state, "finished"
+                    )
                 )
-            )
 
     def _loop(self, pos: _Position) -> str:
         r = self.recipe

@@ -1,11 +1,20 @@
-"""Plain files of a run directory: atomic writes, the run's status and its metrics log."""
+"""Plain files of a run directory: atomic writes, the run's status and its metrics log.
+
+A running run records in status.json which process runs it (pid, host, boot id and the process's
+start time) and touches the file every HEARTBEAT_S seconds, so a reader can tell a run whose
+process is gone (killed, crashed, out of disk) from one still training: :func:`dead_reason`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import socket
+import threading
+import time
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +28,8 @@ METRICS_FILE = "metrics.jsonl"
 # "running" while training; the others are final
 STATES = ("running", "finished", "failed", "interrupted")
 _STATUS_KEYS = ("started", "ended", "step", "epoch", "best_metric", "monitor", "message")
+HEARTBEAT_S = 30.0  # a running run touches its status.json this often
+STALE_S = 10 * 60.0  # a run on another host without a heartbeat for this long is dead
 
 
 def now_iso() -> str:
@@ -48,10 +59,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise naming(exc, path) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def naming(exc: OSError, path: str | Path) -> OSError:
+    """``exc`` as an OSError of the same kind about ``path`` (not a temporary file, or nothing)."""
+    if exc.errno is None:
+        return exc
+    return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path))
 
 
 def publish_dir(tmp: Path, final: Path) -> Path:
@@ -148,9 +169,125 @@ def write_status(run_dir: Path, state: str, **fields: Any) -> None:
         status["started"] = now
     if state == "running":
         status["ended"] = fields.get("ended")
+        status.update(process_identity())
     elif "ended" not in fields:
         status["ended"] = now
     atomic_write_json(path, {"state": status.pop("state"), **status})
+
+
+def try_write_status(run_dir: Path, state: str, **fields: Any) -> bool:
+    """:func:`write_status`, best effort (a full disk): False when it could not be written.
+
+    A run whose final state cannot be written stays "running" in status.json; its process being
+    gone then shows it as dead (:func:`dead_reason`).
+    """
+    try:
+        write_status(run_dir, state, **fields)
+    except OSError:
+        return False
+    return True
+
+
+# -- is a running run alive? --------------------------------------------------------------------
+
+
+def process_identity() -> dict[str, Any]:
+    """What tells this process apart, even from a later one with the same pid."""
+    pid = os.getpid()
+    return {
+        "pid": pid,
+        "host": socket.gethostname(),
+        "boot_id": _boot_id(),
+        "process_start": _process_start(pid),
+        "heartbeat_s": HEARTBEAT_S,
+    }
+
+
+def dead_reason(status: dict[str, Any], heartbeat_age_s: float | None) -> str | None:
+    """Why a run whose status says "running" is in fact dead, or None if it may be alive.
+
+    On this host: its process is gone, or the pid now belongs to another process, or the machine
+    restarted. On another host: no heartbeat (status.json untouched) for STALE_S seconds.
+    Runs written before process identities were recorded are taken at their word.
+    """
+    pid, host = status.get("pid"), status.get("host")
+    if status.get("state") != "running" or not isinstance(pid, int) or not host:
+        return None
+    if host == socket.gethostname():
+        boot = _boot_id()
+        if boot and status.get("boot_id") and boot != status["boot_id"]:
+            return f"{host} has restarted since it ran"
+        if not pid_alive(pid):
+            return f"its process {pid} on {host} is gone"
+        start = status.get("process_start")
+        if start is not None and _process_start(pid) not in (None, start):
+            return f"its process {pid} on {host} is gone (the pid is another process's now)"
+        return None
+    stale = max(STALE_S, 10 * float(status.get("heartbeat_s") or HEARTBEAT_S))
+    if heartbeat_age_s is not None and heartbeat_age_s > stale:
+        return f"no heartbeat from {host} for {heartbeat_age_s / 60:.0f} minutes"
+    return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (True where that cannot be told)."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks after boot (Linux), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[19])  # field 22; the name may hold spaces
+
+
+class Heartbeat:
+    """Touches ``status.json`` every ``interval`` seconds from a daemon thread while a run trains.
+
+    A touch is one ``utime`` call: no write, no fsync, nothing on the training thread.
+    """
+
+    def __init__(self, run_dir: Path, interval: float = HEARTBEAT_S) -> None:
+        self.path = Path(run_dir) / STATUS_FILE
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="gradwise-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            # replaced at that very moment, or the disk is gone: the next beat tries again
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def heartbeat_age(run_dir: Path) -> float | None:
+    """Seconds since the run's status.json was last written or touched."""
+    try:
+        return time.time() - (Path(run_dir) / STATUS_FILE).stat().st_mtime
+    except OSError:
+        return None
 
 
 def read_status(run_dir: Path) -> dict[str, Any]:

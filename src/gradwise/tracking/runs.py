@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from gradwise.errors import GradwiseError
-from gradwise.tracking.files import STATUS_FILE, read_status
+from gradwise.tracking.files import STATUS_FILE, dead_reason, heartbeat_age, read_status
 
 _NAME_KEYS = ("name", "source", "dataset", "path", "type", "kind")
 
@@ -21,7 +21,9 @@ class RunSummary:
 
     name: str
     path: Path
-    state: str  # running | finished | failed | interrupted; "unknown" if status.json is damaged
+    # running | finished | failed | interrupted; "dead" for a running one whose process is gone
+    # (message says why); "unknown" if status.json is damaged
+    state: str
     task: str | None
     model: str | None
     data: str | None
@@ -50,6 +52,9 @@ def _summary(run_dir: Path) -> RunSummary:
         status = read_status(run_dir)
     except GradwiseError as e:
         status = {"state": "unknown", "message": str(e)}
+    dead = dead_reason(status, heartbeat_age(run_dir))
+    if dead:
+        status = {**status, "state": "dead", "message": f"dead: {dead}"}
     recipe = _read_recipe(run_dir / "recipe.yaml")
     started, ended = (
         _time(status.get("started")),

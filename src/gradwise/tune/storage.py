@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gradwise.errors import ConfigError, GradwiseError, warn
-from gradwise.tracking.files import atomic_write_bytes
+from gradwise.tracking.files import atomic_write_bytes, pid_alive
 
 JOURNAL_SUFFIX = ".journal"
 HEARTBEAT_S, GRACE_S = 60, 180  # RDB: a trial without a heartbeat for GRACE_S seconds is failed
@@ -304,12 +304,4 @@ def worker_id() -> str:
 def is_gone(worker: str) -> bool:
     """Whether the worker ``host:pid`` ran on this machine and its process no longer exists."""
     host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit() or os.name == "nt":
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
