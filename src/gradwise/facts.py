@@ -193,6 +193,7 @@ def _class_counts(
         positives = y.float().reshape(-1, y.shape[-1]).sum(0)
         return [int(v) for v in positives]
     labels = y.reshape(-1).long()
+    labels = labels[labels >= 0]  # invalid labels are the Trainer's clear error, not a crash here
     return torch.bincount(labels, minlength=num_classes or 0).tolist()
 
 

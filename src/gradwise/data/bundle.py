@@ -7,6 +7,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+IGNORE_INDEX = -100  # target positions that carry no loss (padding): torch's cross-entropy default
+
 
 @dataclass
 class DataInfo:
@@ -25,6 +27,11 @@ class DataInfo:
     feature_names: list[str] | None = None
     n_train: int = 0
     n_val: int = 0
+    # lowest and highest integer target (class index or token id, padding excluded) in the training
+    # data, so labels are checked against the model's outputs before the first step; complete: False
+    # when only a sample of the data was read (the rest is checked batch by batch)
+    label_range: tuple[int, int] | None = None
+    labels_complete: bool = True
     # how raw inputs were transformed (e.g. {"standardize": {"mean": [...], "std": [...]}}), so that
     # export and serving can apply the same preprocessing
     preprocessing: dict[str, Any] = field(default_factory=dict)

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from gradwise.data.bundle import DataBundle, DataInfo
+from gradwise.data.infer import label_range
 from gradwise.errors import ConfigError, DataError
 
 ArrayLike = Any  # a torch.Tensor, a NumPy array or a nested list of numbers
@@ -248,6 +249,7 @@ def make_bundle(
         task=task,
         n_train=len(x_tr),
         n_val=len(val_ds) if val_ds is not None else 0,
+        label_range=label_range(y_tr),
         **info,
     )
     return DataBundle(TensorDataset(x_tr, y_tr), val_ds, data_info)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from gradwise.data.bundle import DataInfo
+from gradwise.data.bundle import IGNORE_INDEX, DataInfo
 from gradwise.errors import DataError
 
 MAX_SCAN = 10_000
@@ -139,6 +139,7 @@ def describe(dataset: Dataset, name: str = "data", max_scan: int = MAX_SCAN) -> 
     notes = facts.pop("notes")
     if not complete:
         notes.append(f"task and classes inferred from the first {len(targets)} of {n} samples")
+    info_labels = label_range(targets)
     classes = getattr(dataset, "classes", None)
     class_names = (
         [str(c) for c in classes] if isinstance(classes, (list, tuple)) and classes else None
@@ -152,5 +153,17 @@ def describe(dataset: Dataset, name: str = "data", max_scan: int = MAX_SCAN) -> 
         class_names=class_names,
         n_train=n,
         notes=notes,
+        label_range=info_labels,
+        labels_complete=complete,
         **facts,
     )
+
+
+def label_range(targets: torch.Tensor) -> tuple[int, int] | None:
+    """(lowest, highest) of integer targets, padding positions (-100) excluded; None for floats."""
+    if targets.is_floating_point() or targets.dtype == torch.bool or targets.numel() == 0:
+        return None
+    labels = targets[targets != IGNORE_INDEX]
+    if labels.numel() == 0:
+        return None
+    return int(labels.min()), int(labels.max())

@@ -156,6 +156,8 @@ class Doctor:
             self._flush_loss(step)
             self._sample_gradients(step)
             self._run_live_rules(step)
+        elif loss.device.type == "cpu" and not bool(torch.isfinite(loss).all()):
+            self._check_finite(step)  # free on the CPU: report GW301 at the step it appears
         s.step += 1
         self._armed = self._armed_for(s.step)
         return self._fired_now
@@ -177,6 +179,17 @@ class Doctor:
         self._apply("GW401", overfitting(self.signals))
         self._apply("GW402", underfitting(self.signals))
         return [self._findings[c] for c in self._findings if c not in before]
+
+    def check_finite(self) -> list[Finding]:
+        """Judge the losses recorded so far for non-finite values now, not at the next sampled step.
+
+        The loss of each step stays on its device until a sampled step, so that watching costs no
+        synchronisation; a caller that has seen a non-finite loss (the Trainer checks on the host)
+        calls this to get GW301 with the step the value first appeared.
+        """
+        self._fired_now = []
+        self._check_finite(self.signals.step - 1)
+        return self._fired_now
 
     @property
     def findings(self) -> list[Finding]:
@@ -462,6 +475,10 @@ class Doctor:
             if p.requires_grad and id(p) not in in_optimizer
         ]
         self._apply("GW207", params_without_gradients([], missing, len(self._names)), step)
+
+    def _check_finite(self, step: int) -> None:
+        self._flush_loss(step)
+        self._apply("GW301", RULES["GW301"].check(self.signals), step)
 
     def _run_live_rules(self, step: int) -> None:
         s = self.signals

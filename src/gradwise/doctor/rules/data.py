@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gradwise.data.bundle import IGNORE_INDEX
 from gradwise.doctor.findings import rule
 from gradwise.doctor.rules._types import Result
 
-IGNORE_INDEX = -100  # torch's default ignore_index for cross_entropy / nll_loss
 
 CLASS_INDEX_LOSSES = ("cross_entropy", "nll")
 BCE_LOSSES = ("bce", "bce_logits")
