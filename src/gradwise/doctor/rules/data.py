@@ -17,7 +17,6 @@ from gradwise.data.bundle import IGNORE_INDEX
 from gradwise.doctor.findings import rule
 from gradwise.doctor.rules._types import Result
 
-
 CLASS_INDEX_LOSSES = ("cross_entropy", "nll")
 BCE_LOSSES = ("bce", "bce_logits")
 
