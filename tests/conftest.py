@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 # Tests train tiny models: one thread is faster for them and keeps results identical run to run.
@@ -17,6 +18,15 @@ torch.set_num_threads(1)
 
 # Trainer overrides that keep tests quiet and fast: no progress output, no MLflow/TensorBoard.
 QUIET = {"progress": "off", "mlflow": False, "tensorboard": False}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _gradwise_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The artifact ledger (gradwise.trust) of this test session, never the user's own."""
+    with pytest.MonkeyPatch.context() as mp:
+        home = tmp_path_factory.mktemp("gradwise-home")
+        mp.setenv("GRADWISE_HOME", str(home))
+        yield home
 
 
 @pytest.fixture(autouse=True)

@@ -42,6 +42,14 @@ SetOption = Annotated[
 QuietOption = Annotated[
     bool, typer.Option("--quiet", "-q", help="Plain progress lines instead of a live progress bar.")
 ]
+TrustOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust",
+        help="Trust the directory: import the model/data/loss import paths its recipe names and "
+        "load .pt2/TorchScript artifacts gradwise did not write for you. Both run its code.",
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -81,11 +89,13 @@ def train(
 def resume(
     run_dir: Annotated[Path, typer.Argument(help="Run directory to continue.")],
     quiet: QuietOption = False,
+    trust: TrustOption = False,
 ) -> None:
     """Continue an interrupted run from its latest checkpoint, exactly where it stopped."""
     from gradwise.trainer import Trainer
 
-    _report(Trainer.resume(run_dir, progress="lines" if quiet else "auto").fit())
+    progress = "lines" if quiet else "auto"
+    _report(Trainer.resume(run_dir, progress=progress, trust=trust).fit())
 
 
 @app.command()
@@ -421,6 +431,7 @@ def export(
         str | None,
         typer.Option(help="With --register: point this alias (e.g. champion) at the new version."),
     ] = None,
+    trust: TrustOption = False,
 ) -> None:
     """Export a run's best model with a parity check; writes the artifact, model.json, reference.json."""
     from gradwise.deploy.export import export as run_export
@@ -429,7 +440,7 @@ def export(
         raise ConfigError("--alias", alias, "--register NAME as well (an alias names a version)")
 
     artifact = run_export(
-        source, format=format_, out=out_dir, quantize=quantize, tolerance=tolerance
+        source, format=format_, out=out_dir, quantize=quantize, tolerance=tolerance, trust=trust
     )
     p = artifact.parity
     out.print(f"{artifact.format}: {artifact.path}", soft_wrap=True)
@@ -452,6 +463,8 @@ def export(
             f"{lat['float_p50']:.3f} ms ({lat['threads']} threads)"
         )
         out.print(line, soft_wrap=True)
+    for note in artifact.notes:
+        out.print(note, soft_wrap=True)
     out.print(f"model card: {artifact.dir / 'model.json'}", soft_wrap=True)
     if register:
         from gradwise.deploy.registry import register as register_model
@@ -473,6 +486,7 @@ def bench(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the results as JSON.")
     ] = None,
+    trust: TrustOption = False,
 ) -> None:
     """Latency percentiles and throughput: eager PyTorch, ONNX Runtime fp32 and int8, interleaved."""
     from gradwise.deploy.bench import bench as run_bench
@@ -483,7 +497,7 @@ def bench(
         sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
     except ValueError:
         raise ConfigError("--batch-sizes", batch_sizes, "integers like 1,8,32,128") from None
-    result = run_bench(artifact_dir, sizes, threads=threads, seconds=seconds)
+    result = run_bench(artifact_dir, sizes, threads=threads, seconds=seconds, trust=trust)
     out.print(f"{result.dir}: {result.threads} threads, {result.seconds:g} s per measurement")
     header, rows = result.table()
     if out.is_terminal:

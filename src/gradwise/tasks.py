@@ -110,20 +110,21 @@ class Task:
         label_smoothing: float = 0.0,
         class_weights: torch.Tensor | None = None,
         focal_gamma: float = 2.0,
+        trusted: bool = True,
     ) -> None:
         self.kind = kind
         self.spec = TASKS[kind]
         self.num_outputs = num_outputs
         self.label_smoothing = label_smoothing
         self.focal_gamma = focal_gamma
-        self.loss_name, self._custom = self._pick_loss(loss)
+        self.loss_name, self._custom = self._pick_loss(loss, trusted)
         if class_weights is not None and kind not in ("binary", "multiclass", "multilabel"):
             raise ConfigError(
                 "train.class_weights", "balanced", "a classification task", f"this is {kind}"
             )
         self.class_weights = class_weights
 
-    def _pick_loss(self, loss: str | LossFn) -> tuple[str, LossFn | None]:
+    def _pick_loss(self, loss: str | LossFn, trusted: bool) -> tuple[str, LossFn | None]:
         if callable(loss):
             return "custom", loss
         if loss == "auto":
@@ -146,7 +147,7 @@ class Task:
                 )
             return loss, None
         if ":" in loss:
-            return "custom", import_path(loss, "train.loss")
+            return "custom", import_path(loss, "train.loss", trusted=trusted)
         raise ConfigError(
             "train.loss", loss, "auto, focal, mse, mae, huber or an import path 'module:fn'"
         )

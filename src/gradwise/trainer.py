@@ -101,6 +101,8 @@ class Trainer:
         train_data: DataLike = None,
         val_data: DataLike = None,
         task: str | None = None,
+    trust: whether import paths in the recipe (model, data, loss) may be imported; a recipe you
+    give is yours, so True; :meth:`resume` passes its own (see :mod:`gradwise.trust`).
         recipe: Recipe | dict | str | Path | None = "auto",
         *,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -117,6 +119,7 @@ class Trainer:
         self._explicit = override_paths(overrides)
         self.recipe = load_recipe(None if self._advise else recipe).override(overrides)
         self.advice: list | None = None
+        trust: bool = True,
         if loss_fn is not None and not callable(loss_fn):
             raise ConfigError("loss_fn", loss_fn, "a callable (outputs, targets) -> scalar loss")
         if model is not None and not isinstance(model, nn.Module):
@@ -137,15 +140,20 @@ class Trainer:
         run_dir: str | Path,
         model: nn.Module | None = None,
         train_data: DataLike = None,
+        self.trust = trust
         val_data: DataLike = None,
         **kwargs: Any,
     ) -> Trainer:
         """Continue the run in ``run_dir`` from its latest checkpoint, with its own recipe.
 
-        Pass the model and data again when the run was started with Python objects. Settings in
+        Pass the model and data again when the run was started with Python objects. Import paths
+        that the run's recipe names (model, data, loss) are imported only with ``trust=True``: a
+        run directory may come from anyone (see :mod:`gradwise.trust`). Settings in
         ``kwargs`` override the recipe, e.g. ``epochs=30`` to extend the budget or ``lr=1e-4`` (the
         optimizer settings lr, weight_decay, betas, eps, momentum and nesterov also replace the
         checkpoint's values in the restored optimizer; a new lr rescales the schedule).
+        *,
+        trust: bool = False,
         """
         run_dir = Path(run_dir)
         recipe_file = run_dir / "recipe.yaml"
@@ -153,7 +161,15 @@ class Trainer:
             raise ConfigError("run_dir", str(run_dir), "a gradwise run directory with recipe.yaml")
         if not ckpt.list_checkpoints(run_dir):
             raise DataError(f"{run_dir} has no checkpoint to resume from")
-        return cls(model, train_data, val_data, recipe=recipe_file, resume_from=run_dir, **kwargs)
+        return cls(
+            model,
+            train_data,
+            val_data,
+            recipe=recipe_file,
+            resume_from=run_dir,
+            trust=trust,
+            **kwargs,
+        )
 
     # == setup: everything that can fail on bad input happens before a run directory exists ==
 
@@ -184,7 +200,7 @@ class Trainer:
             from gradwise.models import build_model
 
             _require_object(r.model.name, "model")
-            model = build_model(r.model.name, r.model.kwargs, info, width)
+            model = build_model(r.model.name, r.model.kwargs, info, width, trusted=self.trust)
             self.recipe = r = r.override({"model.kwargs": model.gradwise_build["kwargs"]})
         else:  # the recipe records that the model came from Python, not from its model section
             r = self.recipe = r.override(
@@ -206,6 +222,7 @@ class Trainer:
         bs = r.data.batch_size
         self.train_loader = train_loader or make_loader(
             train_ds,
+            trusted=self.trust,
             bs,
             shuffle=True,
             seed=r.seed,
@@ -268,7 +285,7 @@ class Trainer:
             if self._val_data is not None:
                 raise ConfigError("train_data", None, "training data when val_data is given")
             _require_object(r.data.name, "train_data")
-            bundle = load_data(r.data.name, r.data.kwargs)
+            bundle = load_data(r.data.name, r.data.kwargs, trusted=self.trust)
             return None, bundle.train, None, bundle.val, bundle.info
         kind = "arrays" if isinstance(self._train_data, tuple) else type(self._train_data).__name__
         self.recipe = self.recipe.override(data={"name": f"{OBJECT}{kind}", "kwargs": {}})

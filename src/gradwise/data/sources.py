@@ -88,18 +88,21 @@ def to_bundle(result: Any, name: str, val_fraction: float = 0.2, seed: int = 0) 
     return DataBundle(train, val, info)
 
 
-def load_data(name: str, kwargs: dict[str, Any] | None = None) -> DataBundle:
+def load_data(
+    name: str, kwargs: dict[str, Any] | None = None, *, trusted: bool = True
+) -> DataBundle:
     """The DataBundle of data set ``name`` (registered, or an import path ``pkg.mod:factory``).
 
     ``kwargs`` are checked against the factory's signature first, so a typo gives a ConfigError
-    naming ``data.kwargs.<arg>`` with a did-you-mean instead of a TypeError.
+    naming ``data.kwargs.<arg>`` with a did-you-mean instead of a TypeError. ``trusted=False``
+    refuses import paths (see :mod:`gradwise.trust`).
     """
     if not isinstance(name, str) or not name:
         raise ConfigError(
             "data.name", name, "a registered data set or an import path 'module:factory'"
         )
     kwargs = dict(kwargs or {})
-    factory = resolve(DATASETS, name, "data.name")
+    factory = resolve(DATASETS, name, "data.name", trusted=trusted)
     check_kwargs(factory, kwargs, name)
     result = factory(**kwargs)
     short = name.rpartition(":")[2] if ":" in name else name

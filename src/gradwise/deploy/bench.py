@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from gradwise._lazy import callable_as_namesake
-from gradwise.deploy.card import INT8, load_card
+from gradwise.deploy.card import load_card
 from gradwise.errors import ConfigError
+from gradwise.trust import UntrustedError
 
 Runner = Callable[[np.ndarray], Any]
 SLICE_SECONDS = 0.05  # one backend's turn in the round-robin
@@ -148,12 +149,17 @@ def bench(
     threads: int | None = None,
     seconds: float = 1.0,
     model: torch.nn.Module | None = None,
+    *,
+    trust: bool = False,
 ) -> BenchResult:
     """Benchmark an export directory: eager PyTorch, the artifact, and the int8 model if present.
 
     Eager PyTorch is rebuilt from the card's recipe and source checkpoint (or ``model``); when
     neither is available it is left out, with a note. ``threads`` defaults to torch's current
-    thread count.
+    thread count. Every file is checked against the card's sha256 first. ``trust`` allows what
+    an export directory from anyone must not do unasked (see :mod:`gradwise.trust`): import the
+    recipe's import paths to rebuild the eager model, and load a ``.pt2`` or TorchScript artifact
+    that gradwise did not write for you.
     """
     from gradwise.deploy.export import load_runner
 
@@ -170,7 +176,7 @@ def bench(
 
     notes: list[str] = []
     runners: dict[str, Runner] = {}
-    eager = _eager_model(card, model, notes)
+    eager = _eager_model(card, model, notes, trust)
     if eager is not None:
 
         def run_eager(x: np.ndarray) -> Any:
@@ -178,9 +184,10 @@ def bench(
                 return eager(torch.from_numpy(x))
 
         runners["eager"] = run_eager
-    runners[BACKEND_NAMES[card["format"]]] = load_runner(directory / card["artifact"], threads)
-    if (directory / INT8).is_file():
-        runners["onnxruntime-int8"] = load_runner(directory / INT8, threads)
+    artifact = directory / card["artifact"]  # load_card confined it to the directory
+    runners[BACKEND_NAMES[card["format"]]] = load_runner(artifact, threads, trusted=trust)
+    if card.get("quantized"):
+        runners["onnxruntime-int8"] = load_runner(directory / card["quantized"]["artifact"])
 
     rows = []
     for batch in batch_sizes:
@@ -203,7 +210,7 @@ def example_inputs(card: dict[str, Any], batch: int, seed: int = 0) -> np.ndarra
 
 
 def _eager_model(
-    card: dict[str, Any], model: torch.nn.Module | None, notes: list[str]
+    card: dict[str, Any], model: torch.nn.Module | None, notes: list[str], trust: bool
 ) -> torch.nn.Module | None:
     from gradwise.deploy.export import _model, _Source
     from gradwise.recipe import load_recipe
@@ -215,9 +222,11 @@ def _eager_model(
             notes.append("eager PyTorch not measured: the source checkpoint is not available")
             return None
         return model.eval()
-    source = _Source(checkpoint=Path(checkpoint), recipe=load_recipe(recipe))
+    source = _Source(checkpoint=Path(checkpoint), recipe=load_recipe(recipe), trusted=trust)
     try:
         return _model(source, model)
+    except UntrustedError:
+        raise
     except ConfigError as exc:
         notes.append(f"eager PyTorch not measured: {exc}")
         return None

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from gradwise.errors import ConfigError, DataError
+from gradwise.errors import ConfigError, DataError, GradwiseError
 
 CARD = "model.json"
 REFERENCE = "reference.json"
@@ -87,14 +87,62 @@ def versions() -> dict[str, str | None]:
 
 
 def load_card(export_dir: str | Path) -> dict[str, Any]:
-    """The model card of an export directory."""
-    return _read_json(Path(export_dir) / CARD, "a gradwise export directory with model.json")
+    """The model card of an export directory, checked: every file it names (the artifact, the
+    int8 model) lies inside the directory and matches the sha256 the card records for it."""
+    directory = Path(export_dir)
+    card = _read_json(inside(directory, CARD), "a gradwise export directory with model.json")
+    if not isinstance(card, dict):
+        raise DataError(f"{directory / CARD} is not a model card (a JSON object)")
+    for prefix, name, digest in card_files(card):
+        path = inside(directory, name, f"{CARD}: {prefix}artifact")
+        if not path.is_file():
+            raise DataError(f"{directory} has a model card but no {name} ({prefix}artifact)")
+        if not isinstance(digest, str) or not digest:
+            raise ConfigError(
+                f"{CARD}: {prefix}sha256",
+                digest,
+                f"the sha256 of {name}, which gradwise records on export",
+                "without it nothing shows that the file is the one exported; export again",
+            )
+        if sha256_file(path) != digest:
+            raise GradwiseError(
+                f"{path} does not match the sha256 in its model card: the file was changed "
+                "or damaged after export; export again"
+            )
+    return card
+
+
+def card_files(card: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(field prefix, file name, sha256)`` of every file a model card names."""
+    files = [("", card.get("artifact"), card.get("sha256"))]
+    quantized = card.get("quantized")
+    if quantized:
+        if not isinstance(quantized, dict):
+            raise ConfigError(f"{CARD}: quantized", quantized, "an object with artifact and sha256")
+        files.append(("quantized.", quantized.get("artifact"), quantized.get("sha256")))
+    return files
+
+
+def inside(directory: Path, name: Any, field: str = "file") -> Path:
+    """``directory / name``, refused unless it stays inside ``directory``: no absolute path, no
+    ``..``, no symbolic link that leads out (a card is data that anyone may have written)."""
+    expected = f"a file name inside {directory}"
+    if not isinstance(name, str) or not name:
+        raise ConfigError(field, name, expected)
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise ConfigError(field, name, expected)
+    path = directory / relative
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise ConfigError(field, name, expected, "it is a symbolic link that leads out of it")
+    return path
 
 
 def load_reference(export_dir: str | Path) -> dict[str, Any]:
     """The reference statistics of an export directory."""
+    directory = Path(export_dir)
     return _read_json(
-        Path(export_dir) / REFERENCE, "a gradwise export directory with reference.json"
+        inside(directory, REFERENCE), "a gradwise export directory with reference.json"
     )
 
 

@@ -45,6 +45,7 @@ from gradwise.deploy.card import (
     CARD,
     INT8,
     REFERENCE,
+    load_card,
     reference_statistics,
     sha256_file,
     unpreprocess,
@@ -52,6 +53,7 @@ from gradwise.deploy.card import (
 )
 from gradwise.errors import ConfigError, DataError, GradwiseError
 from gradwise.tracking.files import atomic_write_json, publish_dir
+from gradwise.trust import record_artifact, require_recorded
 
 FORMATS = tuple(ARTIFACTS)
 QUANTIZE_MODES = ("dynamic", "static", "qat")
@@ -82,6 +84,7 @@ class Artifact:
     path: Path  # the artifact file
     card: dict[str, Any] = field(repr=False)
     int8_path: Path | None = None
+    notes: list[str] = field(default_factory=list)  # e.g. what became of an earlier int8 model
 
     @property
     def parity(self) -> dict[str, Any]:
@@ -101,6 +104,7 @@ class _Source:
     recipe: Any = None  # gradwise.recipe.Recipe
     meta: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None  # "model" or "ema"
+    trusted: bool = True  # whether the recipe's import paths may be imported
 
 
 @dataclass
@@ -125,6 +129,7 @@ def export(
     *,
     tolerance: float = DEFAULT_TOLERANCE,
     task: str | None = None,
+    trust: bool = False,
 ) -> Artifact:
     """Export a run's best model (or ``model``) to ``out`` and return the :class:`Artifact`.
 
@@ -139,6 +144,12 @@ def export(
     data); needed when there is no run data to rebuild.
     tolerance: the largest max-absolute difference to eager PyTorch that passes (fp32).
     task: the task when no run directory says it (binary, multiclass, regression...).
+    trust: import the model, data and loss import paths the run's recipe names (a run directory
+    may come from anyone; see :mod:`gradwise.trust`). Zoo models and built-in data need no trust.
+
+    Exporting again without ``quantize`` keeps the earlier int8 model only when it was quantized
+    from the same float artifact (equal sha256); otherwise it is removed. ``Artifact.notes`` says
+    which.
     """
     if format not in FORMATS:
         raise ConfigError("format", format, f"one of {', '.join(FORMATS)}")
@@ -151,7 +162,9 @@ def export(
     if not isinstance(tolerance, (int, float)) or not tolerance > 0:
         raise ConfigError("tolerance", tolerance, "a positive number, e.g. 1e-4")
 
-    source = _source(run_dir_or_checkpoint) if run_dir_or_checkpoint is not None else _Source()
+    source = (
+        _source(run_dir_or_checkpoint, trust) if run_dir_or_checkpoint is not None else _Source()
+    )
     if model is None and source.recipe is None:
         raise ConfigError("run_dir_or_checkpoint", None, "a run directory, or a model to export")
     model = _model(source, model)
@@ -169,23 +182,55 @@ def export(
     tmp.mkdir()
     try:
         card = _build(model, format, tmp, source, data, task, quantize, float(tolerance))
+        notes = [] if quantize else _previous_int8(out, tmp, card)
+        atomic_write_json(tmp / CARD, card)
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    quantized = card["quantized"]
     return Artifact(
         dir=out,
         format=format,
         path=out / ARTIFACTS[format],
         card=card,
-        int8_path=out / INT8 if quantize else None,
+        int8_path=out / quantized["artifact"] if quantized else None,
+        notes=notes,
     )
+
+
+def _previous_int8(out: Path, tmp: Path, card: dict[str, Any]) -> list[str]:
+    """Carry the int8 model of the export at ``out`` into ``tmp`` when it was quantized from the
+    very float artifact just written (same sha256); otherwise it goes with the old directory.
+    Returns a note on what happened, if there was an int8 model."""
+    if not (out / CARD).is_file() and not (out / INT8).is_file():
+        return []
+    try:
+        old = load_card(out)  # verifies every file's sha256
+    except GradwiseError:
+        old = {}
+    quantized = old.get("quantized")
+    if not quantized:
+        if (out / INT8).is_file():
+            return [f"removed {INT8} of the previous export: its model card does not vouch for it"]
+        return []
+    name = quantized.get("artifact") or INT8
+    if old.get("sha256") != card["sha256"]:
+        return [
+            f"removed {name} of the previous export: it was quantized from different weights; "
+            "pass --quantize to recreate it"
+        ]
+    shutil.copy2(out / name, tmp / name)
+    card["quantized"] = quantized
+    return [
+        f"kept {name} of the previous export: it was quantized from this same {card['artifact']}"
+    ]
 
 
 # -- source: run directory, checkpoint, model ------------------------------------------------------
 
 
-def _source(path: str | Path) -> _Source:
+def _source(path: str | Path, trusted: bool) -> _Source:
     from gradwise.checkpoint import CHECKPOINTS, resolve_checkpoint
     from gradwise.recipe import load_recipe
 
@@ -199,7 +244,8 @@ def _source(path: str | Path) -> _Source:
         raise DataError(f"{path}: no recipe.yaml found; expected a gradwise run directory")
     meta_file = ckpt / "meta.json"
     meta = _json(meta_file) if meta_file.is_file() else {}
-    return _Source(run_dir=run_dir, checkpoint=ckpt, recipe=load_recipe(recipe_file), meta=meta)
+    recipe = load_recipe(recipe_file)
+    return _Source(run_dir=run_dir, checkpoint=ckpt, recipe=recipe, meta=meta, trusted=trusted)
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -225,7 +271,7 @@ def _model(source: _Source, model: nn.Module | None) -> nn.Module:
                 f"the {name.removeprefix(OBJECT)} model object this run was trained with",
                 "pass it again: export(run_dir, model=model)",
             )
-        model = build_model(name, source.recipe.model.kwargs)
+        model = build_model(name, source.recipe.model.kwargs, trusted=source.trusted)
     model = model.cpu()
     if source.checkpoint is not None:
         source.weights = _load_weights(model, source.checkpoint)
@@ -276,7 +322,7 @@ def _data(source: _Source, sample: Any) -> _Data:
     if recipe is not None and not recipe.data.name.startswith(OBJECT):
         from gradwise.data import load_data
 
-        bundle = load_data(recipe.data.name, recipe.data.kwargs)
+        bundle = load_data(recipe.data.name, recipe.data.kwargs, trusted=source.trusted)
     if given is None and bundle is None:
         raise ConfigError(
             "sample",
@@ -355,7 +401,7 @@ def _build(
     path = tmp / ARTIFACTS[format]
     write_artifact(model, example, format, path)
     threads = torch.get_num_threads()
-    runner = load_runner(path, threads)
+    runner = load_runner(path, threads, trusted=True)  # written just now, by us
 
     parity_x = data.val_x[:PARITY_SAMPLES]
     eager = run_eager(model, parity_x.numpy())
@@ -399,7 +445,6 @@ def _build(
         source="train" if data.source != "sample" else "sample",
     )
     atomic_write_json(tmp / REFERENCE, reference)
-    atomic_write_json(tmp / CARD, card)
     return card
 
 
@@ -417,7 +462,9 @@ def _qat_inputs(model: nn.Module, source: _Source, data: _Data, task: str | None
     if task not in TASKS or task == "custom":
         raise ConfigError("quantize", "qat", "a run with a built-in task", f"the task is {task}")
     recipe = source.recipe
-    loss = Task(task, None, loss=recipe.train.loss if recipe is not None else "auto").loss
+    loss = Task(
+        task, None, loss=recipe.train.loss if recipe is not None else "auto", trusted=source.trusted
+    ).loss
     lr = recipe.optim.lr * QAT_LR_FRACTION if recipe is not None else QAT_DEFAULT_LR
     return {
         "model": model,
@@ -532,6 +579,7 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def write_artifact(model: nn.Module, example: torch.Tensor, format: str, path: Path) -> None:
+    """Write ``model`` as a ``format`` artifact at ``path`` and record it in the trust ledger."""
     batch = torch.export.Dim("batch", min=1)
     try:
         with quiet(), torch.no_grad():
@@ -560,6 +608,7 @@ def write_artifact(model: nn.Module, example: torch.Tensor, format: str, path: P
             f"The model may use Python control flow or operations the exporter cannot trace; "
             f"try another format ({others})"
         ) from exc
+    record_artifact(path)
 
 
 def _torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
@@ -573,17 +622,21 @@ def _torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptMod
         return torch.jit.trace(model, (example,), check_trace=False)
 
 
-def load_runner(path: str | Path, threads: int | None = None) -> Runner:
+def load_runner(path: str | Path, threads: int | None = None, *, trusted: bool = False) -> Runner:
     """A function from a NumPy batch to NumPy outputs for an artifact file (by its suffix).
 
     ONNX runs on ONNX Runtime's CPU provider with ``intra_op_num_threads = threads``;
     ``.pt2`` and ``.ts`` on PyTorch with ``torch.set_num_threads(threads)`` left to the caller.
+    Loading those unpickles them, so they load only when gradwise wrote them (their sha256 is in
+    the ledger of :mod:`gradwise.trust`) or when ``trusted``.
     """
     path = Path(path)
     if path.suffix == ".onnx":
         session = ort_session(path, threads)
         name = session.get_inputs()[0].name
         return lambda x: session.run(None, {name: x})[0]
+    if path.suffix in (".pt2", ".ts"):
+        require_recorded(path, trusted)
     if path.suffix == ".pt2":
         with quiet():
             module = torch.export.load(str(path)).module()

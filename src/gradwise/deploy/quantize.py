@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from gradwise.errors import ConfigError, GradwiseError
+from gradwise.trust import record_artifact
 
 DYNAMIC_OPS = ["MatMul", "Gemm", "Attention", "LSTM", "GRU"]  # convolutions stay fp32 (see above)
 LATENCY_BATCH = 32
@@ -140,6 +141,7 @@ def quantize_onnx(
         except Exception as exc:
             raise QuantizationError(f"{mode} int8 quantization failed: {exc}") from exc
         shutil.move(str(tmp_out), str(out_path))
+    record_artifact(out_path)
     settings["weights"] = "int8 symmetric " + ("per channel" if per_channel else "per tensor")
     settings["per_channel"] = per_channel
     return settings

@@ -51,6 +51,16 @@ def register(
 
     artifact_dir = Path(artifact_dir)
     card = _checked_card(artifact_dir)
+    links = sorted(
+        str(p.relative_to(artifact_dir)) for p in artifact_dir.rglob("*") if p.is_symlink()
+    )
+    if links:
+        raise ConfigError(
+            "artifact_dir",
+            str(artifact_dir),
+            "an export directory of plain files",
+            f"registering would upload what its symbolic links point to: {', '.join(links)}",
+        )
     client, artifact_location = _client(uri)
     try:
         experiment_id = _experiment(client, artifact_location)
@@ -149,17 +159,11 @@ def resolve(model_uri: str, dst: str | Path | None = None, *, uri: str | None = 
 
 
 def _checked_card(artifact_dir: Path) -> dict[str, Any]:
-    """The model card of an export directory whose artifact matches its recorded sha256."""
-    from gradwise.deploy.card import sha256_file
+    """The model card of a servable export directory whose files all match their recorded
+    sha256 and stay inside it (:func:`gradwise.deploy.card.load_card` checks both)."""
     from gradwise.deploy.serve import serving_card
 
-    card = serving_card(artifact_dir)
-    artifact = artifact_dir / card.get("artifact", "model.onnx")
-    if not artifact.is_file():
-        raise GradwiseError(f"{artifact_dir} has a model card but no {artifact.name}")
-    if card.get("sha256") and sha256_file(artifact) != card["sha256"]:
-        raise GradwiseError(f"{artifact} does not match the sha256 in its model card")
-    return card
+    return serving_card(artifact_dir)
 
 
 def _client(uri: str | None) -> tuple[Any, str | None]:

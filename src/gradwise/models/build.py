@@ -128,6 +128,8 @@ def build_model(
     kwargs: dict | None = None,
     info: DataInfo | None = None,
     num_outputs: int | None = None,
+    *,
+    trusted: bool = True,
 ) -> nn.Module:
     """Build model ``name`` (a registered name or ``package.module:factory``) sized for the data.
 
@@ -135,11 +137,12 @@ def build_model(
     output-layer width) by the model's infer rule. Problems raise :class:`ConfigError` naming
     ``model.name`` or ``model.kwargs.<arg>``. The returned module carries
     ``gradwise_build = {"name": ..., "kwargs": ...}``, the fully resolved arguments, so it can be
-    rebuilt without the data (e.g. from a checkpoint).
+    rebuilt without the data (e.g. from a checkpoint). ``trusted=False`` refuses import paths
+    (the name comes from a directory the user has not trusted; see :mod:`gradwise.trust`).
     """
     if not isinstance(name, str) or not name:
         raise ConfigError("model.name", name, "a registered model name or 'package.module:factory'")
-    factory = resolve(MODELS, name, "model.name")
+    factory = resolve(MODELS, name, "model.name", trusted=trusted)
     if not callable(factory):
         raise ConfigError("model.name", name, "a callable model factory")
     if kwargs is not None and not isinstance(kwargs, Mapping):
