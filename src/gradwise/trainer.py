@@ -93,6 +93,8 @@ class Trainer:
     returning True stops the run there (state "stopped"), e.g. when a tuner prunes the trial.
     tags / mlflow_uri: tags for the run's MLflow run and the MLflow tracking URI (default: the
     runs root's mlflow.db); a tuner makes its trials child runs with ``mlflow.parentRunId``.
+    trust: whether import paths in the recipe (model, data, loss) may be imported; a recipe you
+    give is yours, so True; :meth:`resume` passes its own (see :mod:`gradwise.trust`).
     """
 
     def __init__(
@@ -101,8 +103,6 @@ class Trainer:
         train_data: DataLike = None,
         val_data: DataLike = None,
         task: str | None = None,
-    trust: whether import paths in the recipe (model, data, loss) may be imported; a recipe you
-    give is yours, so True; :meth:`resume` passes its own (see :mod:`gradwise.trust`).
         recipe: Recipe | dict | str | Path | None = "auto",
         *,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -111,6 +111,7 @@ class Trainer:
         on_evaluate: Callable[[dict[str, float]], bool | None] | None = None,
         tags: dict[str, str] | None = None,
         mlflow_uri: str | None = None,
+        trust: bool = True,
         **overrides: Any,
     ) -> None:
         if task is not None:
@@ -119,7 +120,6 @@ class Trainer:
         self._explicit = override_paths(overrides)
         self.recipe = load_recipe(None if self._advise else recipe).override(overrides)
         self.advice: list | None = None
-        trust: bool = True,
         if loss_fn is not None and not callable(loss_fn):
             raise ConfigError("loss_fn", loss_fn, "a callable (outputs, targets) -> scalar loss")
         if model is not None and not isinstance(model, nn.Module):
@@ -132,6 +132,7 @@ class Trainer:
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.on_evaluate = on_evaluate
         self.tags, self.mlflow_uri = tags, mlflow_uri
+        self.trust = trust
         self._stop_signal: str | None = None
 
     @classmethod
@@ -140,8 +141,9 @@ class Trainer:
         run_dir: str | Path,
         model: nn.Module | None = None,
         train_data: DataLike = None,
-        self.trust = trust
         val_data: DataLike = None,
+        *,
+        trust: bool = False,
         **kwargs: Any,
     ) -> Trainer:
         """Continue the run in ``run_dir`` from its latest checkpoint, with its own recipe.
@@ -152,8 +154,6 @@ class Trainer:
         ``kwargs`` override the recipe, e.g. ``epochs=30`` to extend the budget or ``lr=1e-4`` (the
         optimizer settings lr, weight_decay, betas, eps, momentum and nesterov also replace the
         checkpoint's values in the restored optimizer; a new lr rescales the schedule).
-        *,
-        trust: bool = False,
         """
         run_dir = Path(run_dir)
         recipe_file = run_dir / "recipe.yaml"
@@ -214,6 +214,7 @@ class Trainer:
             label_smoothing=r.train.label_smoothing,
             class_weights=self._class_weights(kind, train_ds or train_loader.dataset, info),
             focal_gamma=r.train.focal_gamma,
+            trusted=self.trust,
         )
         self.recipe = r = r.override(task=kind)
 
@@ -222,7 +223,6 @@ class Trainer:
         bs = r.data.batch_size
         self.train_loader = train_loader or make_loader(
             train_ds,
-            trusted=self.trust,
             bs,
             shuffle=True,
             seed=r.seed,
