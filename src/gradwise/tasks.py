@@ -15,11 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gradwise.data.bundle import DataInfo
+from gradwise.data.bundle import IGNORE_INDEX, DataInfo
 from gradwise.errors import ConfigError, DataError
 from gradwise.registry import import_path
 
-IGNORE_INDEX = -100  # language modelling: target positions that carry no loss (padding)
 AUROC_BINS = 200  # binned AUROC keeps memory constant; exact AUROC stores every prediction
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -259,14 +258,13 @@ class Task:
                 raise DataError(
                     f"multiclass: expected outputs [batch, classes] and integer targets [batch]; got {shapes}"
                 )
-            _check_labels(target, out.shape[-1], info.num_classes if info else None, "classes")
+            _check_labels(target, out.shape[-1], info, "classes")
         elif self.kind == "lm":
             if out.shape[:-1] != target.shape:
                 raise DataError(
                     f"lm: expected outputs [batch, time, vocab] for targets [batch, time]; got {shapes}"
                 )
-            known = info.vocab_size if info else None
-            _check_labels(target[target != IGNORE_INDEX], out.shape[-1], known, "tokens")
+            _check_labels(target[target != IGNORE_INDEX], out.shape[-1], info, "tokens")
         elif self.kind in ("binary", "multilabel", "regression"):
             if self.align(out, target).shape != target.shape:
                 raise DataError(
@@ -389,16 +387,33 @@ def balanced_weights(counts: list[int], kind: str, n: int) -> torch.Tensor:
     return n / (len(counts) * c)
 
 
-def _check_labels(labels: torch.Tensor, width: int, known: int | None, what: str) -> None:
-    """Class or token labels must index the model's output (``known``: the data's label count)."""
-    highest = int(labels.max()) if labels.numel() else 0
+def _check_labels(labels: torch.Tensor, width: int, info: DataInfo | None, what: str) -> None:
+    """Class or token labels must index the model's output: over the whole training data where
+    ``info`` knows its label range, else over ``labels`` (a batch)."""
+    if info is not None and info.label_range is not None:
+        lowest, highest = info.label_range
+        source = "the training data has" if info.labels_complete else "the training data read has"
+    else:
+        lowest, highest = (int(labels.min()), int(labels.max())) if labels.numel() else (0, 0)
+        source = "the data has"
+    known = (info.num_classes if what == "classes" else info.vocab_size) if info else None
     highest = max(highest, (known or 0) - 1)
-    lowest = int(labels.min()) if labels.numel() else 0
-    if highest >= width or lowest < 0:
-        raise DataError(
-            f"labels outside the model's output range: the data has labels {lowest}..{highest} but "
-            f"the model outputs {width} {what}; expected labels in 0..{width - 1}"
-        )
+    check_label_range(lowest, highest, width, what, source)
+
+
+def check_label_range(lowest: int, highest: int, width: int, what: str, source: str) -> None:
+    """A DataError unless every label in ``lowest..highest`` indexes one of ``width`` outputs."""
+    if highest < width and lowest >= 0:
+        return
+    hint = (
+        f"; class indices start at 0 ({IGNORE_INDEX} marks positions without a loss)"
+        if lowest < 0
+        else ""
+    )
+    raise DataError(
+        f"labels outside the model's output range: {source} labels {lowest}..{highest} but "
+        f"the model outputs {width} {what}; expected labels in 0..{width - 1}{hint}"
+    )
 
 
 def monitor_mode(monitor: str, mode: str) -> str:

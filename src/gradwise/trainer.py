@@ -36,7 +36,15 @@ from gradwise.errors import ConfigError, DataError, GradwiseError
 from gradwise.optim import build_optimizer, build_scheduler
 from gradwise.progress import Progress
 from gradwise.recipe import Recipe, load_recipe, override_paths
-from gradwise.tasks import Task, balanced_weights, monitor_mode, num_outputs, resolve_kind
+from gradwise.tasks import (
+    IGNORE_INDEX,
+    Task,
+    balanced_weights,
+    check_label_range,
+    monitor_mode,
+    num_outputs,
+    resolve_kind,
+)
 from gradwise.tracking import (
     Tracker,
     atomic_write_text,
@@ -218,6 +226,7 @@ class Trainer:
         )
         self.recipe = r = r.override(task=kind)
 
+        self.check_batch_labels = False
         self._probe(train_ds if train_ds is not None else train_loader.dataset)
 
         bs = r.data.batch_size
@@ -273,6 +282,7 @@ class Trainer:
         self.metrics = self.task.metrics(self.device) if self.val_loader is not None else None
         self.mixing = r.train.mixup > 0 or r.train.cutmix > 0
         self.grad_clip = r.train.grad_clip  # the doctor's repairs may tighten it
+        self.guard = FiniteGuard(self.device, r.train.log_every)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def _data(
@@ -340,6 +350,10 @@ class Trainer:
         self.task.check_fit(out, y, self.info)
         if self.task.kind in ("multiclass", "multilabel", "lm"):
             self.task.num_outputs = out.shape[-1]  # metrics size to the model's real output
+        # the labels the up-front scan did not read are checked on the host as batches come
+        self.check_batch_labels = self.task.kind in ("multiclass", "lm") and not (
+            self.info.labels_complete and self.info.label_range is not None
+        )
         image_classification = (
             self.task.kind in ("binary", "multiclass", "multilabel") and x.ndim == 4
         )
@@ -350,6 +364,16 @@ class Trainer:
                 "image classification (inputs [batch, channels, height, width])",
                 f"this is {self.task.kind} with inputs of shape {tuple(x.shape)}; set both to 0",
             )
+
+    def _check_batch_labels(self, y: torch.Tensor) -> None:
+        if y.device.type != "cpu" or y.is_floating_point():  # never a device synchronisation
+            return
+        labels = y[y != IGNORE_INDEX]
+        if labels.numel():
+            what = "tokens" if self.task.kind == "lm" else "classes"
+            source = f"a training batch at step {self.pos.step + 1} has"
+            lowest, highest = int(labels.min()), int(labels.max())
+            check_label_range(lowest, highest, self.task.num_outputs, what, source)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed-precision context for forward passes (a no-op in fp32)."""
@@ -465,19 +489,14 @@ class Trainer:
             if stopped == "signal":
                 self._save(pos)
                 return self._interrupted(pos)
-            if stopped == "diverged":
-                self.progress.line(
-                    f"stopped at step {pos.step}: the loss or gradients are not finite (GW301); "
-                    "the best checkpoint is kept"
-                    + ("" if self.repairer else "; doctor.mode: repair can roll back and fix this")
-                )
-                return "diverged"
             batches = num_batches(self.train_loader)
             end_of_epoch = stopped == "end" or (batches is not None and pos.batch >= batches)
             last = pos.step >= self.total_steps
+            evaluate = last or (end_of_epoch and (pos.epoch + 1) % r.train.eval_every == 0)
+            if stopped == "diverged" or (evaluate and not _finite_weights(self.model)):
+                return self._diverged(pos)
             if end_of_epoch:
                 pos.epoch, pos.batch = pos.epoch + 1, 0
-            evaluate = last or (end_of_epoch and pos.epoch % r.train.eval_every == 0)
             improved = self._evaluate_and_record(pos) if evaluate else False
             self._save(pos, best=improved)
             if self._stop_signal:
@@ -504,17 +523,21 @@ class Trainer:
         batches = self._epoch_iterator(pos)
         while pos.step < self.total_steps:
             window = list(itertools.islice(batches, k))
-            if not window:
-                return "end"
+            if not window:  # before validating, read the guard on accelerators too
+                unseen = self.guard.poll(pos.step, force=True) is not None
+                return "diverged" if unseen and self._respond([], pos.step, force=True) else "end"
             fired = self._step(window)
             pos.step += 1
             pos.batch += len(window)
             self.progress.advance(pos.step)
-            if self._respond(fired, pos.step) == "stop":
+            save = bool(r.checkpoint.every_steps) and pos.step % r.checkpoint.every_steps == 0
+            # nothing non-finite is logged as recovered, saved or validated: check before those
+            force = save or bool(self._stop_signal) or pos.step >= self.total_steps
+            if self._respond(fired, pos.step, force=force) == "stop":
                 return "diverged"
             if pos.step % r.train.log_every == 0:
                 self._log_train(pos)
-            if r.checkpoint.every_steps and pos.step % r.checkpoint.every_steps == 0:
+            if save:
                 self._save(pos)
             if self._stop_signal:
                 return "signal"
@@ -530,6 +553,8 @@ class Trainer:
         total = sum(counts)
         window_loss = 0.0
         for (x, y), n in zip(window, counts, strict=True):
+            if self.check_batch_labels:
+                self._check_batch_labels(y)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             if self.mixing:
@@ -553,6 +578,10 @@ class Trainer:
             fired = self.doctor.step(
                 window_loss, inputs=x, outputs=out.detach(), targets=targets, grad_norm=norm
             )
+        # fp16 loss scaling overflows the gradients now and then by design (the step is skipped)
+        self.guard.record(
+            self.pos.step + 1, window_loss, None if self.scaler.is_enabled() else norm
+        )
         if self.grad_clip is not None:
             self.grad_norm = _clip(self.params, self.grad_clip, norm)
         self.scaler.step(self.optimizer)
@@ -627,9 +656,14 @@ class Trainer:
         if not self.per_step_schedule:
             self.scheduler.step(value)
         delta = self.recipe.early_stopping.min_delta
-        improved = math.isfinite(value) and (
-            self.best is None
-            or (value < self.best - delta if self.mode == "min" else value > self.best + delta)
+        finite = all(math.isfinite(entry[k]) for k in ("train_loss", "val_loss") if k in entry)
+        improved = (
+            finite
+            and math.isfinite(value)
+            and (
+                self.best is None
+                or (value < self.best - delta if self.mode == "min" else value > self.best + delta)
+            )
         )
         if improved:
             self.best, self.best_step, self.bad_evals = value, pos.step, 0
@@ -738,6 +772,19 @@ class Trainer:
             if hasattr(self.scheduler, "_last_lr"):
                 self.scheduler._last_lr = [g["lr"] for g in groups]
 
+    def _diverged(self, pos: _Position) -> str:
+        """Stop a run whose loss or weights are no longer finite; nothing after the fault is kept."""
+        first = self.guard.first
+        where = f"at step {first}" if first is not None else f"by step {pos.step}"
+        self.divergence = (
+            f"diverged: the loss, gradients or weights became non-finite {where} (GW301)"
+        )
+        best = ckpt.best_checkpoint(self.dir)
+        kept = f"the best checkpoint ({best.name}) is kept" if best else "no checkpoint is best"
+        hint = "" if self.repairer else "; doctor.mode: repair can roll back and fix this"
+        self.progress.line(f"stopped, {self.divergence}; {kept}{hint}")
+        return "diverged"
+
     def _interrupted(self, pos: _Position) -> str:
         write_status(
             self.dir,
@@ -757,7 +804,7 @@ class Trainer:
         if state == "diverged":
             write_status(
                 self.dir, "failed", step=self.pos.step, epoch=self.pos.epoch, best_metric=self.best,
-                monitor=self.monitor, message="diverged: the loss or gradients are not finite (GW301)",
+                monitor=self.monitor, message=self.divergence,
             )  # fmt: skip
         elif state != "interrupted":
             write_status(
@@ -819,17 +866,30 @@ class Trainer:
         self._write_doctor_files(telemetry=False)
 
     def on_repair(self, record: dict) -> None:
-        """Called by the Repairer after each repair."""
+        """Called by the Repairer after each repair: the losses since the rollback are discarded."""
+        self.guard.reset()
+        for total in (self._loss_sum, self._loss_count, self._log_sum, self._log_count):
+            total.zero_()  # the epoch's training loss is measured from the repaired state on
         self.progress.line(
             f"doctor repair at step {record['step']} ({record['code']}): {record['action']}"
         )
         self._write_doctor_files(telemetry=False)
 
-    def _respond(self, fired: list, step: int) -> str | None:
-        """React to the findings of a step: repair, stop a diverged run, or carry on."""
-        if self.repairer is not None:
-            return self.repairer.after_step(step, fired)
-        return "stop" if any(f.code == "GW301" for f in fired) else None
+    def _respond(self, fired: list, step: int, *, force: bool = False) -> str | None:
+        """React to a step's findings and to a non-finite loss: repair, stop, or carry on.
+
+        ``force`` reads the non-finite guard on the host now (on accelerators it is otherwise read
+        every ``log_every`` steps, so that watching costs no synchronisation per step).
+        """
+        nonfinite = self.guard.poll(step, force=force) is not None
+        if nonfinite and self.doctor is not None and all(f.code != "GW301" for f in fired):
+            fired = [*fired, *self.doctor.check_finite()]  # GW301 names the step it appeared
+        caught = any(f.code == "GW301" for f in fired)
+        if self.repairer is None or (nonfinite and not caught):  # no repairs, or GW301 ignored
+            return "stop" if nonfinite or caught else None
+        if self.repairer.after_step(step, fired) == "stop":
+            return "stop"
+        return None if self.guard.first is None else "stop"  # a repair rolls back and clears it
 
     def _write_doctor_files(self, telemetry: bool = True) -> None:
         if self.doctor is None:
@@ -895,6 +955,55 @@ def _require_object(name: str, argument: str) -> None:
             f"the {name.removeprefix(OBJECT)} object this run was started with",
             "pass it again, e.g. Trainer.resume(run_dir, model, train_data, val_data)",
         )
+
+
+class FiniteGuard:
+    """Finds the first optimizer step whose loss (or gradient norm) is NaN or infinite.
+
+    On the CPU each step is judged on the host at once, which costs nothing. On an accelerator the
+    judgement stays on the device (a host read would synchronise every step) and is read every
+    ``every`` steps and whenever :meth:`poll` is forced: before a checkpoint, a validation or a
+    logged loss, so that nothing non-finite is saved, validated or reported as recovered.
+    """
+
+    def __init__(self, device: torch.device, every: int) -> None:
+        self.on_host = device.type == "cpu"
+        self.every = 1 if self.on_host else every
+        self.first: int | None = None
+        self._first_on_device = None if self.on_host else torch.full((), -1, device=device)
+
+    def record(self, step: int, *values: torch.Tensor | None) -> None:
+        values = tuple(v for v in values if v is not None)
+        if self.on_host:
+            if self.first is None and not all(bool(torch.isfinite(v).all()) for v in values):
+                self.first = step
+            return
+        finite = torch.stack([torch.isfinite(v).all() for v in values]).all()
+        seen = self._first_on_device >= 0
+        self._first_on_device = torch.where(finite | seen, self._first_on_device, step)
+
+    def poll(self, step: int, force: bool = False) -> int | None:
+        """The first non-finite step so far, or None; read from the device when due or forced."""
+        if self.first is None and not self.on_host and (force or step % self.every == 0):
+            first = int(self._first_on_device)
+            self.first = first if first >= 0 else None
+        return self.first
+
+    def reset(self) -> None:
+        """Forget what was seen (after a rollback to a finite state)."""
+        self.first = None
+        if self._first_on_device is not None:
+            self._first_on_device.fill_(-1)
+
+
+def _finite_weights(model: nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer is finite (one fused pass, one sync)."""
+    tensors = [
+        t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()
+    ]
+    if not tensors:
+        return True
+    return bool(torch.stack([n.float() for n in torch._foreach_norm(tensors)]).isfinite().all())
 
 
 def _total_norm(params: list[nn.Parameter]) -> torch.Tensor | None:
