@@ -88,7 +88,7 @@ def test_symbolic_links_that_lead_out_are_refused(copy, tmp_path):
     os.symlink(tmp_path / "reference.json", copy / "reference.json")
     with pytest.raises(ConfigError, match="symbolic link"):
         load_reference(copy)
-    with pytest.raises(ConfigError, match="symbolic links point to: reference.json"):
+    with pytest.raises(ConfigError, match=r"symbolic links point to: reference\.json"):
         gw.deploy.register(copy, "linked")
 
 
