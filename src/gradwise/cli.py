@@ -206,10 +206,11 @@ def explain(
     list_: Annotated[bool, typer.Option("--list", help="List every topic and rule.")] = False,
 ) -> None:
     """Explain a technique (what, math, when, trade-offs, references, runnable example) or a doctor rule."""
-    from gradwise.doctor import RULES
+    from gradwise.doctor.pages import rule_pages
     from gradwise.errors import ConfigError, did_you_mean
     from gradwise.knowledge import find, load_entries
 
+    rules = rule_pages()
     if list_ or topic is None:
         entries = sorted(load_entries().values(), key=lambda e: (e.category, e.id))
         category = None
@@ -219,18 +220,18 @@ def explain(
                 print(f"\n{category}")
             print(f"  {entry.id:<34} {entry.summary[:90]}")
         print("\ndoctor rules")
-        for rule in sorted(RULES.values(), key=lambda r: r.code):
+        for rule in rules.values():
             print(f"  {rule.code}  {rule.name:<28} {rule.summary[:90]}")
         return
-    by_name = {r.name: r for r in RULES.values()}
-    rule = RULES.get(topic.upper()) or by_name.get(topic.lower())
+    by_name = {r.name: r for r in rules.values()}
+    rule = rules.get(topic.upper()) or by_name.get(topic.lower())
     if rule is not None:
-        text = rule.page()
+        text = rule.page
     else:
         try:
             text = find(topic).markdown()
         except ConfigError as exc:
-            close = did_you_mean(topic.upper(), RULES) or did_you_mean(topic.lower(), by_name)
+            close = did_you_mean(topic.upper(), rules) or did_you_mean(topic.lower(), by_name)
             if close is None:
                 raise
             raise ConfigError("topic", topic, "a known topic or rule code", close) from exc

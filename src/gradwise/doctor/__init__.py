@@ -8,10 +8,13 @@ documentation page (``gradwise explain GW302``) and can be ignored by code.
 from __future__ import annotations
 
 from gradwise._lazy import lazy_exports
-from gradwise.doctor.doctor import Doctor
-from gradwise.doctor.findings import RULES, Finding, Rule
 
+# all lazy: gradwise.doctor.pages (the rules' pages for ``gradwise explain``) must not import torch
 _LAZY = {
+    "Doctor": "gradwise.doctor.doctor",
+    "RULES": "gradwise.doctor.doctor",  # importing the Doctor registers every rule
+    "Finding": "gradwise.doctor.findings",
+    "Rule": "gradwise.doctor.findings",
     "check": "gradwise.doctor.preflight",
     "CheckReport": "gradwise.doctor.preflight",
     "lr_range_test": "gradwise.doctor.lr_finder",
@@ -20,7 +23,7 @@ _LAZY = {
     "report_run": "gradwise.doctor.report",
 }
 
-__all__ = ["RULES", "Doctor", "Finding", "Rule", *_LAZY]
+__all__ = list(_LAZY)
 
 
 __getattr__, __dir__ = lazy_exports("gradwise.doctor", _LAZY, globals())
