@@ -2,9 +2,10 @@
 Weights & Biases from a background thread.
 
 ``Tracker.log`` only formats one JSON line into a buffered file and queues the values, which costs
-microseconds. A background thread flushes the file every second (a killed run loses at most about a
-second of metrics), writes TensorBoard and W&B, and sends MLflow one ``log_batch`` every few
-seconds. The logging packages are imported only when enabled: each takes about a second.
+microseconds. A background thread starts the loggers (importing MLflow and creating its database
+take seconds, which a short run should not wait for), flushes the file every second (a killed run
+loses at most about a second of metrics), writes TensorBoard and W&B, and sends MLflow one
+``log_batch`` every few seconds. A logger that fails is a warning, never an error in the run.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import logging
 import netrc
 import os
 import re
+import sys
 import threading
 import time
+import types
 from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -67,7 +70,6 @@ class Tracker:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.params = flatten_params(params)
-        self.mlflow_run_id: str | None = None
         path = self.run_dir / METRICS_FILE
         repair_metrics_tail(path)  # a run killed mid-line must not glue our first line to it
         self._file = open(path, "ab", buffering=1 << 16)  # noqa: SIM115 - closed in close()
@@ -75,30 +77,37 @@ class Tracker:
         self._pending: deque[Record] = deque()
         self._closed = False
         self._backends: list[_Backend] = []
-        try:
-            if _enabled(_TensorBoard, tensorboard):
-                self._add_backend(tensorboard, _TensorBoard, self.run_dir, self.params)
-            if _enabled(_MLflow, mlflow):
-                backend = self._add_backend(
-                    mlflow, _MLflow, self.run_dir, self.params, experiment, mlflow_uri, tags
+        self._failures: list[int] = []  # consecutive errors per logger; -1: switched off
+        try:  # a logger that is required but not installed is an error before the run starts
+            self._starting: list[tuple[type[_Backend], tuple]] = [
+                (cls, args)
+                for cls, flag, args in (
+                    (_TensorBoard, tensorboard, (self.run_dir, self.params)),
+                    (_MLflow, mlflow, (self.run_dir, self.params, experiment, mlflow_uri, tags)),
+                    (_Wandb, wandb, (self.run_dir, self.params, experiment)),
                 )
-                self.mlflow_run_id = backend.run_id if isinstance(backend, _MLflow) else None
-            if _enabled(_Wandb, wandb):
-                self._add_backend(wandb, _Wandb, self.run_dir, self.params, experiment)
+                if _enabled(cls, flag)
+            ]
         except BaseException:
-            for backend in self._backends:
-                _try(backend.name, backend.close, "failed")
             self._file.close()
             raise
-        self._failures = [0] * len(self._backends)  # consecutive errors; -1: switched off
+        self._started = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="gradwise-tracker", daemon=True)
         self._thread.start()
 
     @property
     def backends(self) -> list[str]:
-        """Names of the enabled loggers besides metrics.jsonl, e.g. ``["tensorboard", "mlflow"]``."""
+        """Names of the running loggers besides metrics.jsonl, e.g. ``["tensorboard", "mlflow"]``
+        (waits until they have started)."""
+        self._started.wait()
         return [b.name for b in self._backends]
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        """The MLflow run's id, once MLflow logging has started; None without MLflow."""
+        self._started.wait()
+        return next((b.run_id for b in self._backends if isinstance(b, _MLflow)), None)
 
     def log(
         self, step: int, metrics: Mapping[str, float], *, split: str, epoch: int | None = None
@@ -117,7 +126,7 @@ class Tracker:
             if self._closed:
                 raise RuntimeError("Tracker.log() called after close()")
             self._file.write(line)
-        if self._backends:
+        if self._starting:
             self._pending.append((step, epoch, t, split, values))
 
     def close(self, state: str = "finished") -> None:
@@ -153,20 +162,21 @@ class Tracker:
 
     # -- background thread ---------------------------------------------------------------------
 
-    def _add_backend(self, flag: bool | None, cls: type[_Backend], *args: Any) -> _Backend | None:
-        try:
-            backend = cls(*args)
-        except ImportError as e:  # installed but broken
-            if flag:
-                raise GradwiseError(cls.missing(f"cannot be imported ({e})")) from e
-            logger.warning(
-                "%s logging is off: %s cannot be imported (%s)", cls.name, cls.package, e
-            )
-            return None
-        self._backends.append(backend)
-        return backend
+    def _start_backends(self) -> None:
+        for cls, args in self._starting:
+            try:
+                backend = cls(*args)
+            except Exception as e:  # installed but broken, or its store refuses: the run goes on
+                logger.warning("%s logging is off: %s: %s", cls.name, type(e).__name__, e)
+                continue
+            self._backends.append(backend)
+            self._failures.append(0)
 
     def _work(self) -> None:
+        try:
+            self._start_backends()
+        finally:
+            self._started.set()
         last_send = time.monotonic()
         while not self._stop.wait(self.flush_secs):
             with self._lock:
@@ -272,6 +282,7 @@ class _TensorBoard(_Backend):
     name, package = "tensorboard", "tensorboard"
 
     def __init__(self, run_dir: Path, params: dict[str, Any]) -> None:
+        _tensorboard_without_tensorflow()
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), flush_secs=10)
@@ -289,6 +300,18 @@ class _TensorBoard(_Backend):
 
     def close(self, state: str) -> None:
         self.writer.close()
+
+
+def _tensorboard_without_tensorflow() -> None:
+    """Let TensorBoard write event files without importing TensorFlow.
+
+    TensorBoard imports TensorFlow whenever it is installed (seconds of start-up and its log lines
+    on stderr), though writing scalars needs none of it. ``tensorboard.compat.notf`` is TensorBoard's
+    own switch to its TensorFlow stub; set only when this process has not imported TensorFlow.
+    """
+    if "tensorflow" in sys.modules or "tensorboard.compat.notf" in sys.modules:
+        return
+    sys.modules["tensorboard.compat.notf"] = types.ModuleType("tensorboard.compat.notf")
 
 
 class _MLflow(_Backend):
