@@ -7,6 +7,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
+from gradwise._format import percent, times
 from gradwise.doctor.findings import rule
 from gradwise.doctor.rules._types import Result
 from gradwise.doctor.signals import Series, Signals
@@ -146,7 +147,7 @@ def exploding_gradients(s: Signals) -> Result:
         if previous > 0 and g[i] > T.explode_factor * previous:
             return (
                 f"the gradient norm jumped to {g[i]:.3g} at step {steps[i]}, "
-                f"{g[i] / previous:.0f}x the largest of the preceding steps ({previous:.3g})",
+                f"{times(g[i] / previous)} the largest of the preceding steps ({previous:.3g})",
                 {"grad_norm": g[i], "previous_max": previous, "factor": g[i] / previous},
             )
     finite = [v for v in g[-T.explode_history :] if math.isfinite(v)]
@@ -282,7 +283,7 @@ def lr_too_high(s: Signals) -> Result:
     if best > 0 and now > T.lr_high_divergence * best:
         return (
             f"updates are {ratio:.2g} of the weights' size (healthy: ~1e-3) and the loss rose to "
-            f"{now / best:.1f}x its minimum",
+            f"{times(now / best)} its minimum",
             {"update_ratio": ratio, "loss_to_min": now / best},
         )
     return None
@@ -367,7 +368,7 @@ def plateau(s: Signals) -> Result:
     if improvement < T.plateau_improvement and now > T.plateau_learned * initial:
         return (
             f"the loss has not improved over the last {T.plateau_window} steps and is still "
-            f"{now / initial:.0%} of its initial value",
+            f"{percent(now / initial)} of its initial value",
             {"loss": now, "initial_loss": initial, "improvement": improvement},
         )
     return None
@@ -412,7 +413,7 @@ def oscillating(s: Signals) -> Result:
     peaks = deciles[-1] > T.oscillation_peak * initial
     if amplitude > T.oscillation_amplitude and peaks and not falling:
         return (
-            f"the loss swings over {amplitude:.0%} of its initial value without falling",
+            f"the loss swings over {percent(amplitude)} of its initial value without falling",
             {"amplitude": amplitude, "loss_p10": deciles[0], "loss_p90": deciles[-1]},
         )
     return None
