@@ -329,3 +329,32 @@ def test_tracker_import_is_lazy() -> None:
     code = "import sys, gradwise.tracking; print(sorted({'mlflow', 'tensorboard', 'wandb', 'torch'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_tensorboard_logging_does_not_import_tensorflow(tmp_path: Path) -> None:
+    pytest.importorskip("tensorflow", reason="only meaningful where TensorFlow is installed")
+    code = (
+        "import sys; from pathlib import Path; from gradwise.tracking import Tracker\n"
+        f"with Tracker(Path({str(tmp_path)!r}), params={{'a': 1}}, tensorboard=True, mlflow=False)"
+        " as t:\n    t.log(1, {'loss': 1.0}, split='train')\n"
+        "print('tensorflow' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False" and "absl" not in out.stderr
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_a_logger_that_fails_to_start_is_a_warning_and_the_run_goes_on(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    from gradwise.tracking import tracker as tracking
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(tracking._MLflow, "__init__", broken)
+    with Tracker(tmp_path, params={}, tensorboard=False, mlflow=True) as tracker:
+        tracker.log(1, {"loss": 1.0}, split="train")
+        assert tracker.backends == [] and tracker.mlflow_run_id is None
+    assert "mlflow logging is off: RuntimeError: database is locked" in caplog.text
+    assert [m["loss"] for m in read_metrics(tmp_path)] == [1.0]
