@@ -300,3 +300,17 @@ def test_resume_applies_explicit_optimizer_settings_and_rescales_the_schedule(bl
         factor = 0.1 if old["step"] > resumed_at else 1.0
         assert new["lr"] == pytest.approx(old["lr"] * factor), old["step"]
     assert any(m["step"] > resumed_at for m in after)
+
+
+def test_members_of_a_model_given_by_import_path_resume_as_the_populations_own(tmp_path):
+    # a run directory PBT wrote itself is trusted: generation 2 must not refuse the user's model
+    (tmp_path / "pbt_user_model.py").write_text(
+        "import torch\n\n"
+        "def build(in_features: int, num_outputs: int) -> torch.nn.Module:\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(in_features, 8), torch.nn.ReLU(),\n"
+        "                               torch.nn.Linear(8, num_outputs))\n"
+    )
+    recipe = {**RECIPE, "model": {"name": "pbt_user_model:build"}}
+    result = pbt(recipe, HYPER, **{**SETTINGS, "population": 2, "generations": 2}, root=tmp_path)
+    second = result.lineage["generations"][1]["members"]
+    assert all(e["metric"] is not None for e in second) and math.isfinite(result.best_metric)

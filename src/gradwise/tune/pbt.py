@@ -363,7 +363,8 @@ def _train(
         )
         return Trainer(recipe=recipe, progress="off", on_evaluate=stop).fit()
     overrides = hyperparams if changed else {}
-    return Trainer.resume(run_dir, progress="off", on_evaluate=stop, **overrides).fit()
+    # the member's run directory is this population's own, made from the user's recipe: trusted
+    return Trainer.resume(run_dir, progress="off", on_evaluate=stop, trust=True, **overrides).fit()
 
 
 def _metric(run: Any, epoch: int) -> float:
