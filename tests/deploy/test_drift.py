@@ -162,3 +162,42 @@ def test_monitor_keeps_the_last_rows_of_a_sliding_window(table) -> None:
     monitor.add(x[:1000] + 50)  # a batch larger than the window keeps its last rows
     assert len(monitor.snapshot()[0]) == 300
     assert monitor.report()["verdict"] == "significant drift"
+
+
+def _as_exported(raw: np.ndarray, per: str) -> tuple[dict, dict]:
+    """The reference and preprocessing export writes for raw training inputs that gradwise's data
+    pipeline scaled and standardised: statistics of the model inputs mapped back to raw."""
+    import torch
+
+    from gradwise.data.common import standardize
+    from gradwise.deploy.card import unpreprocess
+
+    model_inputs, _, record = standardize(torch.as_tensor(raw) / 16.0, None, per=per)
+    pre = {"scale": 1 / 16, "standardize": record}
+    return reference_statistics(unpreprocess(model_inputs.numpy(), pre)), pre
+
+
+@pytest.mark.parametrize("per", ["channel", "all"])
+def test_the_training_data_itself_shows_no_drift_and_a_shift_still_does(per) -> None:
+    # digits-like images: pixels 0..16, a blank border (a constant 0 feature, every image's min)
+    rng = np.random.default_rng(4)
+    images = np.zeros((1000, 1, 8, 8), dtype=np.float32)
+    images[:, :, 1:7, 1:7] = rng.integers(0, 17, size=(1000, 1, 6, 6))
+    if per == "all":  # tabular rows of 64 pixels: one feature per pixel
+        images = images.reshape(1000, 64)
+    reference, pre = _as_exported(images, per)
+    border = reference["features"][0]
+    assert border["min"] != 0.0  # the round trip through float32 left 0 as about -1e-7
+
+    monitor = DriftMonitor(reference, window=1000, min_rows=200, preprocessing=pre)
+    monitor.add(images)
+    report = monitor.report()
+    assert report["verdict"] == "no drift", [f for f in report["features"] if f["ks_drift"]]
+    assert all(f["ks_statistic"] < 0.05 for f in report["features"])
+
+    brighter = images + 1.0  # one grey level brighter, the border too
+    monitor = DriftMonitor(reference, window=1000, min_rows=200, preprocessing=pre)
+    monitor.add(brighter)
+    report = monitor.report()
+    assert report["verdict"] == "significant drift"
+    assert border["name"] in report["drifted"]

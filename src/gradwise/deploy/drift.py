@@ -6,6 +6,12 @@ of recent inputs and predictions that ``gradwise serve`` compares with the artif
 a raw sample per feature, on raw inputs or per-sample summaries of high-dimensional ones, and
 prediction statistics) and the functions that build it live in ``gradwise.deploy.card``.
 
+Live inputs are compared in the space the reference was computed in. Export builds the reference
+from the model inputs (float32, after the pre-processing) mapped back to raw inputs, so a raw 0 is
+-9.9e-8 there; the monitor sends live inputs through the same round trip (:func:`reference_space`),
+so the training data itself matches the reference value for value instead of tied values (blank
+pixels, a sample's minimum) differing in the 8th digit and giving a KS statistic of 1.0.
+
 Conventional PSI thresholds (Siddiqi 2006, *Credit Risk Scorecards*; Yurdakul 2018, "Statistical
 properties of population stability index"): below 0.1 no drift, 0.1-0.25 moderate, above 0.25
 significant. KS p-values are compared with 0.05 Bonferroni-corrected over the features, so a
@@ -20,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from gradwise.deploy.card import drift_features
+from gradwise.deploy.card import drift_features, preprocess, unpreprocess
 
 PSI_MODERATE = 0.1
 PSI_SIGNIFICANT = 0.25
@@ -83,6 +89,16 @@ def ks(
         method="asymp",
     )
     return float(result.statistic), float(result.pvalue)
+
+
+def reference_space(x: np.ndarray, preprocessing: dict[str, Any] | None) -> np.ndarray:
+    """Raw inputs as export saw the training inputs: through the pre-processing to float32 model
+    inputs and back (``card.unpreprocess(card.preprocess(x))``); unchanged without one."""
+    pre = {k: v for k, v in (preprocessing or {}).items() if k in ("scale", "standardize")}
+    x = np.asarray(x)
+    if not pre or x.dtype.kind not in "iuf":
+        return x
+    return unpreprocess(preprocess(x, pre), pre)
 
 
 def class_fractions(classes: np.ndarray, num_classes: int) -> np.ndarray:
@@ -203,10 +219,21 @@ def _prediction_drift(
 
 class DriftMonitor:
     """A sliding window of the last ``window`` rows of drift features and predictions, compared
-    with a reference on demand. ``add`` is cheap (a ring buffer); ``report`` does the statistics."""
+    with a reference on demand. ``add`` is cheap (a ring buffer); ``report`` does the statistics.
 
-    def __init__(self, reference: dict[str, Any], window: int = 1000, min_rows: int = 200) -> None:
+    ``preprocessing`` is the model card's: live inputs go through it and back before they are
+    compared, as the training inputs did (see the module doc).
+    """
+
+    def __init__(
+        self,
+        reference: dict[str, Any],
+        window: int = 1000,
+        min_rows: int = 200,
+        preprocessing: dict[str, Any] | None = None,
+    ) -> None:
         self.reference = reference
+        self.preprocessing = preprocessing
         self.kind: str = reference.get("kind", "features")
         self.window = window
         self.min_rows = min(min_rows, window)
@@ -219,7 +246,7 @@ class DriftMonitor:
 
     def add(self, x: np.ndarray, predictions: np.ndarray | None = None) -> None:
         """Record a batch of raw inputs (and the model's predictions for them)."""
-        rows = drift_features(x, self.kind)[-self.window :]
+        rows = drift_features(reference_space(x[-self.window :], self.preprocessing), self.kind)
         preds = None if predictions is None else np.asarray(predictions)[-self.window :]
         with self._lock:
             if preds is not None and self._pred is None:
