@@ -8,8 +8,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import gradwise_cli
 
+import gradwise as gw
 from gradwise.tracking import list_runs
 
 FACTORIES = textwrap.dedent(
@@ -129,6 +131,29 @@ def test_train_then_list_runs(tmp_path):
     assert (
         listing.returncode == 0 and "iris-quick" in listing.stdout and "finished" in listing.stdout
     )
+    assert "the advisor was not asked" in result.stderr  # the run says where its settings came from
+    assert not (tmp_path / "runs" / "iris-quick" / "advice.json").exists()
+
+
+def test_train_with_advise_chooses_like_the_python_api(tmp_path):
+    path = _write(
+        tmp_path,
+        "model: {name: mlp, kwargs: {hidden: [16]}}\ndata: {name: iris}\noptim: {lr: 0.02}\n"
+        "tracking: {mlflow: false, tensorboard: false}\n",
+    )
+    result = gradwise_cli(
+        "train", str(path), "--advise", "--set", "epochs=1", "--name", "adv", "-q", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "advised for this model and data" in result.stderr
+    run = tmp_path / "runs" / "adv"
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert recipe["optim"]["lr"] == 0.02 and recipe["train"]["epochs"] == 1  # the user's win
+    python = gw.advise(recipe={**yaml.safe_load(path.read_text()), "train": {"epochs": 1}})
+    advised = {a.setting: a.value for a in python.advice}
+    assert recipe["data"]["batch_size"] == advised["data.batch_size"]
+    assert recipe["optim"]["weight_decay"] == advised["optim.weight_decay"]
+    assert (run / "advice.json").is_file()
 
 
 def test_public_functions_stay_callable_after_their_modules_are_imported():

@@ -73,6 +73,14 @@ def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     set_: SetOption = None,
     name: Annotated[str | None, typer.Option(help="Run name (directory under runs/).")] = None,
+    advise: Annotated[
+        bool,
+        typer.Option(
+            "--advise",
+            help="Ask the advisor for every setting the recipe and --set do not name, as "
+            "Trainer(recipe='auto') does (reasons in the run's advice.json).",
+        ),
+    ] = False,
     quiet: QuietOption = False,
 ) -> None:
     """Train the model and data a recipe names; writes runs/<name>/."""
@@ -82,7 +90,11 @@ def train(
     overrides = dict(parse_assignment(item) for item in set_ or [])
     if name:
         overrides["name"] = name
-    _fit(r.override(overrides), quiet=quiet)
+    if advise:  # the advisor keeps exactly the file's and --set's own settings
+        r.override(overrides)  # a bad --set fails here, with its own message
+        _fit(_with_overrides(recipe, overrides), quiet=quiet, advise=True)
+    else:
+        _fit(r.override(overrides), quiet=quiet)
 
 
 @app.command()
@@ -624,16 +636,21 @@ def serve(
         token=token or None,
         max_batch_size=max_batch_size,
         max_wait_ms=max_wait_ms,
+        max_rows=max_rows,
         max_body_mb=max_body_mb,
         int8=int8,
         threads=threads,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        max_connections=max_connections,
+        announce=banner,
     )
 
 
-def _fit(recipe, quiet: bool) -> None:
+def _fit(recipe, quiet: bool, advise: bool = False) -> None:
     from gradwise.trainer import Trainer
 
-    _report(Trainer(recipe=recipe, progress="lines" if quiet else "auto").fit())
+    _report(Trainer(recipe=recipe, progress="lines" if quiet else "auto", advise=advise).fit())
 
 
 def _report(run) -> None:

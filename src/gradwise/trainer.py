@@ -35,7 +35,7 @@ from gradwise.data.loader import epoch_batches, make_loader, num_batches, steps_
 from gradwise.errors import ConfigError, DataError, GradwiseError
 from gradwise.optim import build_optimizer, build_scheduler
 from gradwise.progress import Progress
-from gradwise.recipe import Recipe, load_recipe, override_paths
+from gradwise.recipe import Recipe, load_recipe, override_paths, set_paths
 from gradwise.tasks import (
     IGNORE_INDEX,
     Task,
@@ -94,6 +94,9 @@ class Trainer:
     recipe: "auto" (default) asks the advisor for every setting you do not give (the advice is saved
     in the run directory as advice.json); a Recipe, dict or YAML path uses exactly that recipe;
     None uses gradwise's plain defaults.
+    advise: True asks the advisor for every setting that the recipe (a dict or YAML path) and the
+    overrides do not name, as ``gradwise train RECIPE --advise`` does; default: only for "auto".
+    The run says which it did.
     overrides: recipe settings by dotted path or unique name, e.g. ``lr=3e-3, epochs=10``; they
     always win over the advice.
     progress: auto (bar on a terminal, else lines), bar, lines or off.
@@ -120,13 +123,17 @@ class Trainer:
         tags: dict[str, str] | None = None,
         mlflow_uri: str | None = None,
         trust: bool = True,
+        advise: bool | None = None,
         **overrides: Any,
     ) -> None:
         if task is not None:
             overrides["task"] = task
-        self._advise = isinstance(recipe, str) and recipe == "auto"
+        auto = isinstance(recipe, str) and recipe == "auto"
+        self._advise = auto if advise is None else advise
         self._explicit = override_paths(overrides)
-        self.recipe = load_recipe(None if self._advise else recipe).override(overrides)
+        if self._advise and isinstance(recipe, (dict, str, Path)) and not auto:
+            self._explicit |= set_paths(recipe)  # the recipe's own settings are the user's
+        self.recipe = load_recipe(None if auto else recipe).override(overrides)
         self.advice: list | None = None
         if loss_fn is not None and not callable(loss_fn):
             raise ConfigError("loss_fn", loss_fn, "a callable (outputs, targets) -> scalar loss")
@@ -450,6 +457,8 @@ class Trainer:
         self.progress = Progress(self.total_steps, mode=self._progress_mode, start_step=pos.step)
         if self.resume_from is not None:
             self.progress.line(f"resuming {self.dir} at step {pos.step}")
+        else:
+            self.progress.line(self._settings_note())
         self._start_doctor()
         state = "failed"
         previous_handlers = self._install_signal_handlers()
@@ -785,6 +794,21 @@ class Trainer:
         self.progress.line(f"stopped, {self.divergence}; {kept}{hint}")
         return "diverged"
 
+    def _settings_note(self) -> str:
+        """One line saying where the run's settings came from: the advisor or the recipe."""
+        if self.advice is None:
+            return (
+                "settings: the recipe's, with gradwise's defaults for the rest (the advisor was not "
+                "asked: gradwise train --advise, or Trainer(recipe='auto'))"
+            )
+        chosen = {a.setting: a.value for a in self.advice if a.setting not in self._explicit}
+        shown = ", ".join(f"{name} {chosen[k]}" for k, name in _KEY_SETTINGS.items() if k in chosen)
+        return (
+            f"settings: {len(chosen)} advised for this model and data"
+            + (f" ({shown}, ...)" if shown else "")
+            + f", the rest yours; the reasons are in {self.dir / 'advice.json'}"
+        )
+
     def _interrupted(self, pos: _Position) -> str:
         write_status(
             self.dir,
@@ -935,6 +959,15 @@ class Trainer:
 # == helpers ======
 
 OBJECT = "object:"  # recipe model/data names for objects passed from Python
+
+# the advised settings a run names when it starts (all of them are in advice.json)
+_KEY_SETTINGS = {
+    "optim.name": "optimizer",
+    "optim.lr": "lr",
+    "data.batch_size": "batch_size",
+    "train.epochs": "epochs",
+    "optim.weight_decay": "weight_decay",
+}
 
 # recipe settings that, given explicitly to Trainer.resume, replace the restored param groups' values
 # (optim.lr is handled apart: it also rescales the schedule)
