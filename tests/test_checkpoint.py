@@ -24,7 +24,7 @@ from gradwise.checkpoint import (
     save_checkpoint,
     write_manifest,
 )
-from gradwise.tracking import read_status
+from gradwise.tracking import read_metrics, read_status
 
 
 def test_round_trip_and_state_loads_with_weights_only(tmp_path):
@@ -226,3 +226,47 @@ def test_resuming_a_python_object_run_asks_for_the_objects(blobs):
     assert recipe.model.name == "object:Sequential" and recipe.data.name == "object:arrays"
     with pytest.raises(gw.ConfigError, match="pass it again"):
         gw.Trainer.resume(run.dir).fit()
+
+
+def test_a_run_killed_right_after_a_checkpoint_keeps_the_metrics_it_resumes_from(tmp_path):
+    # os._exit in on_evaluate (called after the epoch's checkpoint) dies like SIGKILL: no cleanup,
+    # and the tracker's 1-second flush is pushed out of reach so only a flush at the checkpoint counts
+    script = tmp_path / "killed.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, sys
+            import gradwise as gw
+            from gradwise.tracking import Tracker
+            Tracker.flush_secs = 3600
+            recipe = {"name": "killed", "model": {"name": "mlp", "kwargs": {"hidden": [8]}},
+                      "data": {"name": "iris", "batch_size": 16}, "train": {"epochs": 3,
+                      "log_every": 4}, "tracking": {"mlflow": False, "tensorboard": False}}
+            gw.Trainer(recipe=recipe, progress="off", on_evaluate=lambda entry: os._exit(9)).fit()
+            """
+        )
+    )
+    killed = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True)
+    assert killed.returncode == 9, killed.stderr
+    run_dir = tmp_path / "runs" / "killed"
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000008"]
+    resumed = gradwise_cli("resume", str(run_dir), "-q", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    train_steps = [m["step"] for m in read_metrics(run_dir) if m["split"] == "train"]
+    assert train_steps == [4, 8, 12, 16, 20, 24]  # 8 steps per epoch, a row every 4
+    val_steps = [m["step"] for m in read_metrics(run_dir) if m["split"] == "val"]
+    assert val_steps == [8, 16, 24]
+
+
+def test_resume_set_changes_settings_from_the_checkpoint_on(tmp_path):
+    recipe = _recipe(tmp_path)
+    first = gradwise_cli(
+        "train", str(recipe), "--name", "short", "-q", "--set", "epochs=1", cwd=tmp_path
+    )
+    assert first.returncode == 0, first.stderr
+    run_dir = tmp_path / "runs" / "short"
+    more = gradwise_cli("resume", str(run_dir), "-q", "--set", "epochs=2", cwd=tmp_path)
+    assert more.returncode == 0, more.stderr
+    assert read_status(run_dir)["step"] == 60  # 30 steps per epoch
+    bad = gradwise_cli("resume", str(run_dir), "--set", "epochz=3", cwd=tmp_path)
+    assert bad.returncode == 2 and "epochs" in bad.stderr and "Traceback" not in bad.stderr

@@ -103,11 +103,17 @@ def resume(
     quiet: QuietOption = False,
     trust: TrustOption = False,
 ) -> None:
-    """Continue an interrupted run from its latest checkpoint, exactly where it stopped."""
+    """Continue a run from its latest checkpoint, exactly where it stopped.
+
+    --set changes settings from here on, e.g. train.epochs=30 to extend the budget or
+    optim.lr=1e-4 (a new peak: the schedule keeps its position and scales).
+    """
+    from gradwise.recipe import parse_assignment
     from gradwise.trainer import Trainer
 
+    overrides = dict(parse_assignment(item) for item in set_ or [])
     progress = "lines" if quiet else "auto"
-    _report(Trainer.resume(run_dir, progress=progress, trust=trust).fit())
+    _report(Trainer.resume(run_dir, progress=progress, trust=trust, **overrides).fit())
 
 
 @app.command()

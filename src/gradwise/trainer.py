@@ -716,6 +716,7 @@ class Trainer:
             "batch": pos.batch,
             **(self.history[-1] if self.history else {}),
         }
+        self.tracker.sync()  # the metrics up to this step survive a kill after the checkpoint
         path = ckpt.save_checkpoint(
             self.dir, pos.step, model=self.model, state=state, ema=self.ema, meta=meta
         )

@@ -129,6 +129,14 @@ class Tracker:
         if self._starting:
             self._pending.append((step, epoch, t, split, values))
 
+    def sync(self) -> None:
+        """Make every metric logged so far durable in metrics.jsonl (flush and fsync), e.g. before a
+        checkpoint, so that a run killed after it still has the metrics it resumes from."""
+        with self._lock:
+            if not self._closed:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+
     def close(self, state: str = "finished") -> None:
         """Flush everything and end the run in every logger with ``state`` (finished, failed or
         interrupted; MLflow gets FINISHED, FAILED or KILLED). Calling it again does nothing."""
