@@ -100,6 +100,7 @@ def train(
 @app.command()
 def resume(
     run_dir: Annotated[Path, typer.Argument(help="Run directory to continue.")],
+    set_: SetOption = None,
     quiet: QuietOption = False,
     trust: TrustOption = False,
 ) -> None:
