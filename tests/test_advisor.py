@@ -195,3 +195,11 @@ def test_cli_advise_writes_a_recipe_that_trains(tmp_path):
         "train", "advised.yaml", "-q", "--set", "tracking.mlflow=false", cwd=tmp_path
     )
     assert train.returncode == 0, train.stderr
+
+
+def test_cli_advise_probe_says_what_it_is_doing(tmp_path):
+    result = gradwise_cli("advise", "--model", "mlp", "--data", "iris", "--probe", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "probing the learning rate" in result.stderr
+    assert "lr range test: step 20/100" in result.stderr and "advised in" in result.stderr
+    assert "range test on a copy of the model" in result.stdout  # the lr's reason

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -155,7 +156,13 @@ def advise(
     for key, value in (("model", model), ("data", data)):
         if value is not None:
             base = base.override({key: {"name": value, "kwargs": {}}})
+    if probe:
+        err.print("probing the learning rate: a range test on a copy of the model ...")
+        _show_progress_of("gradwise.doctor.lr_finder")
+    started = time.perf_counter()
     advised = run_advise(recipe=base, explicit=explicit, task=task, budget=budget, probe=probe)
+    if probe:
+        err.print(f"advised in {time.perf_counter() - started:.0f} s")
     rows = advised.table()
     if out.is_terminal:
         from rich.table import Table
@@ -591,6 +598,7 @@ def runs(
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     artifact: Annotated[
         str,
         typer.Argument(
@@ -607,18 +615,49 @@ def serve(
         typer.Option(
             envvar="GRADWISE_TOKEN",
             show_envvar=True,
-            help="Bearer token every endpoint but /health requires.",
+            help="Bearer token every endpoint but /health requires. Set it in the environment "
+            "or use --token-file: on the command line, any user can read it in the process list.",
         ),
     ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="File holding the bearer token (first line); chmod 600 it."),
+    ] = None,
     max_batch_size: Annotated[
-        int, typer.Option(min=1, help="Rows per micro-batch; 1 turns micro-batching off.")
+        int,
+        typer.Option(
+            min=1,
+            help="Most rows in one model call (larger requests are split); 1 turns "
+            "micro-batching off.",
+        ),
     ] = 32,
     max_wait_ms: Annotated[
         float, typer.Option(min=0, help="Longest wait for a micro-batch to fill, in ms.")
     ] = 5.0,
+    max_rows: Annotated[
+        int, typer.Option(min=1, help="Most instances in one request (more: 413).")
+    ] = 10_000,
     max_body_mb: Annotated[
         float, typer.Option(min=0.001, help="Largest request body, in MiB (bigger: 413).")
     ] = 16.0,
+    header_timeout: Annotated[
+        float,
+        typer.Option(min=0.001, help="Seconds a client has to send its request headers (408)."),
+    ] = 10.0,
+    body_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.001, help="Seconds a client has to send its request body after the headers (408)."
+        ),
+    ] = 30.0,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Open connections per worker; at the cap the one idle longest is closed, or the "
+            "new one gets 503.",
+        ),
+    ] = 1000,
     int8: Annotated[bool, typer.Option("--int8", help="Serve model.int8.onnx.")] = False,
     threads: Annotated[
         int | None,
@@ -628,13 +667,30 @@ def serve(
     ] = None,
 ) -> None:
     """Serve an exported model over HTTP: /v1/predict, /health, /v1/model, /v1/drift, /metrics."""
+    from gradwise.deploy.serve import read_token
     from gradwise.deploy.serve import serve as run_serve
 
-    out.print(
-        f"serving {artifact} on http://{host}:{port} (docs: /docs; Ctrl-C stops after in-flight "
-        "requests)",
-        soft_wrap=True,
-    )
+    source = ctx.get_parameter_source("token")
+    on_command_line = getattr(source, "name", None) == "COMMANDLINE"  # typer vendors click
+    if token_file is not None:
+        if on_command_line:
+            raise ConfigError("token", "--token and --token-file", "one of them")
+        token = read_token(token_file)
+    elif token and on_command_line:
+        warnings.warn(
+            "--token on the command line is visible to every user in the process list (ps); "
+            "use --token-file PATH or the GRADWISE_TOKEN environment variable",
+            GradwiseWarning,
+            stacklevel=1,
+        )
+
+    def banner(url: str) -> None:
+        out.print(
+            f"serving {artifact} on {url} (docs: /docs; Ctrl-C or SIGTERM stops after answering "
+            "the requests received)",
+            soft_wrap=True,
+        )
+
     run_serve(
         artifact,
         host=host,
@@ -652,6 +708,17 @@ def serve(
         max_connections=max_connections,
         announce=banner,
     )
+
+
+def _show_progress_of(name: str) -> None:
+    """Print the INFO progress lines of logger ``name`` on stderr (a long step says it is alive)."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("  %(message)s"))
+    log = logging.getLogger(name)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
 
 
 def _fit(recipe, quiet: bool, advise: bool = False) -> None:

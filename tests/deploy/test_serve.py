@@ -141,7 +141,7 @@ def test_every_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serv
             (npy(np.full((2, 30), "x")), "application/x-npy", 422, "got strings"),
             (npy(np.ones((2, 30), np.complex64)), "application/x-npy", 422, "dtype complex64"),
             (json.dumps(good).encode(), "text/plain", 415, "Content-Type must be"),
-            (json.dumps(good).encode(), "", 415, "got 'none'"),
+            (b"instances=1,2", "", 415, "got 'none' (and the body is neither JSON nor .npy)"),
             (b"x" * (2**20 + 10), "application/json", 413, "1 MiB limit"),
         ]
         for content, ctype, status, message in raw_bodies:
@@ -354,7 +354,9 @@ def test_batching_off_and_int8(tabular, tmp_path: Path) -> None:
         text = httpx.get(f"{url}/metrics").text
     expected = eager_probs(tabular["model"], x, tabular["pre"])
     assert np.abs(got - expected).max() < 0.05  # int8 weights: close, not equal
-    assert metric(text, "gradwise_batch_size_count") == 1
+    # batching off: no model call sees more than one row, nor gathers requests
+    assert metric(text, "gradwise_batch_size_count") == 100
+    assert metric(text, "gradwise_batch_size_bucket", le="1.0") == 100
 
 
 def test_a_bad_artifact_fails_before_serving(tabular, tmp_path: Path) -> None:
@@ -410,3 +412,36 @@ def test_cli_reports_a_missing_artifact_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "artifact" in result.stderr and "model.json" in result.stderr
     assert "Traceback" not in result.stderr
+    assert "serving" not in result.stdout  # the banner comes after the checks
+
+
+def test_cli_reports_a_port_in_use_in_one_line_before_the_banner(tabular) -> None:
+    from conftest import gradwise_cli
+
+    taken = free_socket()
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        result = gradwise_cli("serve", str(tabular["dir"]), "--port", str(port))
+    finally:
+        taken.close()
+    assert result.returncode == 2, result.stderr
+    assert f"port: got {port}; expected a free port" in result.stderr
+    assert "in use" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "serving" not in result.stdout
+
+
+def test_the_readme_curl_example_and_curl_d_without_a_content_type(server, tabular) -> None:
+    body = json.dumps({"instances": tabular["x"][:1].tolist()})
+    # the README's example sends application/json; curl -d alone sends a form content type
+    for ctype in ("application/json", "application/x-www-form-urlencoded"):
+        r = httpx.post(
+            f"{server}/v1/predict", content=body, headers={**AUTH, "Content-Type": ctype}
+        )
+        assert r.status_code == 200, r.text
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    curl = next(
+        line for line in readme.splitlines() if line.startswith("curl") and "predict" in line
+    )
+    assert "-H 'Content-Type: application/json'" in curl

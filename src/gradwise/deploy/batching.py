@@ -6,9 +6,12 @@ event loop keeps accepting requests) and hands each request its own rows back. W
 runs, new requests gather for the next one, so under load batches fill up by themselves.
 
 Requests stack only with requests whose samples have the same shape and dtype (token sequences
-of different lengths run in separate batches). A request larger than ``max_batch_size`` rows
-runs as a batch of its own. ``max_batch_size=1`` turns batching off: every request is its own
-model call, run concurrently in the thread pool.
+of different lengths run in separate batches). The model never sees more than ``max_batch_size``
+rows at once: a larger request is split into pieces that queue one after the other (so small
+requests arriving meanwhile are not stuck behind all of it) and its outputs are put back together.
+Memory per model call is thereby bounded, and so is ONNX Runtime's arena, which keeps what it
+grew to. ``max_batch_size=1`` turns batching off: every row is its own model call, and requests
+run side by side in the thread pool.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class MicroBatcher:
     """Gathers ``submit``-ted arrays into batches for ``run`` (rows along axis 0).
 
     Use ``start()`` inside the event loop before the first request and ``close()`` at shutdown:
-    it lets every queued request finish before it returns.
+    it answers every request already submitted, all of its pieces, before it returns.
     """
 
     def __init__(
@@ -72,8 +75,12 @@ class MicroBatcher:
         self._pending: deque[_Request] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._closing = False
+        self._closing = False  # no new requests
+        self._stopping = False  # every request answered: the task ends
         self._in_flight = 0
+        self._submitted = 0  # submit() calls not yet answered
+        self._all_answered = asyncio.Event()
+        self._all_answered.set()
 
     @property
     def enabled(self) -> bool:
@@ -86,15 +93,31 @@ class MicroBatcher:
 
     async def start(self) -> None:
         """Start the batching task in the running event loop."""
-        self._closing = False
+        self._closing = self._stopping = False
         if self.enabled and self._task is None:
             self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
 
     async def submit(self, x: np.ndarray) -> np.ndarray:
-        """The model's output rows for the rows of ``x``."""
+        """The model's output rows for the rows of ``x``, in model calls of at most
+        ``max_batch_size`` rows."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
+        self._submitted += 1
+        self._all_answered.clear()
+        try:
+            step = self.max_batch_size
+            if len(x) <= step:
+                return await self._submit_piece(x)
+            return np.concatenate(
+                [await self._submit_piece(x[i : i + step]) for i in range(0, len(x), step)]
+            )
+        finally:
+            self._submitted -= 1
+            if self._submitted == 0:
+                self._all_answered.set()
+
+    async def _submit_piece(self, x: np.ndarray) -> np.ndarray:
         if not self.enabled or self._task is None:
             self._in_flight += 1
             try:
@@ -108,14 +131,15 @@ class MicroBatcher:
         return await request.future
 
     async def close(self) -> None:
-        """Stop taking requests, finish every queued one, stop the task and the threads."""
+        """Stop taking requests, answer every one already submitted, stop the task and the
+        threads."""
         self._closing = True
+        await self._all_answered.wait()
         if self._task is not None and self._wakeup is not None:
+            self._stopping = True
             self._wakeup.set()
             await self._task
             self._task = None
-        while self._in_flight:  # unbatched calls still running
-            await asyncio.sleep(0.01)
         self._executor.shutdown(wait=True)
 
     # -- the batching task -------------------------------------------------------------------
@@ -124,7 +148,7 @@ class MicroBatcher:
         assert self._wakeup is not None
         while True:
             if not self._pending:
-                if self._closing:
+                if self._stopping:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()

@@ -5,44 +5,61 @@ Endpoints (every one but ``/health`` behind the bearer token when one is set)::
     POST /v1/predict   {"instances": [[...], ...]} (application/json) or np.save bytes
                        (application/x-npy) -> {"model", "predictions", "probabilities"?, "labels"?}
     GET  /health       liveness and the serving settings (never needs the token)
-    GET  /v1/model     the model card (model.json)
+    GET  /v1/model     the model card: what a client needs to call the model; the whole card
+                       (host paths removed) with the token
     GET  /v1/drift     PSI and KS per feature of the recent inputs against reference.json
     GET  /metrics      Prometheus text: requests, latency, batch sizes, errors
     GET  /docs, /openapi.json
 
-Concurrent requests are micro-batched into one ONNX Runtime call (``batching.MicroBatcher``).
-Every request is checked against the model card (shape, dtype, finite values, token ids in
-range): a bad one gets a 4xx naming what is wrong, never a 500, and the server keeps serving.
+Concurrent requests are micro-batched into ONNX Runtime calls of at most ``max_batch_size`` rows
+(``batching.MicroBatcher``); a larger request is split, so memory per request is bounded. Every
+request is checked against the model card (shape, dtype, finite values, token ids in range, at
+most ``max_rows`` instances): a bad one gets a 4xx naming what is wrong, never a 500, and the
+server keeps serving. Large bodies are parsed in worker threads, a bounded number of bytes at a
+time, so the event loop stays free for ``/health`` and small requests.
+
+No client can sink the server: uvicorn's HTTP protocol is extended (``gradwise.deploy.server``) with
+what it lacks: a header size limit (431), a deadline for the request headers and one for the body
+(408), and a cap on open connections that closes the connection idle longest to admit a new one.
+On SIGINT/SIGTERM the server answers every request it has received before it stops.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hmac
 import io
 import json
 import logging
 import os
+import re
+import signal
+import stat
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field, ValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect
 
-from gradwise import __version__
 from gradwise._lazy import callable_as_namesake
 from gradwise.deploy.batching import MicroBatcher, ShuttingDown
 from gradwise.deploy.card import load_card, preprocess, sha256_file
-from gradwise.errors import ConfigError, GradwiseError
+from gradwise.errors import ConfigError, GradwiseError, warn
 
 logger = logging.getLogger("gradwise.serve")
 
 JSON_TYPE = "application/json"
 NPY_TYPE = "application/x-npy"
+FORM_TYPE = "application/x-www-form-urlencoded"  # what curl -d sends
+NPY_MAGIC = b"\x93NUMPY"
+API_VERSION = "1"
 CLASSIFICATION = ("binary", "multiclass", "multilabel")
 ENDPOINTS = (
     "/v1/predict",
@@ -53,6 +70,8 @@ ENDPOINTS = (
     "/docs",
     "/openapi.json",
 )
+LARGE_BODY = 64 * 1024  # bodies above this are parsed in a worker thread, within the byte budget
+PUBLIC_CARD = ("name", "format", "task", "inputs", "outputs", "class_labels")
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
     "tensor(double)": np.float64,
@@ -90,6 +109,12 @@ class PredictResponse(BaseModel):
     )
 
 
+class ErrorResponse(BaseModel):
+    """Every error: what is wrong, naming the field, the value and what was expected."""
+
+    detail: str
+
+
 class HealthResponse(BaseModel):
     status: str
     model: str
@@ -98,7 +123,31 @@ class HealthResponse(BaseModel):
     threads: int
     max_batch_size: int
     max_wait_ms: float
+    max_rows: int
+    max_body_mb: float
     drift: bool
+
+
+class TensorSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    shape: list[int | str | None] = Field(description="None (or a name): any size on that axis")
+    dtype: str
+
+
+class ModelCardResponse(BaseModel):
+    """What a client needs to call the model; with the token, the whole model card (model.json)
+    with host paths reduced to their last component."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    format: str
+    task: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    class_labels: list[Any] | None = None
 
 
 class FeatureDrift(BaseModel):
@@ -129,7 +178,11 @@ class DriftResponse(BaseModel):
 
 
 class InputError(ValueError):
-    """A request the model cannot take; its message names what is wrong (HTTP 422)."""
+    """A request the model cannot take; its message names what is wrong (HTTP ``status``)."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -153,7 +206,12 @@ class Model:
     post-processing (standardisation, softmax/sigmoid, class labels)."""
 
     def __init__(
-        self, artifact_dir: str | Path, *, int8: bool = False, threads: int | None = None
+        self,
+        artifact_dir: str | Path,
+        *,
+        int8: bool = False,
+        threads: int | None = None,
+        max_rows: int | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -179,6 +237,7 @@ class Model:
                 f"{self.file} does not match the sha256 in its model card: the file was changed "
                 "or damaged after export; export again"
             )
+        self.max_rows = max_rows
         self.threads = threads or min(4, os.cpu_count() or 1)
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
@@ -208,6 +267,10 @@ class Model:
 
     # -- input checks: every failure is an InputError naming what is wrong
 
+    def parse(self, body: bytes, npy: bool) -> np.ndarray:
+        """Checked instances from a JSON or ``np.save`` body."""
+        return self.parse_npy(body) if npy else self.parse_json(body)
+
     def parse_json(self, body: bytes) -> np.ndarray:
         """Instances from a JSON body ``{"instances": [...]}``, checked."""
         try:
@@ -224,16 +287,38 @@ class Model:
         return self.validate(x)
 
     def parse_npy(self, body: bytes) -> np.ndarray:
-        """Instances from ``np.save`` bytes (a ``[N, ...]`` array), checked."""
+        """Instances from ``np.save`` bytes (a ``[N, ...]`` array), checked. The header is checked
+        against the body's length first, and the array is a view of the body: nothing is
+        allocated for what a header claims."""
+        from numpy.lib import format as npy_format
+
+        readers = {
+            (1, 0): npy_format.read_array_header_1_0,
+            (2, 0): npy_format.read_array_header_2_0,
+        }
+        f = io.BytesIO(body)
         try:
-            x = np.load(io.BytesIO(body), allow_pickle=False)
+            version = npy_format.read_magic(f)
+            shape, fortran, dtype = readers[version](f)
         except Exception as e:
+            reason = f"version {e.args[0]}" if isinstance(e, KeyError) else str(e)
             raise InputError(
-                f"the body is not a NumPy .npy array (np.save bytes, no pickles): {e}"
+                "the body is not a NumPy .npy array (np.save bytes of one array, format 1.0 or "
+                f"2.0): {reason}"
             ) from None
-        if not isinstance(x, np.ndarray):
-            raise InputError("the body must hold one array (np.save), not an .npz archive")
-        return self.validate(x)
+        if dtype.hasobject:
+            raise InputError(
+                "the body is not a NumPy .npy array of numbers: it holds Python objects (pickles "
+                "are not accepted)"
+            )
+        count, data = int(np.prod(shape)), len(body) - f.tell()
+        if data != count * dtype.itemsize:
+            raise InputError(
+                f"the .npy body holds {data} bytes of data; its header (shape {list(shape)}, "
+                f"{dtype}) says {count * dtype.itemsize}"
+            )
+        x = np.frombuffer(body, dtype=dtype, count=count, offset=f.tell())
+        return self.validate(x.reshape(shape, order="F" if fortran else "C"))
 
     def validate(self, x: np.ndarray) -> np.ndarray:
         """``x`` as the model's dtype, after checking dtype, shape, finiteness and token ids."""
@@ -254,6 +339,12 @@ class Model:
         if x.ndim != len(self.sample_shape) + 1 or len(x) == 0:
             raise InputError(
                 f"each instance must have shape {want}; got instances of shape {list(x.shape[1:])}"
+            )
+        if self.max_rows is not None and len(x) > self.max_rows:
+            raise InputError(
+                f"the request has {len(x)} instances; at most {self.max_rows} are allowed per "
+                "request (--max-rows): send them in several requests",
+                status=413,
             )
         for axis, (got, expected) in enumerate(zip(x.shape[1:], self.sample_shape, strict=True)):
             if expected is not None and got != expected:
@@ -469,9 +560,11 @@ _REASONS = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "timeout",
     413: "too_large",
     415: "unsupported_media_type",
     422: "invalid_input",
+    499: "client_closed",
     500: "internal",
     503: "unavailable",
 }
@@ -482,11 +575,12 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 class _Gate:
-    """ASGI middleware: bearer-token check (all but /health) and request metrics."""
+    """ASGI middleware: bearer-token check (all but /health) and request metrics. A request that
+    carries the right token is marked ``scope["state"]["authenticated"]``."""
 
     def __init__(self, app: Any, metrics: Metrics, token: str | None) -> None:
         self.app, self.metrics = app, metrics
-        self.expected = f"Bearer {token}".encode() if token else None
+        self.token = token.encode() if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -503,7 +597,9 @@ class _Gate:
             await send(message)
 
         try:
-            if self.expected is not None and path != "/health" and not self._authorized(scope):
+            authenticated = self._authorized(scope)
+            scope.setdefault("state", {})["authenticated"] = authenticated
+            if self.token is not None and path != "/health" and not authenticated:
                 response = JSONResponse(
                     {
                         "detail": "missing or wrong bearer token (send 'Authorization: Bearer <token>')"
@@ -518,10 +614,60 @@ class _Gate:
             self.metrics.observe(endpoint, status, time.perf_counter() - start)
 
     def _authorized(self, scope: Scope) -> bool:
+        if self.token is None:
+            return False
         for key, value in scope["headers"]:
             if key == b"authorization":
-                return hmac.compare_digest(value, self.expected or b"")
+                scheme, _, credentials = value.strip().partition(b" ")
+                # the scheme is case-insensitive (RFC 7235); the token is compared in constant time
+                return scheme.lower() == b"bearer" and hmac.compare_digest(
+                    credentials.strip(), self.token
+                )
         return False
+
+
+_HOST_PATH = re.compile(r"^(?:~|/|\\\\|[A-Za-z]:[\\/]|file:|sqlite:)")
+
+
+def public_card(card: dict[str, Any], model: Model) -> dict[str, Any]:
+    """What a client needs to call the model: name, format, task, inputs, outputs, labels."""
+    public = {k: card.get(k) for k in PUBLIC_CARD}
+    return {**public, "name": model.name, "format": card.get("format", "onnx"), "task": model.task}
+
+
+def without_host_paths(value: Any) -> Any:
+    """``value`` with every absolute path (and file/sqlite URI) reduced to its last component."""
+    if isinstance(value, dict):
+        return {k: without_host_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_host_paths(v) for v in value]
+    if isinstance(value, str) and _HOST_PATH.match(value):
+        return PurePath(value.replace("\\", "/").rstrip("/")).name
+    return value
+
+
+class _ByteBudget:
+    """Bytes of large request bodies being read, parsed and predicted at once. A request waits
+    until its size fits; one larger than the whole budget waits until it is alone."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    @asynccontextmanager
+    async def reserve(self, size: int) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: self.used == 0 or self.used + size <= self.capacity
+            )
+            self.used += size
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= size
+                self._changed.notify_all()
 
 
 # -- the app -----------------------------------------------------------------------------------
@@ -534,6 +680,7 @@ def create_app(
     max_batch_size: int = 32,
     max_wait_ms: float = 5.0,
     max_body_mb: float = 16.0,
+    max_rows: int = 10_000,
     int8: bool = False,
     threads: int | None = None,
     drift_window: int = 1000,
@@ -541,7 +688,11 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app serving an exported artifact directory (or a ``models:/NAME@alias`` /
     ``models:/NAME/VERSION`` registry URI). The model is loaded here, so a bad artifact fails
-    before any server starts. ``max_batch_size=1`` turns micro-batching off."""
+    before any server starts. ``max_batch_size=1`` turns micro-batching off.
+
+    Memory per request is bounded: at most ``max_rows`` instances (413 above), model calls of at
+    most ``max_batch_size`` rows, and bodies above 64 KiB are read, parsed and predicted at most
+    ``2 * max_body_mb`` MiB at a time (others wait their turn) in worker threads."""
     if str(artifact).startswith("models:/"):
         from gradwise.deploy.registry import resolve
 
@@ -554,12 +705,15 @@ def create_app(
         )
     if max_wait_ms < 0:
         raise ConfigError("max_wait_ms", max_wait_ms, "a number of milliseconds >= 0")
-    model = Model(artifact, int8=int8, threads=threads)
+    if max_rows < 1:
+        raise ConfigError("max_rows", max_rows, "an integer >= 1 (instances per request)")
+    model = Model(artifact, int8=int8, threads=threads, max_rows=max_rows)
     monitor = _drift_monitor(model, drift_window, drift_min_rows)
     metrics = Metrics()
     batcher = MicroBatcher(model.run, max_batch_size, max_wait_ms, on_batch=metrics.on_batch)
     metrics.queue.set_function(lambda: batcher.queued)
     limit = int(max_body_mb * 2**20)
+    budget = _ByteBudget(2 * limit)
     logger.info(
         "serving %s (%s, %s) with %d ONNX Runtime threads, micro-batching %s",
         model.name, model.task, model.file.name, model.threads,
@@ -567,14 +721,14 @@ def create_app(
     )  # fmt: skip
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await batcher.start()
         yield
-        await batcher.close()  # uvicorn has let in-flight requests finish; drain the queue
+        await batcher.close()  # the server has answered every request; drain the queue
 
     app = FastAPI(
         title=f"gradwise: {model.name}",
-        version=str((model.card.get("versions") or {}).get("gradwise") or __version__),
+        version=API_VERSION,
         description=f"Predictions of the exported {model.task} model {model.name!r}.",
         lifespan=lifespan,
     )
@@ -587,7 +741,11 @@ def create_app(
 
     @app.exception_handler(InputError)
     async def _invalid(request: Request, exc: InputError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # nobody reads it; the metrics count it
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
@@ -612,33 +770,56 @@ def create_app(
             },
         }
     }
-    errors = {
-        401: {"description": "Missing or wrong bearer token"},
-        413: {"description": "Body larger than --max-body-mb"},
-        415: {"description": "Content-Type is neither application/json nor application/x-npy"},
-        422: {"description": "Instances the model cannot take (shape, dtype, NaN, token ids)"},
-    }
+
+    def errors(described: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+        """OpenAPI entries of a route's error responses (401 when a token is set)."""
+        codes = {401: "Missing or wrong bearer token"} if token else {}
+        codes |= described or {}
+        return {code: {"model": ErrorResponse, "description": d} for code, d in codes.items()}
 
     @app.post(
-        "/v1/predict", response_model=PredictResponse, responses=errors, openapi_extra=predict_body
+        "/v1/predict",
+        response_model=PredictResponse,
+        responses=errors(
+            {
+                413: "Body larger than --max-body-mb, or more instances than --max-rows",
+                415: "Content-Type is neither application/json nor application/x-npy (a body "
+                "without one, or sent as a form by curl -d, is read as JSON or .npy when it is "
+                "one)",
+                422: "Instances the model cannot take (shape, dtype, NaN, token ids)",
+                503: "The server is shutting down",
+            }
+        ),
+        openapi_extra=predict_body,
     )
     async def predict(request: Request) -> Response:
         """Predict a batch of instances (JSON) or an array (np.save bytes, application/x-npy)."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype not in (JSON_TYPE, NPY_TYPE):
-            raise HTTPException(
-                415, f"Content-Type must be {JSON_TYPE} or {NPY_TYPE}; got {ctype or 'none'!r}"
-            )
-        body = await _read_body(request, limit, max_body_mb)
-        x = model.parse_npy(body) if ctype == NPY_TYPE else model.parse_json(body)
+        if ctype not in (JSON_TYPE, NPY_TYPE, FORM_TYPE, ""):
+            raise HTTPException(415, _media_type_message(ctype))
+        length = request.headers.get("content-length", "")
+        size = int(length) if length.isdigit() else limit
+        if size > limit:
+            raise HTTPException(413, _too_large(max_body_mb))
+        if size <= LARGE_BODY:  # microseconds of parsing: on the event loop
+            body = await _read_body(request, limit, max_body_mb)
+            out = await _predict(model.parse(body, _is_npy(body, ctype)))
+            return Response(_render(model, out), media_type=JSON_TYPE)
+        async with budget.reserve(size):
+            body = await _read_body(request, limit, max_body_mb)
+            x = await asyncio.to_thread(model.parse, body, _is_npy(body, ctype))
+            out = await _predict(x)
+            content = await asyncio.to_thread(_render, model, out)
+        return Response(content, media_type=JSON_TYPE)
+
+    async def _predict(x: np.ndarray) -> np.ndarray:
         try:
             out = await batcher.submit(x)
         except ShuttingDown:
             raise HTTPException(503, "the server is shutting down") from None
-        result = model.respond(out)
         if monitor is not None:
             monitor.add(x, model.drift_predictions(out))
-        return JSONResponse(result)
+        return out
 
     @app.get("/health", response_model=HealthResponse)
     async def health() -> dict[str, Any]:
@@ -651,18 +832,23 @@ def create_app(
             "threads": model.threads,
             "max_batch_size": max_batch_size,
             "max_wait_ms": max_wait_ms,
+            "max_rows": max_rows,
+            "max_body_mb": max_body_mb,
             "drift": monitor is not None,
         }
 
-    @app.get("/v1/model", response_model=dict[str, Any])
-    async def card() -> dict[str, Any]:
-        """The model card (model.json)."""
-        return model.card
+    @app.get("/v1/model", response_model=ModelCardResponse, responses=errors())
+    async def card(request: Request) -> JSONResponse:
+        """The model card: what a client needs (inputs, outputs, labels, task); the whole card
+        with the bearer token, host paths reduced to file names."""
+        full = getattr(request.state, "authenticated", False)
+        body = without_host_paths(model.card) if full else {}
+        return JSONResponse({**body, **public_card(model.card, model)})
 
     @app.get(
         "/v1/drift",
         response_model=DriftResponse,
-        responses={404: {"description": "No reference.json"}},
+        responses=errors({404: "No usable reference.json: drift monitoring is off"}),
     )
     async def drift() -> dict[str, Any]:
         """Drift of the recent inputs (the last ``drift_window`` rows) against the training data."""
@@ -670,11 +856,13 @@ def create_app(
             raise HTTPException(
                 404, "drift monitoring is off: the artifact has no usable reference.json"
             )
-        from starlette.concurrency import run_in_threadpool
+        return await asyncio.to_thread(monitor.report)
 
-        return await run_in_threadpool(monitor.report)
-
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {}}}, **errors()},
+    )
     async def prometheus() -> Response:
         """Prometheus metrics (text format)."""
         data, content_type = metrics.text()
@@ -684,17 +872,40 @@ def create_app(
     return app
 
 
+def _media_type_message(ctype: str) -> str:
+    return f"Content-Type must be {JSON_TYPE} or {NPY_TYPE}; got {ctype or 'none'!r}"
+
+
+def _is_npy(body: bytes, ctype: str) -> bool:
+    """Whether the body is .npy: by its Content-Type, or, without one (or as curl -d's form
+    type), by its first bytes; a body that is neither JSON nor .npy is a 415."""
+    if ctype in (JSON_TYPE, NPY_TYPE):
+        return ctype == NPY_TYPE
+    if body.startswith(NPY_MAGIC):
+        return True
+    if body.lstrip()[:1] in (b"{", b"["):
+        return False
+    raise HTTPException(
+        415, _media_type_message(ctype) + " (and the body is neither JSON nor .npy)"
+    )
+
+
+def _render(model: Model, out: np.ndarray) -> bytes:
+    """The JSON response body for the model's output rows."""
+    return json.dumps(model.respond(out), separators=(",", ":")).encode()
+
+
+def _too_large(limit_mb: float) -> str:
+    return f"the request body is larger than the {limit_mb:g} MiB limit (--max-body-mb)"
+
+
 async def _read_body(request: Request, limit: int, limit_mb: float) -> bytes:
     """The request body, refused with 413 as soon as it is longer than ``limit`` bytes."""
-    too_large = f"the request body is larger than the {limit_mb:g} MiB limit (--max-body-mb)"
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise HTTPException(413, too_large)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise HTTPException(413, too_large)
+            raise HTTPException(413, _too_large(limit_mb))
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -707,7 +918,9 @@ def _drift_monitor(model: Model, window: int, min_rows: int) -> Any:
         return None
     try:
         reference = json.loads(path.read_text(encoding="utf-8"))
-        monitor = DriftMonitor(reference, window=window, min_rows=min_rows)
+        monitor = DriftMonitor(
+            reference, window=window, min_rows=min_rows, preprocessing=model.preprocessing
+        )
         probe = np.zeros((1, *[d or 1 for d in model.sample_shape]))
         width = drift_features(probe, monitor.kind).shape[1]
         if width != monitor.n_features:
@@ -730,50 +943,127 @@ def serve(
     max_batch_size: int = 32,
     max_wait_ms: float = 5.0,
     max_body_mb: float = 16.0,
+    max_rows: int = 10_000,
     int8: bool = False,
     threads: int | None = None,
     log_level: str = "info",
     graceful_timeout: float = 30.0,
+    header_timeout: float = 10.0,
+    body_timeout: float = 30.0,
+    max_connections: int = 1000,
+    announce: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve an artifact with uvicorn until Ctrl-C/SIGTERM, then finish in-flight requests."""
+    """Serve an artifact with uvicorn until SIGINT/SIGTERM, then answer every request received.
+
+    The artifact (its model card, and with one worker the whole model) and the port are checked
+    first, raising :class:`ConfigError`; then ``announce(url)`` is called (the CLI's banner).
+    With ``workers > 1`` each worker process builds its own app; the token reaches them through
+    the environment, never the command line.
+    """
     import uvicorn
 
+    try:
+        from gradwise.deploy.server import (
+            GracefulServer,
+            LimitedProtocol,
+            ServerLimits,
+            bind,
+            within_file_limit,
+        )
+    except ImportError as e:
+        raise ConfigError(
+            "uvicorn and httptools", str(e), "installed", "pip install 'gradwise[deploy]'"
+        ) from None
     if str(artifact).startswith("models:/"):  # download once, not once per worker
         from gradwise.deploy.registry import resolve
 
         artifact = resolve(str(artifact))
+    serving_card(artifact)
+    limits = within_file_limit(
+        ServerLimits(
+            header_timeout=header_timeout,
+            body_timeout=body_timeout,
+            max_connections=max_connections,
+        )
+    )
     options = {
         "artifact": str(artifact),
         "max_batch_size": max_batch_size,
         "max_wait_ms": max_wait_ms,
         "max_body_mb": max_body_mb,
+        "max_rows": max_rows,
         "int8": int8,
         "threads": threads or max(1, (os.cpu_count() or 1) // max(workers, 1)),
     }
+    sock = bind(host, port)
+    app: Any = f"{__name__}:app_from_env"
+    if workers == 1:
+        try:
+            app = create_app(token=token, **options)
+        except BaseException:
+            sock.close()
+            raise
     if token is None and host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without a token: anyone who can reach it can use it", host)
-    config = {
-        "host": host,
-        "port": port,
-        "log_level": log_level,
-        "timeout_graceful_shutdown": graceful_timeout,
-    }
+    config = uvicorn.Config(
+        app,
+        factory=workers > 1,
+        workers=workers,
+        log_level=log_level,
+        timeout_graceful_shutdown=graceful_timeout,
+        http=functools.partial(LimitedProtocol, limits=limits),  # type: ignore[arg-type]
+        ws="none",
+        server_header=False,
+        lifespan="on",
+    )
+    if announce is not None:
+        name = f"[{host}]" if ":" in host else host
+        announce(f"http://{name}:{sock.getsockname()[1]}")
     if workers > 1:  # each worker process builds its own app (and its own metrics and window)
+        from uvicorn.supervisors import Multiprocess
+
         os.environ[_OPTIONS_ENV] = json.dumps(options)
         if token:
-            os.environ["GRADWISE_TOKEN"] = token
-        uvicorn.run(f"{__name__}:app_from_env", factory=True, workers=workers, **config)
+            os.environ[_TOKEN_ENV] = token
+        Multiprocess(config, sockets=[sock]).run()
     else:
-        uvicorn.run(create_app(token=token, **options), **config)
+        # uvicorn raises the signal again once it has shut down, which would make a graceful
+        # stop exit with 130 or 143: the handlers it restores then do nothing instead
+        quiet = {
+            sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            GracefulServer(config).run(sockets=[sock])
+        finally:
+            for sig, handler in quiet.items():
+                signal.signal(sig, handler)
 
 
 _OPTIONS_ENV = "GRADWISE_SERVE_OPTIONS"
+_TOKEN_ENV = "GRADWISE_TOKEN"
 
 
 def app_from_env() -> FastAPI:
     """The app of a worker process (``serve(workers=N)``): options from the environment."""
     options = json.loads(os.environ[_OPTIONS_ENV])
-    return create_app(token=os.environ.get("GRADWISE_TOKEN") or None, **options)
+    return create_app(token=os.environ.get(_TOKEN_ENV) or None, **options)
+
+
+def read_token(path: str | Path) -> str:
+    """The bearer token in a file (its first line); warns when others may read the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(
+            "token_file", str(path), "a readable file holding the token", str(e.strerror)
+        ) from None
+    token = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if not token:
+        raise ConfigError("token_file", str(path), "a file holding the token on its first line")
+    if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        warn(f"{path} can be read by other users: chmod 600 {path}")
+    return token
 
 
 callable_as_namesake(__name__)

@@ -8,7 +8,9 @@ learning rates lie before the bottom. See :func:`lr_range_test` for how the sugg
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
+
+logger = logging.getLogger(
+    __name__
+)  # INFO: the sweep's progress (gradwise advise --probe shows it)
 
 # ---------------------------------------------------------------------------- suggestion table
 
@@ -339,7 +345,13 @@ def lr_range_test(
         smoothed: list[float] = []
         avg, best, diverged_at = 0.0, math.inf, None
         source = batches(dataset, batch_size, seed)
+        started = time.perf_counter()
         for step in range(steps):
+            if step and step % 20 == 0:
+                logger.info(
+                    "lr range test: step %d/%d, lr %.2g, loss %.4g (%.0f s)",
+                    step, steps, lrs[-1], smoothed[-1], time.perf_counter() - started,
+                )  # fmt: skip
             lr = start_lr * factor**step
             for group, ratio in zip(opt.param_groups, ratios, strict=True):
                 group["lr"] = lr * ratio
