@@ -224,6 +224,50 @@ def check(
 
 
 @app.command()
+def models(
+    name: Annotated[str | None, typer.Argument(help="A model, to show its arguments.")] = None,
+) -> None:
+    """The model zoo: every model with its arguments (and what your own factories receive)."""
+    from gradwise.catalog import models as catalog
+    from gradwise.models.build import SIZE_ARGS
+
+    _show_catalog(catalog(), name, "model")
+    if name is None:
+        out.print(
+            "\nyour own factory (model.name: 'module:factory') also gets, when it names them:"
+        )
+        for arg, meaning in SIZE_ARGS.items():
+            out.print(f"  {arg}: {meaning}", soft_wrap=True)
+
+
+@app.command()
+def datasets(
+    name: Annotated[str | None, typer.Argument(help="A data set, to show its arguments.")] = None,
+) -> None:
+    """The built-in data sets with their arguments (data.kwargs)."""
+    from gradwise.catalog import USER_DATA
+    from gradwise.catalog import datasets as catalog
+
+    _show_catalog(catalog(), name, "data set")
+    if name is None:
+        out.print("\n" + USER_DATA.replace("`", ""), soft_wrap=True)
+
+
+def _show_catalog(entries: dict, name: str | None, kind: str) -> None:
+    from gradwise.errors import did_you_mean
+
+    if name is None:
+        for entry in entries.values():
+            args = ", ".join(a.name for a in entry.arguments if not a.from_data)
+            out.print(f"{entry.name:<26} {entry.summary}", soft_wrap=True)
+            out.print(f"{'':<26} arguments: {args or 'none'}", soft_wrap=True)
+        return
+    if name not in entries:
+        raise ConfigError(kind, name, f"one of {', '.join(entries)}", did_you_mean(name, entries))
+    out.print(entries[name].text(), soft_wrap=True, markup=False)
+
+
+@app.command()
 def explain(
     topic: Annotated[
         str | None,

@@ -20,17 +20,20 @@ InferFn = Callable[["DataInfo | None", "int | None", dict[str, Any]], dict[str, 
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
-# size arguments an import-path factory may accept and build_model fills when derivable
-SIZE_ARGS = (
-    "in_features",
-    "in_channels",
-    "input_shape",
-    "num_outputs",
-    "num_classes",
-    "vocab_size",
-    "seq_len",
-    "max_seq_len",
-)
+# the size arguments build_model fills, when derivable from the data, for any factory that names
+# them and whose kwargs do not give them (docs/reference.md and `gradwise models` show this table)
+SIZE_ARGS = {
+    "in_features": "features per sample: prod(input_shape) for flat inputs, the last axis for "
+    "float sequences [T, F]",
+    "in_channels": "channels of a [C, H, W] image input",
+    "input_shape": "the shape of one input sample, without the batch axis",
+    "num_outputs": "the output layer's width: classes (multiclass), 1 (binary, regression), labels "
+    "(multilabel), vocabulary (lm)",
+    "num_classes": "the same as num_outputs, for factories that call it that",
+    "vocab_size": "the vocabulary of token-id inputs (largest id + 1)",
+    "seq_len": "the length of a token or feature sequence",
+    "max_seq_len": "the same as seq_len, for position embeddings",
+}
 
 
 def register_model(name: str, infer: InferFn | None = None) -> Callable[[Callable], Callable]:
