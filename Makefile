@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   create .venv, install gradwise, train the bundled example on real data, print the result
-#   make test   the same install, then lint and the whole test suite
+#   make demo   create .venv, install gradwise (no extras), train the bundled example on real data
+#   make test   install everything (all extras, the frameworks), then lint and the whole test suite
 #
 # torch is installed first, pinned by TORCH, so that pip never pulls a multi-GB CUDA build on a CPU
 # machine. GPU users override it, e.g.
@@ -14,15 +14,21 @@ BIN := $(VENV)/bin
 
 .PHONY: install demo test lint format benchmarks clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+# gradwise itself: what the demo needs
+$(VENV)/.base: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+# everything the tests exercise: tracking, tuning, deployment, PEFT, the other frameworks
+$(VENV)/.installed: $(VENV)/.base
 	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed
 
-demo: install
+demo: $(VENV)/.base
 	$(BIN)/gradwise demo
 
 lint: install
