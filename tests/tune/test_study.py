@@ -251,3 +251,24 @@ def test_a_database_url_is_an_rdb_storage_that_the_report_reads_back():
     assert type(open_storage(url)).__name__ == "RDBStorage"
     again = study_report("mlp-iris", storage=url, plots=False)
     assert [t.number for t in again.trials] == [0, 1] and again.best.number == result.best.number
+
+
+def test_a_tampered_study_recipe_imports_nothing(tmp_path):
+    # the storage (a shared database, a journal someone sent) holds the base recipe its trials
+    # train and its report reads: an import path planted there must not run
+    marker = tmp_path / "pwned"
+    (tmp_path / "planted_gw.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n\ndef build(**kwargs):\n    raise SystemExit\n"
+    )
+    space = {"model.kwargs.dropout": [0.0, 0.1], "optim.lr": [0.01]}
+    tune(_recipe(1), space, trials=1, pruner="none", **QUIET)
+    store = open_storage(str(journal_path("runs", "mlp-iris")))
+    study = optuna.load_study(study_name="mlp-iris", storage=store)
+    recipe = study.user_attrs["gradwise.recipe"].replace("name: mlp", "name: planted_gw:build")
+    assert recipe != study.user_attrs["gradwise.recipe"]
+    study.set_user_attr("gradwise.recipe", recipe)
+    report = study_report("mlp-iris", plots=False)  # the space's kwargs check imports nothing
+    assert len(report.trials) == 1
+    with pytest.raises(ConfigError, match="names other code than yours"):
+        tune(_recipe(1), space, trials=2, **QUIET)
+    assert not marker.exists()

@@ -127,7 +127,7 @@ def summarize(study: Any, *, root: str | Path | None = None, plots: bool = True)
 
     attrs = study.user_attrs
     base = Recipe.from_yaml(attrs[RECIPE], source=f"study {study.study_name} recipe")
-    space = parse_space(attrs[SPACE], base, f"study {study.study_name} space")
+    space = parse_space(attrs[SPACE], base, f"study {study.study_name} space", trusted=False)
     objectives = list(attrs[OBJECTIVES])
     directions = [d.name.lower() for d in study.directions]
     folder = Path(root if root is not None else base.tracking.root) / "tune" / study.study_name

@@ -241,14 +241,20 @@ def load_space(
     return parse_space(source, recipe, name)
 
 
-def parse_space(data: Any, recipe: Recipe, source: str = "space") -> SearchSpace:
-    """Validate a space mapping; every problem is a ConfigError naming the parameter and key."""
+def parse_space(
+    data: Any, recipe: Recipe, source: str = "space", *, trusted: bool = True
+) -> SearchSpace:
+    """Validate a space mapping; every problem is a ConfigError naming the parameter and key.
+
+    ``trusted=False`` (a recipe read back from a study's storage) never imports the modules its
+    import paths name to check factory arguments (see :mod:`gradwise.trust`).
+    """
     if not isinstance(data, dict) or not data:
         raise ConfigError(source, data, "a mapping of recipe settings to ranges, e.g. optim.lr")
     params: dict[str, Param] = {}
     raw_when: dict[str, Any] = {}
     for key, spec in data.items():
-        path = _path(str(key), recipe, source)
+        path = _path(str(key), recipe, source, trusted)
         if path in params:
             raise ConfigError(f"{source}: {key}", spec, "each setting once", f"{path} is repeated")
         param, raw_when[path] = _param(path, str(key), spec, recipe, source)
@@ -259,7 +265,7 @@ def parse_space(data: Any, recipe: Recipe, source: str = "space") -> SearchSpace
     return SearchSpace(_ordered(params, source))
 
 
-def _path(key: str, recipe: Recipe, source: str) -> str:
+def _path(key: str, recipe: Recipe, source: str, trusted: bool) -> str:
     """The canonical dotted path of a setting named in the space (did-you-mean when unknown)."""
     try:
         (path,) = override_paths({key: 0})
@@ -276,7 +282,7 @@ def _path(key: str, recipe: Recipe, source: str) -> str:
             raise ConfigError(
                 f"{source}: {key}", key, f"one factory argument: {parts[0]}.kwargs.<argument>"
             )
-        _check_factory_argument(parts[0], parts[2], recipe, source)
+        _check_factory_argument(parts[0], parts[2], recipe, source, trusted)
     return path
 
 
@@ -284,7 +290,7 @@ def _is_section(annotation: Any) -> bool:
     return isinstance(annotation, type) and hasattr(annotation, "model_fields")
 
 
-def _factory_arguments(section: str, recipe: Recipe) -> list[str] | None:
+def _factory_arguments(section: str, recipe: Recipe, trusted: bool = True) -> list[str] | None:
     """The arguments of the model or data factory the recipe names; None when anything goes."""
     from gradwise.registry import resolve
 
@@ -293,7 +299,9 @@ def _factory_arguments(section: str, recipe: Recipe) -> list[str] | None:
     else:
         from gradwise.data import DATASETS as registry
     try:
-        factory = resolve(registry, getattr(recipe, section).name, f"{section}.name")
+        factory = resolve(
+            registry, getattr(recipe, section).name, f"{section}.name", trusted=trusted
+        )
         params = inspect.signature(factory).parameters
     except (ConfigError, TypeError, ValueError):
         return None  # the recipe check reports a bad factory; without a signature anything goes
@@ -302,9 +310,11 @@ def _factory_arguments(section: str, recipe: Recipe) -> list[str] | None:
     return [n for n, p in params.items() if p.kind is not p.VAR_POSITIONAL]
 
 
-def _check_factory_argument(section: str, argument: str, recipe: Recipe, source: str) -> None:
+def _check_factory_argument(
+    section: str, argument: str, recipe: Recipe, source: str, trusted: bool
+) -> None:
     """model.kwargs.X / data.kwargs.X must be an argument the named factory takes."""
-    named = _factory_arguments(section, recipe)
+    named = _factory_arguments(section, recipe, trusted)
     if named is None or argument in named:
         return
     name = getattr(recipe, section).name

@@ -714,10 +714,19 @@ def _stored_attrs(optuna: Any, store: Any, name: str) -> dict[str, Any]:
         time.sleep(0.2)
 
 
+# the settings whose values are imported (import paths): a study's stored recipe may not change them
+IMPORTED = ("model.name", "data.name", "train.loss")
+
+
 def _check_source(stored: dict[str, Any], source: Recipe, name: str) -> None:
-    """Continuing a study needs the recipe it was started with (paths and run names aside)."""
+    """Continuing a study needs the recipe it was started with (paths and run names aside).
+
+    Its trials train the study's stored base recipe, which the storage (a shared database, say)
+    could have changed: the names that are imported (model, data, loss) must be the user's own.
+    """
     before = Recipe.from_yaml(stored[SOURCE]).flat()
     now = source.flat()
+    base = Recipe.from_yaml(stored[RECIPE]).flat()
     ignored = ("name", "tracking.")
     for key in sorted(set(before) | set(now)):
         if key.startswith(ignored) or before.get(key) == now.get(key):
@@ -728,6 +737,14 @@ def _check_source(stored: dict[str, Any], source: Recipe, name: str) -> None:
             f"{before.get(key)!r}, as in the recipe study {name!r} was started with",
             "use that recipe to continue the study, or another study name",
         )
+    for key in IMPORTED:
+        if base.get(key) != now.get(key):
+            raise ConfigError(
+                f"study {name!r}: {key}",
+                base.get(key),
+                f"{now.get(key)!r}, as your recipe names",
+                "the study's stored recipe names other code than yours; use another study name",
+            )
 
 
 def _check_study(stored: dict[str, Any], attrs: dict[str, Any], name: str) -> None:
