@@ -168,3 +168,35 @@ def test_npy_headers_that_claim_more_than_the_body_holds_are_refused(tabular) ->
         )
         assert r.status_code == 422
         assert "holds 480 bytes of data" in r.json()["detail"], r.text
+
+
+def test_a_large_request_takes_turns_with_small_ones_in_calls_of_max_batch_size() -> None:
+    import asyncio
+
+    from gradwise.deploy.batching import MicroBatcher
+
+    calls: list[int] = []
+
+    def double(x: np.ndarray) -> np.ndarray:
+        calls.append(len(x))
+        time.sleep(0.002)  # a model call
+        return x * 2
+
+    async def scenario() -> tuple[np.ndarray, float, float]:
+        batcher = MicroBatcher(double, max_batch_size=4, max_wait_ms=1)
+        await batcher.start()
+        big = asyncio.create_task(batcher.submit(np.arange(400.0).reshape(400, 1)))
+        await asyncio.sleep(0.02)  # the big request is under way
+        start = time.perf_counter()
+        small = await batcher.submit(np.ones((1, 1)))
+        small_seconds = time.perf_counter() - start
+        out = await big
+        big_seconds = time.perf_counter() - start
+        await batcher.close()
+        assert small.tolist() == [[2.0]]
+        return out, small_seconds, big_seconds
+
+    out, small_seconds, big_seconds = asyncio.run(scenario())
+    np.testing.assert_array_equal(out, np.arange(400.0).reshape(400, 1) * 2)
+    assert max(calls) == 4 and sum(calls) == 401
+    assert small_seconds < big_seconds / 3  # one turn (8 calls), not the rest of the 100

@@ -7,11 +7,12 @@ runs, new requests gather for the next one, so under load batches fill up by the
 
 Requests stack only with requests whose samples have the same shape and dtype (token sequences
 of different lengths run in separate batches). The model never sees more than ``max_batch_size``
-rows at once: a larger request is split into pieces that queue one after the other (so small
-requests arriving meanwhile are not stuck behind all of it) and its outputs are put back together.
-Memory per model call is thereby bounded, and so is ONNX Runtime's arena, which keeps what it
-grew to. ``max_batch_size=1`` turns batching off: every row is its own model call, and requests
-run side by side in the thread pool.
+rows at once, so memory per model call is bounded, and so is ONNX Runtime's arena, which keeps
+what it grew to. A larger request queues in turns of up to ``TURN_CALLS * max_batch_size`` rows,
+one after the other; a turn runs as model calls of ``max_batch_size`` rows in one trip to the
+worker thread, so small requests arriving meanwhile wait for one turn at most, not for all of it.
+``max_batch_size=1`` turns batching off: every row is its own model call, and requests run side
+by side in the thread pool.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 
 RunFn = Callable[[np.ndarray], np.ndarray]
 BatchHook = Callable[[int, int, float], None]  # (rows, requests, seconds) after each model call
+TURN_CALLS = 8  # model calls a large request makes before others get the model
 
 
 class ShuttingDown(RuntimeError):
@@ -106,11 +108,11 @@ class MicroBatcher:
         self._submitted += 1
         self._all_answered.clear()
         try:
-            step = self.max_batch_size
-            if len(x) <= step:
+            turn = TURN_CALLS * self.max_batch_size
+            if len(x) <= turn:
                 return await self._submit_piece(x)
             return np.concatenate(
-                [await self._submit_piece(x[i : i + step]) for i in range(0, len(x), step)]
+                [await self._submit_piece(x[i : i + turn]) for i in range(0, len(x), turn)]
             )
         finally:
             self._submitted -= 1
@@ -209,8 +211,21 @@ class MicroBatcher:
 
     async def _call(self, parts: list[np.ndarray]) -> np.ndarray:
         x = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        t0 = time.perf_counter()
-        out = await asyncio.get_running_loop().run_in_executor(self._executor, self.run, x)
+        loop = asyncio.get_running_loop()
+        out, seconds = await loop.run_in_executor(self._executor, self._run_in_calls, x)
         if self.on_batch is not None:
-            self.on_batch(len(x), len(parts), time.perf_counter() - t0)
+            for i, s in enumerate(seconds):
+                rows = min(self.max_batch_size, len(x) - i * self.max_batch_size)
+                self.on_batch(rows, len(parts), s)
         return out
+
+    def _run_in_calls(self, x: np.ndarray) -> tuple[np.ndarray, list[float]]:
+        """``run`` on ``x`` in calls of at most ``max_batch_size`` rows (in the worker thread),
+        and the seconds each took."""
+        step = self.max_batch_size
+        outs, seconds = [], []
+        for i in range(0, len(x), step):
+            t0 = time.perf_counter()
+            outs.append(self.run(x[i : i + step]))
+            seconds.append(time.perf_counter() - t0)
+        return (outs[0] if len(outs) == 1 else np.concatenate(outs)), seconds
