@@ -5,12 +5,16 @@ gradwise's breast-cancer example, and ``wide``, an MLP 256-2048-2048-10 (4.7M pa
 variant is its own server process (``create_app`` under uvicorn: one worker, ONNX Runtime with
 ``--threads`` intra-op threads, access log off); this process is the load: ``--clients`` closed-loop
 clients on keep-alive connections, each sending one-instance JSON requests and waiting for the
-answer, for ``--seconds`` after a one-second warm-up. Variants interleave round by round; medians
+answer, for ``--seconds`` after a one-second warm-up. Servers run as ``gradwise serve`` does
+(``gradwise.deploy.serve``: uvicorn with gradwise's connection limits and timeouts);
+``--compare-protocols`` adds a variant on uvicorn's own httptools protocol, without the limits, to
+measure what they cost. Variants interleave round by round; medians
 over rounds are reported. Batching on: ``max_batch_size 32, max_wait_ms 5`` (the defaults); off:
 ``max_batch_size 1`` (every request its own ONNX Runtime call, run side by side in a thread pool).
 Target (issue 6): micro-batching >= 2x the throughput at 32 concurrent clients.
 
     .venv/bin/python benchmarks/serve.py [--seconds 5] [--rounds 3] [--clients 32] [--models small wide]
+        [--compare-protocols]
 """
 
 from __future__ import annotations
@@ -68,12 +72,21 @@ def free_port() -> int:
 
 
 def start_server(artifact: Path, port: int, threads: int | None, options: dict) -> subprocess.Popen:
-    code = (
-        "import uvicorn\n"
-        "from gradwise.deploy.serve import create_app\n"
-        f"app = create_app({str(artifact)!r}, threads={threads}, **{options!r})\n"
-        f"uvicorn.run(app, host='127.0.0.1', port={port}, log_level='warning', access_log=False)\n"
-    )
+    options = dict(options)
+    if options.pop("plain_uvicorn", False):  # uvicorn's own protocol: no limits, no timeouts
+        code = (
+            "import uvicorn\n"
+            "from gradwise.deploy.serve import create_app\n"
+            f"app = create_app({str(artifact)!r}, threads={threads}, **{options!r})\n"
+            f"uvicorn.run(app, host='127.0.0.1', port={port}, log_level='warning', "
+            "access_log=False, http='httptools')\n"
+        )
+    else:
+        code = (
+            "from gradwise.deploy.serve import serve\n"
+            f"serve({str(artifact)!r}, port={port}, threads={threads}, log_level='warning', "
+            f"access_log=False, **{options!r})\n"
+        )
     proc = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -188,6 +201,12 @@ def benchmark(args: argparse.Namespace) -> dict:
         f"batching on, wait {w:g} ms": {"max_batch_size": 32, "max_wait_ms": w} for w in args.waits
     }
     variants["batching off"] = {"max_batch_size": 1}
+    if args.compare_protocols:
+        variants["batching on, uvicorn's protocol (no limits)"] = {
+            "max_batch_size": 32,
+            "max_wait_ms": args.waits[0],
+            "plain_uvicorn": True,
+        }
     on = next(iter(variants))
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -237,6 +256,11 @@ def main() -> None:
         type=float,
         default=[5.0],
         help="max_wait_ms values to run (first: the headline)",
+    )
+    parser.add_argument(
+        "--compare-protocols",
+        action="store_true",
+        help="add a variant on uvicorn's own protocol (no limits) to measure what they cost",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()

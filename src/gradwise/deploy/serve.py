@@ -947,6 +947,7 @@ def serve(
     int8: bool = False,
     threads: int | None = None,
     log_level: str = "info",
+    access_log: bool = True,
     graceful_timeout: float = 30.0,
     header_timeout: float = 10.0,
     body_timeout: float = 30.0,
@@ -1010,6 +1011,7 @@ def serve(
         factory=workers > 1,
         workers=workers,
         log_level=log_level,
+        access_log=access_log,
         timeout_graceful_shutdown=graceful_timeout,
         http=functools.partial(LimitedProtocol, limits=limits),  # type: ignore[arg-type]
         ws="none",

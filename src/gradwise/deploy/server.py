@@ -22,7 +22,6 @@ import logging
 import select
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -63,13 +62,20 @@ class ServerLimits:
 
 class LimitedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with :class:`ServerLimits` and a graceful shutdown that
-    answers a request that has arrived (even in part) instead of closing its connection."""
+    answers a request that has arrived (even in part) instead of closing its connection.
+
+    The parser's callbacks only note where a request is (headers, body); after each read,
+    :meth:`data_received` starts the deadline of the part still missing, so a request that
+    arrives in one read, the usual case, starts no timer at all.
+    """
 
     def __init__(self, *args: Any, limits: ServerLimits, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_for: str | None = None  # "headers" or "body"
         self._in_headers = False
+        self._in_body = False
         self._header_bytes = 0
         self._rejected = False  # answered with an error: what the client still sends is dropped
         self._draining = False
@@ -83,7 +89,7 @@ class LimitedProtocol(HttpToolsProtocol):
             _warn_once(f"{self.limits.max_connections} connections are busy: refusing new ones")
             self._reject(503, "the server is at its connection limit; retry later", linger=False)
             return
-        self._arm(self.limits.header_timeout, self._headers_late)
+        self._deadline("headers")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel()
@@ -116,31 +122,35 @@ class LimitedProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._rejected:
             return
-        if self._timer is None and (self.cycle is None or self.cycle.response_complete):
-            self._arm(self.limits.header_timeout, self._headers_late)  # a kept-alive connection
         super().data_received(data)
-        if self._in_headers and not self._rejected:
+        if self._rejected or self.transport.is_closing():
+            return
+        if self._in_headers:
             self._header_bytes += len(data)
             if self._header_bytes > self.limits.max_header_bytes:
                 kib = self.limits.max_header_bytes / 1024
                 self._reject(431, f"the request line and headers are larger than {kib:g} KiB")
+            else:
+                self._deadline("headers")
+        elif self._in_body:
+            self._deadline("body")
+        elif self.cycle is None or self.cycle.response_complete:
+            self._deadline("headers")  # bytes but no request yet (uvicorn stopped its idle timer)
+        else:
+            self._cancel()  # a whole request: the app has it
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_headers, self._header_bytes = True, 0
-        if self._timer is None:
-            self._arm(self.limits.header_timeout, self._headers_late)
 
     def on_headers_complete(self) -> None:
-        self._in_headers = False
-        self._cancel()
+        self._in_headers, self._in_body = False, True
         super().on_headers_complete()
         if self._draining:
             self.cycle.keep_alive = False
-        self._arm(self.limits.body_timeout, self._body_late)
 
     def on_message_complete(self) -> None:
-        self._cancel()
+        self._in_body = False
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
@@ -165,26 +175,27 @@ class LimitedProtocol(HttpToolsProtocol):
 
     # -- deadlines and rejections
 
-    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
-        self._cancel()
-        self._timer = self.loop.call_later(seconds, callback)
+    def _deadline(self, part: str) -> None:
+        """Start the deadline for the request's ``part`` (headers or body), unless it runs."""
+        if self._timer_for != part:
+            self._cancel()
+            seconds = self.limits.header_timeout if part == "headers" else self.limits.body_timeout
+            self._timer = self.loop.call_later(seconds, self._late)
+            self._timer_for = part
 
     def _cancel(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
+            self._timer = self._timer_for = None
 
-    def _headers_late(self) -> None:
-        self._timer = None
-        if self._in_headers:
-            seconds = self.limits.header_timeout
-            self._reject(408, f"the request headers did not arrive within {seconds:g} s")
+    def _late(self) -> None:
+        part, self._timer, self._timer_for = self._timer_for, None, None
+        seconds = self.limits.header_timeout if part == "headers" else self.limits.body_timeout
+        if self._in_headers or self._in_body:
+            what = "headers" if self._in_headers else "body"
+            self._reject(408, f"the request {what} did not arrive within {seconds:g} s")
         elif not self.transport.is_closing():  # a connection that never sent a request
             self.transport.close()
-
-    def _body_late(self) -> None:
-        self._timer = None
-        self._reject(408, f"the request body did not arrive within {self.limits.body_timeout:g} s")
 
     def _reject(self, status: int, detail: str, linger: bool = True) -> None:
         """Answer ``status`` with Connection: close, then read and drop what the client still
@@ -213,6 +224,7 @@ class LimitedProtocol(HttpToolsProtocol):
         if linger and self.transport.can_write_eof():
             self.transport.write_eof()
             self._timer = self.loop.call_later(self.limits.linger, self.transport.close)
+            self._timer_for = "linger"
         else:
             self.transport.close()
 
