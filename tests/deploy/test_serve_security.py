@@ -227,3 +227,21 @@ def test_the_openapi_schema_matches_every_answer(tabular, tmp_path: Path) -> Non
                 seen.add((method, path, r.status_code))
     assert {s for _, _, s in seen} == {200, 401, 404, 413, 415, 422}
     assert os.environ.get("GRADWISE_TOKEN") != TOKEN  # nothing leaked into this process
+
+
+def test_a_token_file_must_hold_a_token_and_should_be_private(tmp_path: Path) -> None:
+    from gradwise.deploy.serve import read_token
+    from gradwise.errors import ConfigError, GradwiseWarning
+
+    path = tmp_path / "token"
+    path.write_text(f"  {TOKEN}  \nsecond line\n")
+    path.chmod(0o600)
+    assert read_token(path) == TOKEN
+    path.chmod(0o644)
+    with pytest.warns(GradwiseWarning, match="can be read by other users: chmod 600"):
+        assert read_token(path) == TOKEN
+    path.write_text("\n")
+    with pytest.raises(ConfigError, match="a file holding the token on its first line"):
+        read_token(path)
+    with pytest.raises(ConfigError, match="a readable file holding the token"):
+        read_token(tmp_path / "missing")
