@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import reprlib
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -42,6 +43,12 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     return f"did you mean {close[0]!r}?" if close else None
 
 
+_REPR = reprlib.Repr()  # bounded: a huge or deeply shared value is never repr()'d in full
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 3, 8, 8, 6, 6
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 80, 40, 80
+
+
 def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    """``repr(value)`` in at most ``limit`` characters, computed in bounded time."""
+    text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

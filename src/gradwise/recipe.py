@@ -8,13 +8,19 @@ This module imports no torch, so the CLI can parse and check recipes instantly.
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import types
+import typing
+from collections import abc
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gradwise.errors import ConfigError, did_you_mean
+from gradwise.errors import ConfigError, GradwiseError, did_you_mean
 
 Task = Literal[
     "auto", "classification", "binary", "multiclass", "multilabel", "regression", "lm", "custom"
@@ -25,6 +31,14 @@ class _Section(BaseModel):
     model_config = ConfigDict(
         extra="forbid", validate_assignment=True, use_attribute_docstrings=True
     )
+
+    @field_validator("*")
+    @classmethod
+    def _fits_64_bits(cls, value: Any) -> Any:
+        """Integers go to torch, NumPy and itertools, which take 64 bits at most."""
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            raise ValueError("an integer that fits in 64 bits")
+        return value
 
 
 class ModelSpec(_Section):
@@ -46,7 +60,7 @@ class DataSpec(_Section):
     32-256 suits most CNNs and MLPs; larger batches want a proportionally larger learning rate."""
     eval_batch_size: int | None = Field(None, gt=0)
     """Batch size for validation; default 2x batch_size (no gradients are kept, so it fits)."""
-    num_workers: int | Literal["auto"] = "auto"
+    num_workers: Annotated[int, Field(ge=0, le=1024)] | Literal["auto"] = "auto"
     """DataLoader worker processes. auto: 0 for in-memory tensors (workers only add IPC cost there),
     otherwise min(8, CPUs - 1) with persistent workers so they are not respawned every epoch."""
     pin_memory: bool | Literal["auto"] = "auto"
@@ -237,11 +251,7 @@ class Recipe(_Section):
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "recipe") -> Recipe:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(source, "<yaml>", "valid YAML", str(exc).replace("\n", " ")) from None
-        return cls.parse(data, source)
+        return cls.parse(load_yaml(text, source), source)
 
     def to_yaml(self, comments: bool = False) -> str:
         """YAML text; with ``comments`` every field is preceded by its documentation."""
@@ -285,6 +295,179 @@ class Recipe(_Section):
         return Recipe.parse(data)
 
 
+# -- YAML ---------------------------------------------------------------------------------------
+
+MAX_VALUES = 100_000
+"""The most values a YAML document may hold once its aliases are expanded: a 300-byte "billion
+laughs" (``a: &a [x, x, ...]``, ``b: &b [*a, *a, ...]``...) would otherwise expand to 10^9."""
+MAX_DEPTH = 64  # nesting; a recipe needs about 5
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml: fast, bounded nesting
+    """PyYAML's safe loader that refuses documents too large or too deep once aliases are expanded.
+
+    The size is counted on the node graph, where an alias is one shared node, so counting costs
+    no more than parsing.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_size(node)
+        return super().construct_document(node)
+
+
+def _check_size(root: yaml.Node) -> None:
+    """Raise _TooLarge for more than MAX_VALUES expanded values, MAX_DEPTH levels or a cycle."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 0, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        children = _children(node)
+        if done:
+            on_path.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_VALUES:
+                raise _TooLarge(
+                    f"Its aliases expand it to more than {MAX_VALUES:,} values (the node at "
+                    f"line {node.start_mark.line + 1})"
+                )
+        elif id(node) in on_path:
+            raise _TooLarge(f"An alias at line {node.start_mark.line + 1} contains itself")
+        elif id(node) not in sizes:
+            if depth > MAX_DEPTH:
+                raise _TooLarge(f"It nests deeper than {MAX_DEPTH} levels")
+            on_path.add(id(node))
+            stack.append((node, depth, True))
+            stack += [(c, depth + 1, False) for c in children]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def load_yaml(text: str, source: str = "recipe") -> Any:
+    """Parse YAML safely: damaged, huge or alias-bombed YAML is one ConfigError, never a hang."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except _TooLarge as exc:
+        expected = f"YAML of at most {MAX_VALUES:,} values and {MAX_DEPTH} levels, aliases expanded"
+        raise ConfigError(source, "<yaml>", expected, str(exc)) from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: a 5,000-digit int
+        reason = " ".join(str(exc).replace('in "<unicode string>", ', "").split())
+        raise ConfigError(source, "<yaml>", "valid YAML", reason[:300]) from None
+
+
+# -- factory arguments (model.kwargs, data.kwargs) ----------------------------------------------
+
+FACTORY_ERRORS = (TypeError, ValueError, ArithmeticError, RuntimeError, MemoryError)
+"""What a model or data factory raises for arguments it cannot use (besides GradwiseErrors)."""
+
+
+def call_factory(factory: Callable[..., Any], kwargs: dict[str, Any], field: str, name: str) -> Any:
+    """``factory(**kwargs)`` for ``field`` (model.kwargs or data.kwargs) of factory ``name``.
+
+    The arguments of gradwise's own factories are checked against their annotations first; an
+    argument the factory then rejects is a ConfigError naming it (when the error names it), so a
+    wrong type or value is one line, never a traceback.
+    """
+    if getattr(factory, "__module__", "").startswith("gradwise."):
+        check_argument_types(factory, kwargs, field)
+    try:
+        return factory(**kwargs)
+    except GradwiseError:
+        raise
+    except FACTORY_ERRORS as exc:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        named = [k for k in kwargs if re.search(rf"\b{re.escape(k)}\b", str(exc))]
+        if len(named) == 1:
+            key = named[0]
+            raise ConfigError(
+                f"{field}.{key}", kwargs[key], f"a value {name!r} accepts", reason
+            ) from exc
+        raise ConfigError(field, kwargs, f"arguments {name!r} accepts", reason) from exc
+
+
+def check_argument_types(factory: Callable[..., Any], kwargs: dict[str, Any], field: str) -> None:
+    """A ConfigError for the first argument whose value does not fit the factory's annotation."""
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:  # annotations that do not resolve: nothing to check against
+        return
+    for key, value in kwargs.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise ConfigError(f"{field}.{key}", value, _describe(hints[key]))
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a plain (YAML) value fits a type annotation; unknown kinds of annotation pass."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Annotated:
+        return _fits(value, args[0])
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is Any:
+        return True
+    if hint in (type(None), None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is Literal:
+        return value in args
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return (
+            isinstance(value, (list, tuple))
+            and len(value) == len(args)
+            and all(_fits(v, a) for v, a in zip(value, args, strict=True))
+        )
+    if origin in (list, tuple, set, frozenset, abc.Sequence, abc.MutableSequence):
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value if args)
+    if origin in (dict, abc.Mapping, abc.MutableMapping):
+        return isinstance(value, dict) and all(
+            _fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items() if args
+        )
+    if isinstance(hint, type):
+        return isinstance(value, str if issubclass(hint, os.PathLike) else hint)
+    return True
+
+
+_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_PLURALS = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+
+
+def _describe(hint: Any) -> str:
+    """An annotation in words: int | None -> 'an integer or null'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Annotated:
+        return _describe(args[0])
+    if origin in (typing.Union, types.UnionType):
+        words = [_describe(a) for a in args]
+        return ", ".join(words[:-1]) + " or " + words[-1]
+    if hint in (type(None), None):
+        return "null"
+    if hint in _NAMES:
+        return _NAMES[hint]
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
+    items = _PLURALS.get(args[0], "values") if args else "values"
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return f"a list of {len(args)} {items}"
+    if origin in (list, tuple, set, frozenset, abc.Sequence, abc.MutableSequence):
+        return f"a list of {items}"
+    if origin in (dict, abc.Mapping, abc.MutableMapping):
+        return "a mapping"
+    return f"a {getattr(hint, '__name__', str(hint))}"
+
+
 def _commented(model: BaseModel, indent: str) -> list[str]:
     lines = []
     for name, field in type(model).model_fields.items():
@@ -306,7 +489,8 @@ def _plain(value: Any) -> Any:
 
 def set_paths(source: dict | str | Path) -> set[str]:
     """Dotted paths of the settings a recipe file or dict names explicitly (kwargs count per key)."""
-    data = source if isinstance(source, dict) else (yaml.safe_load(Path(source).read_text()) or {})
+    data = source if isinstance(source, dict) else load_yaml(Path(source).read_text(), str(source))
+    data = data or {}
     paths: set[str] = set()
 
     def walk(prefix: str, value: Any) -> None:
@@ -356,8 +540,8 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError("--set", text, "key=value, e.g. optim.lr=3e-4")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = load_yaml(raw, f"--set {key}") if raw.strip() else None
+    except ConfigError:
         value = raw
     if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as text
         with contextlib.suppress(ValueError):
@@ -427,4 +611,38 @@ def _config_error(exc: ValidationError, data: dict[str, Any]) -> ConfigError:
     for prefix in ("Value error, ", "Input should be "):
         if expected.startswith(prefix):
             expected = expected[len(prefix) :]
+    names, annotation = _field_of(loc)
+    field = ".".join(names)  # without the union members pydantic names ("constrained-int")
+    if err["type"] in ("missing", "too_short", "too_long") and annotation is not None:
+        field = ".".join(n for n in names if not n.isdigit())  # a list of fixed length
+        value = _lookup(data, field.split("."), value)
+        expected = _describe(annotation)
+    elif len(names) < len(loc) and err["type"] not in _BOUNDS:  # no member of a union fits
+        expected = _describe(annotation)
     return ConfigError(field, value, expected)
+
+
+_BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "value_error")
+
+
+def _field_of(loc: list[str]) -> tuple[list[str], Any]:
+    """The Recipe field a validation error is about: its path (with list indices) and annotation."""
+    model: Any = Recipe
+    names: list[str] = []
+    annotation = None
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if fields is not None and part in fields:
+            annotation = model = fields[part].annotation
+            names.append(part)
+        elif part.isdigit():
+            names.append(part)
+    return names or ["recipe"], annotation
+
+
+def _lookup(data: Any, path: list[str], default: Any) -> Any:
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return default
+        data = data[key]
+    return data

@@ -12,6 +12,7 @@ from gradwise.data.bundle import DataBundle
 from gradwise.data.common import as_dataset, train_val_split
 from gradwise.data.infer import describe, sample_pair
 from gradwise.errors import ConfigError, DataError, did_you_mean
+from gradwise.recipe import call_factory
 from gradwise.registry import Registry, resolve
 
 DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
@@ -104,6 +105,6 @@ def load_data(
     kwargs = dict(kwargs or {})
     factory = resolve(DATASETS, name, "data.name", trusted=trusted)
     check_kwargs(factory, kwargs, name)
-    result = factory(**kwargs)
+    result = call_factory(factory, kwargs, "data.kwargs", name)  # wrong types: ConfigError
     short = name.rpartition(":")[2] if ":" in name else name
     return to_bundle(result, short, kwargs.get("val_fraction", 0.2), kwargs.get("seed", 0))

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from gradwise.errors import ConfigError, did_you_mean
+from gradwise.recipe import call_factory
 from gradwise.registry import Registry, resolve
 
 if TYPE_CHECKING:
@@ -176,7 +177,7 @@ def build_model(
                 f"it could not be inferred ({why}); set model.kwargs.{key}",
             )
 
-    model = factory(**resolved)
+    model = call_factory(factory, resolved, "model.kwargs", name)  # wrong types: ConfigError
     if not isinstance(model, nn.Module):
         raise ConfigError(
             "model.name",

@@ -28,6 +28,7 @@ METRICS_FILE = "metrics.jsonl"
 # "running" while training; the others are final
 STATES = ("running", "finished", "failed", "interrupted")
 _STATUS_KEYS = ("started", "ended", "step", "epoch", "best_metric", "monitor", "message")
+MAX_NAME_BYTES = 200  # file systems allow 255; a -N suffix may follow
 HEARTBEAT_S = 30.0  # a running run touches its status.json this often
 STALE_S = 10 * 60.0  # a run on another host without a heartbeat for this long is dead
 
@@ -136,6 +137,8 @@ def new_run_dir(root: str | Path, name: str) -> Path:
     """
     if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name.startswith("."):
         raise ConfigError("run name", name, "a directory name without '/', '\\' or a leading '.'")
+    if len(name.encode("utf-8", "replace")) > MAX_NAME_BYTES:
+        raise ConfigError("run name", name, f"a directory name of at most {MAX_NAME_BYTES} bytes")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     candidate, n = name, 1
