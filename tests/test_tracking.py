@@ -358,3 +358,30 @@ def test_a_logger_that_fails_to_start_is_a_warning_and_the_run_goes_on(
         assert tracker.backends == [] and tracker.mlflow_run_id is None
     assert "mlflow logging is off: RuntimeError: database is locked" in caplog.text
     assert [m["loss"] for m in read_metrics(tmp_path)] == [1.0]
+
+
+def test_loggers_start_into_the_run_or_at_its_end(tmp_path: Path, monkeypatch) -> None:
+    # a short run must not fight MLflow's import for the interpreter: loggers wait for
+    # start_after_secs, or start at close; metrics.jsonl is written all along
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setattr(Tracker, "start_after_secs", 60.0)
+    short = tmp_path / "short"
+    short.mkdir()
+    with Tracker(short, params={}, tensorboard=True, mlflow=False) as tracker:
+        tracker.log(1, {"loss": 1.0}, split="train")
+        time.sleep(1.5)
+        assert not (short / "tb").exists()  # not started yet ...
+        assert read_metrics(short) == [read_metrics(short)[0]]  # ... but the file is flushed
+    events = EventAccumulator(str(short / "tb"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/loss")] == [1.0]  # everything arrives at close
+
+    monkeypatch.setattr(Tracker, "start_after_secs", 0.2)
+    long = tmp_path / "long"
+    long.mkdir()
+    with Tracker(long, params={}, tensorboard=True, mlflow=False) as tracker:
+        deadline = time.time() + 10
+        while not (long / "tb").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert (long / "tb").exists()  # started while the run goes on

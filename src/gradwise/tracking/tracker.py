@@ -2,10 +2,12 @@
 Weights & Biases from a background thread.
 
 ``Tracker.log`` only formats one JSON line into a buffered file and queues the values, which costs
-microseconds. A background thread starts the loggers (importing MLflow and creating its database
-take seconds, which a short run should not wait for), flushes the file every second (a killed run
-loses at most about a second of metrics), writes TensorBoard and W&B, and sends MLflow one
-``log_batch`` every few seconds. A logger that fails is a warning, never an error in the run.
+microseconds. A background thread flushes the file every second (a killed run loses at most about a
+second of metrics), starts the loggers once the run has gone on for ``start_after_secs`` (or when it
+ends, whichever is first), writes TensorBoard and W&B, and sends MLflow one ``log_batch`` every few
+seconds. Importing MLflow takes seconds of interpreter time: started at once, it would fight a
+short run for the GIL and slow both; a run shorter than ``start_after_secs`` pays for it once, at
+its end. A logger that fails is a warning, never an error in the run.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Tracker:
     # metrics.jsonl is flushed (and TensorBoard and W&B written) every flush_secs
     flush_secs: float = 1.0
     mlflow_flush_secs: float = 5.0  # MLflow log_batch interval
+    start_after_secs: float = 10.0  # the loggers start this long into the run, or at its end
 
     def __init__(
         self,
@@ -92,6 +95,7 @@ class Tracker:
             self._file.close()
             raise
         self._started = threading.Event()
+        self._start_now = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="gradwise-tracker", daemon=True)
         self._thread.start()
@@ -99,13 +103,15 @@ class Tracker:
     @property
     def backends(self) -> list[str]:
         """Names of the running loggers besides metrics.jsonl, e.g. ``["tensorboard", "mlflow"]``
-        (waits until they have started)."""
+        (starts them now if they have not started yet)."""
+        self._start_now.set()
         self._started.wait()
         return [b.name for b in self._backends]
 
     @property
     def mlflow_run_id(self) -> str | None:
-        """The MLflow run's id, once MLflow logging has started; None without MLflow."""
+        """The MLflow run's id (starts the loggers now if needed); None without MLflow."""
+        self._start_now.set()
         self._started.wait()
         return next((b.run_id for b in self._backends if isinstance(b, _MLflow)), None)
 
@@ -146,6 +152,7 @@ class Tracker:
             if self._closed:
                 return
             self._closed = True
+        self._start_now.set()  # a run shorter than start_after_secs starts its loggers now
         self._stop.set()
         self._thread.join()
         with self._lock:  # metrics.jsonl first: it is the record that must survive
@@ -181,20 +188,28 @@ class Tracker:
             self._failures.append(0)
 
     def _work(self) -> None:
-        try:
-            self._start_backends()
-        finally:
-            self._started.set()
+        start_at = time.monotonic() + self.start_after_secs
+        while not self._started.is_set():
+            self._start_now.wait(min(self.flush_secs, max(start_at - time.monotonic(), 0.0)))
+            self._flush_file()
+            if self._start_now.is_set() or time.monotonic() >= start_at:
+                try:
+                    self._start_backends()
+                finally:
+                    self._started.set()
         last_send = time.monotonic()
         while not self._stop.wait(self.flush_secs):
-            with self._lock:
-                if not self._closed:
-                    _try(METRICS_FILE, self._file.flush)
+            self._flush_file()
             self._deliver()
             if time.monotonic() - last_send >= self.mlflow_flush_secs:
                 last_send = time.monotonic()
                 for i, backend in enumerate(self._backends):
                     self._guarded(i, backend.send)
+
+    def _flush_file(self) -> None:
+        with self._lock:
+            if not self._closed:
+                _try(METRICS_FILE, self._file.flush)
 
     def _deliver(self) -> None:
         """Hand the queued records to each logger (MLflow only buffers them until ``send``)."""
