@@ -45,7 +45,7 @@ def test_round_trip_and_state_loads_with_weights_only(tmp_path):
 def test_a_pickled_object_in_the_state_file_is_refused(tmp_path):
     path = save_checkpoint(tmp_path, 1, model=mlp(), state={"ok": 1})
     torch.save({"evil": Path("x")}, path / STATE)  # an arbitrary class instance
-    with pytest.raises(gw.DataError, match=r"state\.pt does not match its SHA-256"):
+    with pytest.raises(gw.DataError, match=r"damaged: state\.pt (has|does not match)"):
         load_checkpoint(path)
     write_manifest(path)  # one who also rewrites the manifest still cannot unpickle objects
     with pytest.raises(Exception, match=r"[Ww]eights only"):

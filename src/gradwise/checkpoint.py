@@ -72,7 +72,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        # the weights are hashed in a thread while the (larger) state file is written
+        # the weights are hashed in a thread while the (larger) state file is written and hashed
         with ThreadPoolExecutor(max_workers=1) as pool:
             digests = {}
             for name, module in ((WEIGHTS, model), (EMA_WEIGHTS, ema)):
@@ -80,10 +80,12 @@ def save_checkpoint(
                     _save_weights(module, tmp / name)
                     digests[name] = pool.submit(_sha256, tmp / name)
             with open(tmp / STATE, "wb") as f:  # a file object: a full disk is an OSError
-                torch.save(state, f)
+                hashing = _HashingFile(f)
+                torch.save(state, hashing)
             meta = {"step": step, **(meta or {}), "format": FORMAT}
             (tmp / META).write_text(json.dumps(meta, indent=2))
-            write_manifest(tmp, {name: digest.result() for name, digest in digests.items()})
+            digests = {name: digest.result() for name, digest in digests.items()}
+            write_manifest(tmp, {**digests, STATE: hashing.sha256.hexdigest()})
         return publish_dir(tmp, final)
     except BaseException as exc:  # e.g. a full disk: leave no partial checkpoint behind
         shutil.rmtree(tmp, ignore_errors=True)
@@ -112,6 +114,20 @@ def write_manifest(directory: Path, digests: dict[str, str] | None = None) -> No
             digest = (digests or {}).get(file.name) or _sha256(file)
             files[file.name] = {"bytes": file.stat().st_size, "sha256": digest}
     (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+
+
+class _HashingFile:
+    """A file object that hashes what is written through it, so the file is not read again."""
+
+    def __init__(self, file: Any) -> None:
+        self._file, self.sha256 = file, hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.sha256.update(data)
+        return self._file.write(data)
+
+    def flush(self) -> None:
+        self._file.flush()
 
 
 def _sha256(path: Path) -> str:
