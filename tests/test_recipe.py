@@ -106,3 +106,14 @@ def test_parse_assignment_reads_yaml_values():
 def test_flat_keys():
     flat = Recipe().flat()
     assert flat["optim.lr"] == 1e-3 and flat["train.epochs"] == 20
+
+
+def test_doctor_mode_off_unquoted_means_off():
+    # YAML 1.1 reads an unquoted off as false: a user writing `mode: off` means the doctor off
+    recipe = Recipe.from_yaml("doctor: {mode: off}\n")
+    assert recipe.doctor.mode == "off"
+    assert load_recipe({"doctor": {"mode": "off"}}).doctor.mode == "off"
+    assert parse_assignment("doctor.mode=off")[1] is False  # the CLI's --set reads YAML too
+    assert Recipe().override({"doctor.mode": False}).doctor.mode == "off"
+    with pytest.raises(ConfigError, match="doctor.mode"):
+        Recipe.from_yaml("doctor: {mode: on}\n")  # on is not a mode: say so

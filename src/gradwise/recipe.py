@@ -208,6 +208,11 @@ class DoctorSpec(_Section):
     max_repairs: int = Field(3, ge=0)
     """repair: at most this many repairs in one run."""
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _off(cls, mode: Any) -> Any:
+        return "off" if mode is False else mode  # YAML 1.1 reads an unquoted off (or no) as false
+
     @field_validator("ignore")
     @classmethod
     def _check_codes(cls, codes: list[str]) -> list[str]:
