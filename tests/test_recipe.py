@@ -115,5 +115,5 @@ def test_doctor_mode_off_unquoted_means_off():
     assert load_recipe({"doctor": {"mode": "off"}}).doctor.mode == "off"
     assert parse_assignment("doctor.mode=off")[1] is False  # the CLI's --set reads YAML too
     assert Recipe().override({"doctor.mode": False}).doctor.mode == "off"
-    with pytest.raises(ConfigError, match="doctor.mode"):
+    with pytest.raises(ConfigError, match=r"doctor\.mode"):
         Recipe.from_yaml("doctor: {mode: on}\n")  # on is not a mode: say so
