@@ -141,6 +141,7 @@ def test_a_damaged_best_checkpoint_falls_back_to_the_best_good_one(tmp_path):
         assert resolve_checkpoint(tmp_path) == checkpoints[3]  # no metric to go by: the latest
 
 
+@pytest.mark.slow
 def test_a_run_resumes_exactly_from_the_newest_good_checkpoint(blobs):
     x, y = blobs
     settings = {**QUIET, "recipe": None, "epochs": 3, "batch_size": 32, "seed": 3}
@@ -210,6 +211,7 @@ def test_a_running_run_whose_process_is_gone_is_shown_dead(tmp_path):
     assert states["silent"] == ("dead", "dead: no heartbeat from another-host for 11 minutes")
 
 
+@pytest.mark.slow
 def test_a_sigkilled_training_is_dead_in_gradwise_runs(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
