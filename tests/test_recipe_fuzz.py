@@ -30,6 +30,7 @@ import yaml
 from conftest import gradwise_cli
 
 from gradwise.cli import main
+from gradwise.errors import ConfigError
 from gradwise.recipe import Recipe
 
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where there: fast
@@ -187,6 +188,7 @@ _WORKER = """
 import contextlib, io, json, os, sys, time, traceback
 os.environ["GRADWISE_DEBUG"] = "0"
 from gradwise.cli import main
+from gradwise.errors import ConfigError
 from gradwise.recipe import Recipe
 real_stdout = sys.stdout
 for line in sys.stdin:
@@ -409,3 +411,25 @@ def test_known_damage_fails_fast_with_one_line(name, monkeypatch, capsys):
     outcome = Outcome(name, "train", exit_.value.code, err, seconds)
     assert outcome.problem() is None and expected in err, err
     assert seconds < (1.0 if "bomb" in name else 10.0)  # kwargs: after importing torch, the data
+
+
+@pytest.mark.timeout(60)
+def test_a_bomb_in_a_run_directory_or_a_space_hangs_nothing(tmp_path, monkeypatch, capsys):
+    # run directories and search spaces are YAML from anyone: runs, report and tune read them
+    from gradwise.doctor.report import report_run
+    from gradwise.tracking import list_runs
+    from gradwise.tune.space import load_space
+
+    bomb = "\n".join(BOMB) + "\nseed: *i\n"
+    run = tmp_path / "runs" / "hostile"
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text(bomb)
+    (run / "status.json").write_text('{"state": "finished", "step": 1}')
+    start = time.process_time()
+    assert [r.name for r in list_runs(tmp_path / "runs")] == ["hostile"]
+    with pytest.warns(UserWarning, match="could not read the recipe"):
+        report_run(run, tmp_path / "report.html")
+    (tmp_path / "space.yaml").write_text(bomb)
+    with pytest.raises(ConfigError, match="aliases expand"):
+        load_space(tmp_path / "space.yaml", Recipe())
+    assert time.process_time() - start < 5.0

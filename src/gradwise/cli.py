@@ -422,11 +422,9 @@ def tune(
 
 def _with_overrides(path: Path, overrides: dict) -> dict:
     """The recipe file's own settings plus --set ones, as a dict: the advisor keeps exactly those."""
-    import yaml
+    from gradwise.recipe import load_yaml, override_paths
 
-    from gradwise.recipe import override_paths
-
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     for key, value in overrides.items():
         for dotted in override_paths({key: value}):
             *parents, last = dotted.split(".")

@@ -114,11 +114,12 @@ def _read_recipe(path: Path) -> dict | None:
     """``recipe.yaml`` as a dict; None (with a warning) when it is missing or unreadable."""
     if not path.exists():
         return None
-    import yaml
+    from gradwise.errors import ConfigError
+    from gradwise.recipe import load_yaml
 
-    try:
-        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    try:  # a run directory may come from anyone: damaged or alias-bombed YAML is left out
+        recipe = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (ConfigError, UnicodeDecodeError) as e:
         warnings.warn(
             f"{path}: could not read the recipe ({e}); the report leaves it out", stacklevel=3
         )

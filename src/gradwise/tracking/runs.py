@@ -7,9 +7,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from gradwise.errors import GradwiseError
+from gradwise.errors import ConfigError, GradwiseError
 from gradwise.tracking.files import STATUS_FILE, dead_reason, heartbeat_age, read_status
 
 _NAME_KEYS = ("name", "source", "dataset", "path", "type", "kind")
@@ -78,9 +76,11 @@ def _summary(run_dir: Path) -> RunSummary:
 
 
 def _read_recipe(path: Path) -> dict[str, Any]:
-    try:
-        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+    from gradwise.recipe import load_yaml
+
+    try:  # bounded: an alias-bombed recipe.yaml must not hang `gradwise runs`
+        recipe = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, ConfigError, UnicodeDecodeError):
         return {}
     return recipe if isinstance(recipe, dict) else {}
 

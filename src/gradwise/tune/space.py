@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from gradwise.errors import ConfigError, did_you_mean
-from gradwise.recipe import Recipe, override_paths
+from gradwise.recipe import Recipe, load_yaml, override_paths
 
 # type name -> (kind of parameter, log scale); "log: true" may also switch uniform and int to log
 TYPES: dict[str, tuple[str, bool]] = {
@@ -231,12 +231,7 @@ def load_space(
         path = Path(source)
         if not path.is_file():
             raise ConfigError("--space", str(path), "an existing YAML file with a search space")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(
-                str(path), "<yaml>", "valid YAML", str(exc).replace("\n", " ")
-            ) from None
+        data = load_yaml(path.read_text(encoding="utf-8"), str(path))  # no alias bomb hangs
         return parse_space(data, recipe, str(path))
     return parse_space(source, recipe, name)
 
