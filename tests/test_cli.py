@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import gradwise_cli
 
@@ -172,3 +173,30 @@ def test_public_functions_stay_callable_after_their_modules_are_imported():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True True True True True ['Advice', 'ConfigError']"
+
+
+def test_a_loss_that_cannot_take_outputs_and_targets_is_one_line_before_training(tmp_path):
+    path = _write(
+        tmp_path,
+        "model: {name: mlp, kwargs: {num_outputs: 3}}\ndata: {name: iris}\ntask: custom\n"
+        "train: {loss: 'os:system'}\ntracking: {mlflow: false, tensorboard: false}\n",
+    )
+    result = gradwise_cli("train", str(path), "-q", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (
+        "train.loss: got 'os:system'" in result.stderr
+        and "takes at most 1 argument" in result.stderr
+    )
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_a_python_loss_that_returns_no_scalar_is_a_config_error(blobs):
+    x, y = blobs
+    with pytest.raises(gw.ConfigError, match=r"loss_fn.*it returned \(2,\)"):
+        gw.Trainer(
+            torch.nn.Linear(8, 3),
+            (x[:20], y[:20]),
+            task="custom",
+            loss_fn=lambda out, target: out.sum(1),
+            progress="off",
+        ).fit()

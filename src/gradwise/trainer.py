@@ -357,6 +357,7 @@ class Trainer:
         self.task.check_fit(out, y, self.info)
         if self.task.kind in ("multiclass", "multilabel", "lm"):
             self.task.num_outputs = out.shape[-1]  # metrics size to the model's real output
+        self._probe_loss(out, y)
         # the labels the up-front scan did not read are checked on the host as batches come
         self.check_batch_labels = self.task.kind in ("multiclass", "lm") and not (
             self.info.labels_complete and self.info.label_range is not None
@@ -371,6 +372,28 @@ class Trainer:
                 "image classification (inputs [batch, channels, height, width])",
                 f"this is {self.task.kind} with inputs of shape {tuple(x.shape)}; set both to 0",
             )
+
+    def _probe_loss(self, out: torch.Tensor, y: torch.Tensor) -> None:
+        """The loss must take the model's outputs and the targets and give a number."""
+        field = "train.loss" if self._loss_fn is None else "loss_fn"
+        custom = self._loss_fn is not None or ":" in str(self.recipe.train.loss)
+        try:
+            with torch.no_grad():
+                loss = self.task.loss(out.float(), y)
+        except Exception as exc:  # a user's loss can raise anything
+            if not custom:
+                raise
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            raise ConfigError(
+                field, self._loss_fn or self.recipe.train.loss,
+                "a loss (outputs, targets) -> scalar tensor", reason,
+            ) from None  # fmt: skip
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            what = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ConfigError(
+                field, self._loss_fn or self.recipe.train.loss,
+                "a loss (outputs, targets) -> scalar tensor", f"it returned {what}",
+            )  # fmt: skip
 
     def _check_batch_labels(self, y: torch.Tensor) -> None:
         if y.device.type != "cpu" or y.is_floating_point():  # never a device synchronisation
