@@ -385,3 +385,30 @@ def test_loggers_start_into_the_run_or_at_its_end(tmp_path: Path, monkeypatch) -
         while not (long / "tb").exists() and time.time() < deadline:
             time.sleep(0.05)
         assert (long / "tb").exists()  # started while the run goes on
+
+
+def test_a_failing_metrics_flush_warns_once_and_recovers(tmp_path: Path, caplog) -> None:
+    class FullDisk:  # stands in for the buffered file while the disk is full
+        def __init__(self, real) -> None:
+            self.real, self.full = real, True
+
+        def flush(self) -> None:
+            if self.full:
+                raise OSError(28, "No space left on device")
+            self.real.flush()
+
+        def __getattr__(self, name: str):
+            return getattr(self.real, name)
+
+    tracker = Tracker(tmp_path, params={}, tensorboard=False, mlflow=False)
+    disk = FullDisk(tracker._file)
+    tracker._file = disk
+    for _ in range(3):
+        tracker._flush_file()
+    disk.full = False
+    tracker._flush_file()
+    tracker._file = disk.real
+    tracker.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("logging failed" in m for m in messages) == 1
+    assert any("works again" in m for m in messages)

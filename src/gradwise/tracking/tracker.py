@@ -95,6 +95,7 @@ class Tracker:
             self._file.close()
             raise
         self._started = threading.Event()
+        self._flush_failing = False
         self._start_now = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="gradwise-tracker", daemon=True)
@@ -207,9 +208,20 @@ class Tracker:
                     self._guarded(i, backend.send)
 
     def _flush_file(self) -> None:
+        """Flush metrics.jsonl; a failure (a full disk) is one warning, not one every second."""
         with self._lock:
-            if not self._closed:
-                _try(METRICS_FILE, self._file.flush)
+            if self._closed:
+                return
+            try:
+                self._file.flush()
+            except OSError as e:
+                if not self._flush_failing:
+                    logger.warning("%s logging failed, retrying: %s", METRICS_FILE, e)
+                self._flush_failing = True
+                return
+            if self._flush_failing:
+                logger.warning("%s logging works again", METRICS_FILE)
+            self._flush_failing = False
 
     def _deliver(self) -> None:
         """Hand the queued records to each logger (MLflow only buffers them until ``send``)."""
