@@ -66,3 +66,16 @@ def gradwise_cli(*args: str, cwd: Path | None = None, env: dict | None = None, t
         text=True,
         timeout=timeout,
     )
+
+
+def gradwise_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """The real ``gradwise`` entry point in this process (a subprocess would import torch again):
+    (exit code, stdout, stderr)."""
+    from gradwise.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["gradwise", *args])
+    monkeypatch.setenv("GRADWISE_DEBUG", "0")
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    captured = capsys.readouterr()
+    return exit_.value.code, captured.out, captured.err

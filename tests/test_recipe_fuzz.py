@@ -36,7 +36,7 @@ from gradwise.recipe import Recipe, load_recipe
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where there: fast
 Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
-MUTANTS_PER_EXAMPLE = 60
+MUTANTS_PER_EXAMPLE = 50
 CASE_TIMEOUT_S = 60.0
 FAST = ["--set", "train.max_steps=1", "--set", "tracking.mlflow=false"]
 FAST += ["--set", "tracking.tensorboard=false", "--set", "tracking.root=runs", "-q"]
@@ -305,7 +305,9 @@ def _report(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
-EDGES = [10**30, -1, 0, "", None, "y" * 300]  # the values each setting is also tried with
+# each setting is also tried with 10**30 (the value that found most bugs) and two of the others, in
+# turn, so every value meets every kind of setting across the fields while CI stays short
+EDGES = [10**30, -1, 0, "", None, "y" * 300]
 
 
 def edge_case(field: str, value: object, example: Path) -> str:
@@ -326,17 +328,18 @@ def _cases() -> list[tuple[str, str]]:
         for example in EXAMPLES
         for i in range(MUTANTS_PER_EXAMPLE)
     ]
+    rest = len(EDGES) - 1
     edges = [
-        (f"edge-{field}-{j}", edge_case(field, value, EXAMPLES[(i + j) % len(EXAMPLES)]))
+        (f"edge-{field}-{j}", edge_case(field, EDGES[j], EXAMPLES[(i + j) % len(EXAMPLES)]))
         for i, field in enumerate(FIELDS)
-        for j, value in enumerate(EDGES)
+        for j in (0, 1 + i % rest, 1 + (i + 2) % rest)
     ]
     return random_cases + edges
 
 
 def test_the_mutations_are_seeded_and_varied():
     cases = _cases()
-    assert len(cases) >= 500 and cases == _cases()  # the same recipes every run
+    assert len(cases) >= 300 and cases == _cases()  # the same recipes every run
     texts = {text for _, text in cases}
     assert len(texts) > 0.9 * len(cases)
     assert sum("*i" in text for text in texts) >= 2  # billion laughs among them

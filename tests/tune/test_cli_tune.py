@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import gradwise_cli
-
-from gradwise.cli import main
+from conftest import gradwise_cli, gradwise_main
 
 RECIPE = textwrap.dedent(
     """
@@ -29,16 +26,6 @@ SPACE = textwrap.dedent(
 )
 
 
-def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """The real entry point, in this process (each subprocess would import torch again)."""
-    monkeypatch.setattr(sys, "argv", ["gradwise", *args])
-    monkeypatch.setenv("GRADWISE_DEBUG", "0")
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    captured = capsys.readouterr()
-    return exit_.value.code, captured.out, captured.err
-
-
 @pytest.fixture
 def files(tmp_path: Path) -> Path:
     (tmp_path / "recipe.yaml").write_text(RECIPE)
@@ -47,7 +34,7 @@ def files(tmp_path: Path) -> Path:
 
 
 def test_tune_then_report_from_storage(files, monkeypatch, capsys):
-    code, out, _ = _cli(
+    code, out, _ = gradwise_main(
         monkeypatch, capsys, "tune", "recipe.yaml", "--space", "space.yaml", "--trials", "3",
         "--study", "cli", "--pruner", "none",
     )  # fmt: skip
@@ -61,7 +48,7 @@ def test_tune_then_report_from_storage(files, monkeypatch, capsys):
     for plot in (folder / "plots").iterdir():
         plot.unlink()
 
-    code, out, _ = _cli(monkeypatch, capsys, "tune", "--report", "cli")
+    code, out, _ = gradwise_main(monkeypatch, capsys, "tune", "--report", "cli")
     assert code == 0
     table = [line.split("\t") for line in out.splitlines() if "\t" in line]
     assert table[0][:3] == ["trial", "state", "val_accuracy"] and len(table) == 4
@@ -74,7 +61,9 @@ def test_tune_then_report_from_storage(files, monkeypatch, capsys):
 
 
 def test_propose_prints_a_space_to_save(files, monkeypatch, capsys):
-    code, out, _ = _cli(monkeypatch, capsys, "tune", "recipe.yaml", "--propose", "--set", "lr=0.02")
+    code, out, _ = gradwise_main(
+        monkeypatch, capsys, "tune", "recipe.yaml", "--propose", "--set", "lr=0.02"
+    )
     assert code == 0
     space = yaml.safe_load(out)
     assert space["optim.lr"] == {"type": "log_uniform", "low": 0.002, "high": 0.2}
@@ -105,7 +94,7 @@ BAD_OPTIONS = [
 @pytest.mark.parametrize(("space", "field", "expected"), BAD_SPACES)
 def test_bad_space_exits_2_with_one_message(files, monkeypatch, capsys, space, field, expected):
     (files / "bad.yaml").write_text(space)
-    code, _, err = _cli(monkeypatch, capsys, "tune", "recipe.yaml", "--space", "bad.yaml")
+    code, _, err = gradwise_main(monkeypatch, capsys, "tune", "recipe.yaml", "--space", "bad.yaml")
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: bad.yaml: "), err
     assert field in lines[0] and expected in lines[0], lines[0]
@@ -114,7 +103,7 @@ def test_bad_space_exits_2_with_one_message(files, monkeypatch, capsys, space, f
 
 @pytest.mark.parametrize(("options", "field", "expected"), BAD_OPTIONS)
 def test_bad_options_exit_2_with_one_message(files, monkeypatch, capsys, options, field, expected):
-    code, _, err = _cli(
+    code, _, err = gradwise_main(
         monkeypatch, capsys, "tune", "recipe.yaml", "--space", "space.yaml", *options
     )
     lines = [line for line in err.splitlines() if line.strip()]
@@ -135,5 +124,5 @@ def test_unreachable_storage_is_one_line_without_traceback(files):
 
 
 def test_report_of_an_unknown_study(files, monkeypatch, capsys):
-    code, _, err = _cli(monkeypatch, capsys, "tune", "--report", "nope")
+    code, _, err = gradwise_main(monkeypatch, capsys, "tune", "--report", "nope")
     assert code == 2 and "error: --report: got 'nope'" in err and "runs/tune/nope.journal" in err

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import gradwise_main
 
-from gradwise.cli import main
 from gradwise.errors import GradwiseError, GradwiseWarning
 from gradwise.tune import tune
 from gradwise.tune.storage import journal_path, open_storage
@@ -50,21 +50,12 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in data.splitlines()]  # every line is a whole record
 
 
-def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["gradwise", *args])
-    monkeypatch.setenv("GRADWISE_DEBUG", "0")
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    captured = capsys.readouterr()
-    return exit_.value.code, captured.out, captured.err
-
-
 @pytest.mark.slow
 def test_tune_resumes_a_journal_cut_mid_line_to_its_cap_and_reports(monkeypatch, capsys):
     partial = _study(process=True)
     Path("recipe.yaml").write_text(json.dumps(RECIPE))
     Path("space.yaml").write_text(json.dumps(SPACE))
-    code, out, err = _cli(
+    code, out, err = gradwise_main(
         monkeypatch, capsys, "tune", "recipe.yaml", "--space", "space.yaml", "--trials", "3",
         "--study", "cut", "--pruner", "none",
     )  # fmt: skip
@@ -77,7 +68,7 @@ def test_tune_resumes_a_journal_cut_mid_line_to_its_cap_and_reports(monkeypatch,
     study = optuna.load_study(study_name="cut", storage=open_storage(str(JOURNAL)))
     done = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 3  # the cap: the trial whose last record was cut is failed and replaced
-    code, out, err = _cli(monkeypatch, capsys, "tune", "--report", "cut", "--root", "runs")
+    code, out, err = gradwise_main(monkeypatch, capsys, "tune", "--report", "cut", "--root", "runs")
     assert code in (0, None) and "3 complete" in out, err
 
 
