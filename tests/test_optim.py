@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from conftest import QUIET, gradwise_main, mlp
 from torch import nn
 
+import gradwise as gw
+from gradwise.errors import ConfigError
 from gradwise.optim import (
+    OPTIMIZERS,
     build_optimizer,
     build_scheduler,
     lr_multiplier,
     param_groups,
+    register_optimizer,
     warmup_steps,
 )
-from gradwise.recipe import OptimSpec, ScheduleSpec
+from gradwise.recipe import OptimSpec, Recipe, ScheduleSpec
 
 
 class Net(nn.Module):
@@ -66,7 +73,7 @@ def test_tied_embedding_is_placed_once_and_not_decayed():
     assert groups[0]["name"] == "no_decay"
 
 
-@pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "lion"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_every_optimizer_reduces_a_loss(name):
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
@@ -89,6 +96,116 @@ def test_sgd_uses_nesterov_momentum_and_lion_its_own_betas():
     assert sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.9
     lion = build_optimizer(nn.Linear(2, 2), OptimSpec(name="lion", lr=1e-4))
     assert tuple(lion.defaults["betas"]) == (0.9, 0.99)
+
+
+# -- the optimizer table, import paths, the caller's parameter groups ----------------------------
+
+
+@pytest.fixture
+def table(monkeypatch: pytest.MonkeyPatch):
+    """OPTIMIZERS, with the rows a test adds removed after it."""
+    monkeypatch.setattr(OPTIMIZERS, "_entries", dict(OPTIMIZERS._entries))
+    return OPTIMIZERS
+
+
+@pytest.fixture
+def rmsprops(monkeypatch: pytest.MonkeyPatch) -> list[torch.optim.RMSprop]:
+    """Every torch.optim.RMSprop built during the test (the class is replaced by a recording one)."""
+    built = []
+
+    class Recorded(torch.optim.RMSprop):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(torch.optim, "RMSprop", Recorded)
+    return built
+
+
+def _two_steps(blobs, **overrides) -> gw.Run:
+    x, y = blobs
+    data = (x[:128], y[:128])  # two batches of 64: two optimizer steps
+    return gw.Trainer(mlp(), data, epochs=1, batch_size=64, **QUIET, **overrides).fit()
+
+
+def test_the_recipe_knows_every_row_and_nothing_else(table):
+    assert {"adamw", "adam", "sgd", "lion"} <= set(OPTIMIZERS)
+    for name in OPTIMIZERS:
+        assert Recipe.parse({"optim": {"name": name}}).optim.name == name
+    with pytest.raises(ConfigError, match="did you mean 'rmsprop'"):
+        register_optimizer("rmsprop", "torch.optim:RMSprop")
+        Recipe.parse({"optim": {"name": "rmsprp"}})
+
+
+def test_a_new_row_is_usable_by_name_end_to_end(table, rmsprops, blobs):
+    register_optimizer("rmsprop", torch.optim.RMSprop, settings=("eps", "momentum"))
+    run = _two_steps(blobs, optim={"name": "rmsprop", "momentum": 0.5, "eps": 1e-6})
+    assert run.state == "finished" and run.steps == 2
+    optimizer = rmsprops[-1]
+    assert optimizer.defaults["momentum"] == 0.5 and optimizer.defaults["eps"] == 1e-6
+    assert [g["name"] for g in optimizer.param_groups] == ["decay", "no_decay"]
+    assert optimizer.state  # it stepped
+
+
+def test_an_optimizer_by_import_path_gets_gradwise_groups_and_its_kwargs(rmsprops, blobs):
+    recipe = {"name": "torch.optim:RMSprop", "kwargs": {"alpha": 0.9}, "weight_decay": 0.01}
+    Path("recipe.yaml").write_text(yaml.safe_dump({"optim": recipe}))
+    run = _two_steps(blobs, recipe="recipe.yaml")
+    assert run.state == "finished" and run.steps == 2
+    optimizer = rmsprops[-1]
+    assert isinstance(optimizer, torch.optim.RMSprop) and optimizer.defaults["alpha"] == 0.9
+    groups = {g["name"]: g["weight_decay"] for g in optimizer.param_groups}
+    assert groups == {"decay": 0.01, "no_decay": 0.0}
+    saved = yaml.safe_load((run.dir / "recipe.yaml").read_text())["optim"]
+    assert (saved["name"], saved["kwargs"]) == ("torch.optim:RMSprop", {"alpha": 0.9})
+
+
+def test_an_unknown_optimizer_is_one_line_with_a_did_you_mean(monkeypatch, capsys):
+    Path("recipe.yaml").write_text("optim:\n  name: adamww\n")
+    code, _, err = gradwise_main(monkeypatch, capsys, "train", "recipe.yaml", "-q")
+    assert code == 2
+    assert err.startswith("error: optim.name: got 'adamww'; expected one of 'adam', 'adamw'")
+    assert err.rstrip().endswith("did you mean 'adamw'?") and err.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "match"),
+    [
+        ("torch.optim:RMSprop", {"alpah": 0.9}, r"optim\.kwargs\.alpah: .*did you mean 'alpha'"),
+        ("torch.optim:RMSprop", {"alpha": -1.0}, r"optim\.kwargs\.alpha: got -1\.0.*Invalid alpha"),
+        ("torch.optim:RMSprop", {"lr": 0.1}, r"optim\.kwargs\.lr: .*set optim\.lr"),
+        ("adamw", {"betas": [0.9, 0.9]}, r"optim\.kwargs\.betas: .*set optim\.betas"),
+        ("os:getcwd", {}, r"optim\.name: got 'os:getcwd'; expected an optimizer class or factory"),
+        ("torch.optim:RMSProp", {}, r"optim\.name: .*did you mean 'RMSprop'"),
+    ],
+)
+def test_optimizer_arguments_and_import_paths_are_checked(name, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        build_optimizer(nn.Linear(2, 2), OptimSpec(name=name, kwargs=kwargs))
+
+
+def test_a_factory_must_return_an_optimizer(table):
+    register_optimizer("broken", lambda params, lr: object())
+    with pytest.raises(
+        ConfigError, match=r"returns a torch\.optim\.Optimizer\. it returned object"
+    ):
+        build_optimizer(nn.Linear(2, 2), OptimSpec(name="broken"))
+
+
+def test_caller_groups_keep_their_settings_and_default_to_the_recipe():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    groups = [
+        {"params": model[0].parameters(), "lr": 0.1},
+        {"params": list(model[1].parameters()), "weight_decay": 0.0, "name": "head"},
+    ]
+    opt = build_optimizer(model, OptimSpec(name="sgd", lr=0.01, weight_decay=0.3), groups)
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(0.1, 0.3), (0.01, 0.0)]
+    assert opt.param_groups[1]["name"] == "head" and "weight_decay" not in groups[0]
+    twice = [{"params": model.parameters()}, {"params": model[0].parameters()}]
+    with pytest.raises(ConfigError, match=r"param_groups\[1\]\.params: .*no other group"):
+        build_optimizer(model, OptimSpec(), twice)
+    with pytest.raises(ConfigError, match=r"param_groups\[0\]: .*'params'"):
+        build_optimizer(model, OptimSpec(), [{"lr": 0.1}])
 
 
 def test_warmup_is_linear_and_cosine_reaches_the_floor_at_the_last_step():

@@ -153,6 +153,26 @@ def test_trainer_resume_refuses_import_paths_unless_trusted(in_workdir, tmp_path
     assert gw.Trainer.resume(mine, trust=True, epochs=2, **QUIET).fit().state == "finished"
 
 
+def test_trainer_resume_refuses_an_optimizer_import_path_unless_trusted(in_workdir, tmp_path):
+    recipe = {
+        "name": "optimizer-path",
+        "model": {"name": "mlp", "kwargs": {"hidden": [8]}},
+        "data": {"name": "iris"},
+        "optim": {"name": "torch.optim:RMSprop", "kwargs": {"alpha": 0.9}},
+        "doctor": {"mode": "off"},
+        "train": {"epochs": 1},
+    }
+    run = gw.Trainer(recipe=recipe, **QUIET).fit()
+    evil = hostile(run.dir, tmp_path / "evil", optim={"name": "evil_gw:build", "kwargs": {}})
+    with pytest.raises(UntrustedError, match=r"optim\.name: got 'evil_gw:build'"):
+        gw.Trainer.resume(evil, epochs=2, **QUIET).fit()
+    assert not (in_workdir / "PWNED").exists()
+    with pytest.raises(UntrustedError, match=r"optim\.name: got 'torch\.optim:RMSprop'"):
+        gw.Trainer.resume(run.dir, epochs=2, **QUIET).fit()
+    resumed = gw.Trainer.resume(run.dir, trust=True, epochs=2, **QUIET).fit()
+    assert resumed.state == "finished" and resumed.steps > run.steps
+
+
 def test_objects_passed_to_resume_need_no_trust(blobs, tmp_path):
     x, y = blobs
     data = (x[:200], y[:200]), (x[200:], y[200:])

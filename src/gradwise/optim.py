@@ -7,13 +7,30 @@ none. The decision is made by module type, never by parameter name.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from gradwise.recipe import OptimSpec, ScheduleSpec
+from gradwise.errors import ConfigError, did_you_mean
+from gradwise.optimizers import OPTIMIZERS, OptimizerEntry, register_optimizer
+from gradwise.recipe import OptimSpec, ScheduleSpec, call_factory
+from gradwise.registry import resolve
+
+__all__ = [
+    "OPTIMIZERS",
+    "OptimizerEntry",
+    "build_optimizer",
+    "build_scheduler",
+    "lr_multiplier",
+    "param_groups",
+    "register_optimizer",
+    "warmup_steps",
+]
 
 # Module types whose parameters are never decayed.
 NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (
@@ -26,7 +43,18 @@ NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (
     nn.EmbeddingBag,
 )
 
-DEFAULT_BETAS = {"adamw": (0.9, 0.999), "adam": (0.9, 0.999), "lion": (0.9, 0.99)}
+# recipe setting -> its value for an optimizer row (see gradwise.optimizers.SETTINGS)
+SETTING_VALUES: dict[str, Callable[[OptimSpec, OptimizerEntry], Any]] = {
+    "betas": lambda spec, entry: tuple(spec.betas or entry.betas or (0.9, 0.999)),
+    "eps": lambda spec, entry: spec.eps,
+    "momentum": lambda spec, entry: spec.momentum,
+    "nesterov": lambda spec, entry: spec.nesterov and spec.momentum > 0,  # Nesterov needs momentum
+}
+RESERVED = {
+    "params": "gradwise passes the parameter groups",
+    "lr": "set optim.lr (the schedule scales it)",
+    "weight_decay": "set optim.weight_decay (gradwise applies it to weights only)",
+}
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -53,22 +81,98 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, spec: OptimSpec) -> torch.optim.Optimizer:
-    """The optimizer the recipe names, over :func:`param_groups`."""
-    groups = param_groups(model, spec.weight_decay)
-    betas = tuple(spec.betas or DEFAULT_BETAS.get(spec.name, (0.9, 0.999)))
-    if spec.name == "adamw":
-        return torch.optim.AdamW(groups, lr=spec.lr, betas=betas, eps=spec.eps)
-    if spec.name == "adam":
-        return torch.optim.Adam(groups, lr=spec.lr, betas=betas, eps=spec.eps)
-    if spec.name == "sgd":
-        nesterov = spec.nesterov and spec.momentum > 0  # Nesterov needs momentum
-        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=nesterov)
-    if spec.name == "lion":
-        from lion_pytorch import Lion
+def build_optimizer(
+    model: nn.Module,
+    spec: OptimSpec,
+    groups: list[dict[str, Any]] | None = None,
+    *,
+    trusted: bool = True,
+) -> torch.optim.Optimizer:
+    """The optimizer ``spec.name`` names: a row of :data:`OPTIMIZERS`, or an import path to any
+    ``(params, **kwargs) -> Optimizer``.
 
-        return Lion(groups, lr=spec.lr, betas=betas)
-    raise AssertionError(f"unhandled optimizer {spec.name}")  # the Recipe's Literal prevents this
+    It gets :func:`param_groups` (or ``groups``: the caller's parameter groups, dicts with
+    ``"params"`` and per-group settings; a group without ``weight_decay`` gets the recipe's), the
+    recipe's lr, the recipe settings its row takes, and ``spec.kwargs``. ``trusted=False`` refuses
+    import paths (the recipe comes from a directory the user has not trusted; see
+    :mod:`gradwise.trust`). Problems raise a ConfigError naming the setting.
+    """
+    found = resolve(OPTIMIZERS, spec.name, "optim.name", trusted=trusted)
+    entry = found if isinstance(found, OptimizerEntry) else OptimizerEntry(spec.name, found)
+    _check_arguments(entry, spec.kwargs)
+    groups = param_groups(model, spec.weight_decay) if groups is None else _given(groups, spec)
+    if not entry.weight_decay:
+        groups = [{k: v for k, v in g.items() if k != "weight_decay"} for g in groups]
+    settings = {s: SETTING_VALUES[s](spec, entry) for s in entry.settings}
+    build = functools.partial(entry, groups, lr=spec.lr, **settings)
+    optimizer = call_factory(build, dict(spec.kwargs), "optim.kwargs", spec.name)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(
+            "optim.name",
+            spec.name,
+            "a class or factory that returns a torch.optim.Optimizer",
+            f"it returned {type(optimizer).__name__}",
+        )
+    return optimizer
+
+
+def _check_arguments(entry: OptimizerEntry, kwargs: dict[str, Any]) -> None:
+    """optim.kwargs must not set what the recipe sets and must be arguments the optimizer takes;
+    the optimizer must take parameter groups and lr."""
+    for key, value in kwargs.items():
+        if key in RESERVED or key in entry.settings:
+            hint = RESERVED.get(key, f"set optim.{key}")
+            raise ConfigError(
+                f"optim.kwargs.{key}", value, "an argument gradwise does not set", hint
+            )
+    try:
+        signature = inspect.signature(entry.factory)
+    except (TypeError, ValueError):
+        return  # no signature to check against: the optimizer itself will say
+    params = signature.parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        named = [
+            k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+        for key, value in kwargs.items():
+            if key not in named:
+                hint = did_you_mean(key, named) or f"it accepts: {', '.join(named[1:]) or 'none'}"
+                raise ConfigError(
+                    f"optim.kwargs.{key}", value, f"an argument of {entry.name!r}", hint
+                )
+    try:
+        signature.bind([], lr=0.0, **dict.fromkeys(entry.settings), **kwargs)
+    except TypeError as exc:
+        raise ConfigError(
+            "optim.name",
+            entry.name,
+            "an optimizer class or factory (params, lr, **kwargs) -> torch.optim.Optimizer",
+            str(exc),
+        ) from None
+
+
+def _given(groups: Any, spec: OptimSpec) -> list[dict[str, Any]]:
+    """The caller's parameter groups, checked and copied; the recipe's weight decay by default."""
+    if not isinstance(groups, (list, tuple)) or not groups:
+        raise ConfigError("param_groups", groups, "a non-empty list of dicts with 'params'")
+    out, seen = [], set()
+    for i, group in enumerate(groups):
+        if not isinstance(group, dict) or "params" not in group:
+            raise ConfigError(f"param_groups[{i}]", group, "a dict with 'params'")
+        params = group["params"]
+        field = f"param_groups[{i}].params"
+        try:
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+        except TypeError:
+            raise ConfigError(field, params, "a list of parameters") from None
+        if not params or not all(isinstance(p, torch.Tensor) for p in params):
+            raise ConfigError(field, group["params"], "a non-empty list of parameters")
+        ids = {id(p) for p in params}
+        if seen & ids:
+            raise ConfigError(field, f"{len(params)} tensors", "parameters no other group holds")
+        seen |= ids
+        out.append({"weight_decay": spec.weight_decay, **group, "params": params})
+    return out
 
 
 def warmup_steps(spec: ScheduleSpec, total_steps: int) -> int:

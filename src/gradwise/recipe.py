@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gradwise.errors import ConfigError, GradwiseError, did_you_mean
+from gradwise.optimizers import check_name
 
 Task = Literal[
     "auto", "classification", "binary", "multiclass", "multilabel", "regression", "lm", "custom"
@@ -71,9 +72,14 @@ class DataSpec(_Section):
 
 
 class OptimSpec(_Section):
-    name: Literal["adamw", "adam", "sgd", "lion"] = "adamw"
+    name: str = "adamw"
     """adamw (default; Loshchilov & Hutter 2019, decoupled weight decay), adam, sgd (Nesterov momentum),
-    lion (Chen et al. 2023; sign updates, use a 3-10x smaller lr and 3-10x larger weight decay than AdamW)."""
+    lion (Chen et al. 2023; sign updates, use a 3-10x smaller lr and 3-10x larger weight decay than AdamW),
+    a row added with gradwise.optim.register_optimizer, or an import path 'package.module:Optimizer'
+    (e.g. torch.optim:RMSprop): any (params, **kwargs) -> Optimizer, given gradwise's parameter groups,
+    lr and `kwargs` (betas, eps, momentum and nesterov go to the named optimizers that take them)."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """More keyword arguments for the optimizer, e.g. {amsgrad: true} or {alpha: 0.9} for RMSprop."""
     lr: float = Field(1e-3, gt=0)
     """Peak learning rate (after warmup). Typical: 1e-4..3e-3 for AdamW, 1e-2..1e-1 for SGD."""
     weight_decay: float = Field(0.05, ge=0)
@@ -88,6 +94,11 @@ class OptimSpec(_Section):
     """SGD momentum."""
     nesterov: bool = True
     """SGD Nesterov momentum (Sutskever et al. 2013): looks ahead, converges a little faster."""
+
+    @field_validator("name")
+    @classmethod
+    def _known_optimizer(cls, name: str) -> str:
+        return check_name(name)
 
     @field_validator("betas")
     @classmethod
