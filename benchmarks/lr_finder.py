@@ -22,6 +22,7 @@ import torch
 
 import gradwise as gw
 from gradwise.doctor.lr_finder import lr_range_test
+from gradwise.optim import build_optimizer
 
 EXAMPLES = Path(gw.__file__).parent / "examples"
 TASKS = {  # recipe, epoch budget
@@ -49,13 +50,12 @@ def recipe_for(name: str, root: str) -> gw.Recipe:
 
 
 def suggestion(recipe: gw.Recipe) -> float:
-    trainer = gw.Trainer(recipe=recipe, progress="off")
-    trainer._setup()
+    a = gw.assemble(recipe=recipe)
     result = lr_range_test(
-        trainer.model,
-        trainer.train_loader.dataset,
-        trainer.task.loss,
-        optimizer=trainer.optimizer,
+        a.model,
+        a.train_loader.dataset,
+        a.task.loss,
+        optimizer=build_optimizer(a.model, a.recipe.optim),
         batch_size=recipe.data.batch_size,
         grad_clip=recipe.train.grad_clip,
         seed=recipe.seed,

@@ -76,12 +76,6 @@ class QuadraticTrainer:
         self.on_evaluate = on_evaluate
         self.dir = None
 
-    def _setup(self) -> None:  # the tuner's preflight
-        pass
-
-    def _metric_names(self) -> list[str]:
-        return ["val_loss"]
-
     def fit(self) -> SimpleNamespace:
         r = self.recipe
         history, state = [], "finished"
@@ -96,12 +90,14 @@ class QuadraticTrainer:
 
 @contextlib.contextmanager
 def stand_in_trainer() -> Iterator[None]:
-    real = gradwise.trainer.Trainer
+    """The tuner with QuadraticTrainer for the Trainer and no model or data to check first."""
+    real, preflight = gradwise.trainer.Trainer, gradwise.tune.study._preflight
     gradwise.trainer.Trainer = QuadraticTrainer
+    gradwise.tune.study._preflight = lambda base: ("val_loss", "min", ["train_loss", "val_loss"])
     try:
         yield
     finally:
-        gradwise.trainer.Trainer = real
+        gradwise.trainer.Trainer, gradwise.tune.study._preflight = real, preflight
 
 
 def optuna_trivial(trial: optuna.Trial) -> float:

@@ -9,7 +9,7 @@ import torch
 from conftest import QUIET, gradwise_cli
 
 import gradwise as gw
-from gradwise.advisor import advise
+from gradwise.assemble import advise
 from gradwise.data import load_data
 from gradwise.facts import facts
 from gradwise.models import build_model

@@ -161,7 +161,8 @@ def test_public_functions_stay_callable_after_their_modules_are_imported():
     # gradwise.facts, .tune, .deploy.export and .serve are modules and the functions users call.
     code = (
         "import gradwise, gradwise.tune.space, gradwise.deploy.export, gradwise.deploy.serve\n"
-        "import gradwise.advisor, gradwise.deploy.bench\n"
+        "import gradwise.advisor, gradwise.assemble, gradwise.deploy.bench\n"
+        "assert callable(gradwise.assemble) and gradwise.assemble.Assembly\n"
         "from gradwise.deploy import bench\n"
         "assert callable(bench) and callable(gradwise.deploy.bench)\n"
         "assert callable(gradwise.facts) and gradwise.facts.Facts\n"
@@ -172,7 +173,7 @@ def test_public_functions_stay_callable_after_their_modules_are_imported():
         " 'tpe' in gradwise.tune.SAMPLERS, sorted(dir(gradwise))[:2])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "True True True True True ['Advice', 'ConfigError']"
+    assert out.stdout.strip() == "True True True True True ['Advice', 'Assembly']"
 
 
 def test_a_loss_that_cannot_take_outputs_and_targets_is_one_line_before_training(tmp_path):

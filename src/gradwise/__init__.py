@@ -32,7 +32,9 @@ _EXPORTS: dict[str, str] = {
     "RULES": "gradwise.doctor",
     "check": "gradwise.doctor.preflight",
     "lr_range_test": "gradwise.doctor.lr_finder",
-    "advise": "gradwise.advisor",
+    "assemble": "gradwise.assemble",
+    "Assembly": "gradwise.assemble",
+    "advise": "gradwise.assemble",
     "Advice": "gradwise.advisor",
     "facts": "gradwise.facts",
     "Facts": "gradwise.facts",
@@ -61,6 +63,8 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "RULES",
     "check",
     "lr_range_test",
+    "assemble",
+    "Assembly",
     "advise",
     "Advice",
     "facts",
@@ -76,7 +80,8 @@ __getattr__, __dir__ = lazy_exports("gradwise", _EXPORTS, globals())
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from gradwise import deploy, nn, tune
-    from gradwise.advisor import Advice, advise
+    from gradwise.advisor import Advice
+    from gradwise.assemble import Assembly, advise, assemble
     from gradwise.checkpoint import load_checkpoint
     from gradwise.data import DATASETS, load_data
     from gradwise.deploy.export import export

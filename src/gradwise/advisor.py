@@ -529,75 +529,8 @@ def _show(value: Any) -> str:
 # -- the entry point ---------------------------------------------------------------------------
 
 
-def advise(
-    model: Any = None,
-    train_data: Any = None,
-    task: str | None = None,
-    budget: int | None = None,
-    *,
-    recipe: Recipe | dict | str | None = None,
-    explicit: set[str] | None = None,
-    probe: bool = False,
-    loss_fn: Callable | None = None,
-) -> Advised:
-    """A complete recipe for ``model`` and ``train_data``, with the reason for every setting.
-
-    model / train_data: objects, or None to build them from ``recipe``'s model and data sections.
-    budget: the epoch budget (default: by data size). explicit: dotted settings the user chose
-    (e.g. {"optim.lr"}); the advice keeps them and says what it would have chosen. With a recipe
-    file or dict, every setting it names counts as explicit. probe: refine the learning rate with the
-    learning-rate range test (Smith 2017) on a private copy of the model. loss_fn: your loss for
-    task="custom".
-    """
-    from gradwise.facts import facts as probe_facts
-    from gradwise.recipe import load_recipe, set_paths
-    from gradwise.trainer import Trainer
-
-    base = load_recipe(recipe) if recipe is not None else Recipe()
-    explicit = set(explicit or ()) | (
-        set_paths(recipe) if isinstance(recipe, (dict, str)) else set()
-    )
-    if task is not None:
-        base = base.override(task=task)
-    trainer = Trainer(
-        model,
-        train_data,
-        None,
-        recipe=base,
-        loss_fn=loss_fn,
-        progress="off",
-        doctor={"mode": "off"},
-    )
-    trainer._setup()
-    f = probe_facts(trainer.model, _unbatched(trainer), trainer.task.kind, trainer.info)
-    zoo = _zoo_kwargs(base.model.name) if model is None else set()
-    advice = decide(f, budget if budget is not None else _explicit_epochs(base, explicit), zoo)
-    if probe:
-        advice = _probe_lr(advice, trainer, f)
-    advice = [_respect(a, base, explicit) for a in advice]
-    settings = {a.setting: a.value for a in advice if a.setting not in explicit}
-    advised = base.override({**settings, "task": trainer.task.kind})
-    return Advised(advised, advice, f)
-
-
-def _unbatched(trainer: Any) -> Any:
-    """The training Dataset behind the trainer's loader (gradwise wraps in-memory tensors)."""
-    from torch.utils.data import TensorDataset
-
-    dataset = trainer.train_loader.dataset
-    tensors = getattr(dataset, "tensors", None)
-    return (
-        TensorDataset(*tensors)
-        if tensors is not None and not isinstance(dataset, TensorDataset)
-        else dataset
-    )
-
-
-def _explicit_epochs(recipe: Recipe, explicit: set[str]) -> int | None:
-    return recipe.train.epochs if "train.epochs" in explicit else None
-
-
-def _zoo_kwargs(name: str) -> set[str]:
+def zoo_kwargs(name: str) -> set[str]:
+    """The arguments of zoo model ``name`` (the model kwargs the advisor may set)."""
     import inspect
 
     from gradwise.models import MODELS
@@ -607,7 +540,7 @@ def _zoo_kwargs(name: str) -> set[str]:
     return set(inspect.signature(MODELS[name]).parameters)
 
 
-def _respect(advice: Advice, recipe: Recipe, explicit: set[str]) -> Advice:
+def respect(advice: Advice, recipe: Recipe, explicit: set[str] | frozenset[str]) -> Advice:
     """A setting the user chose stays theirs; the advice says what it would have been."""
     if advice.setting not in explicit:
         return advice
@@ -625,8 +558,11 @@ def _get(recipe: Recipe, path: str) -> Any:
     return value
 
 
-def _probe_lr(advice: list[Advice], trainer: Any, f: Facts) -> list[Advice]:
-    """Replace the rule-based learning rate with the range test's suggestion (within 10x of it)."""
+def probe_lr(
+    advice: list[Advice], model: Any, dataset: Any, loss_fn: Any, f: Facts
+) -> list[Advice]:
+    """Replace the rule-based learning rate with the range test's suggestion (within 10x of it),
+    measured on a private copy of ``model``."""
     from gradwise.doctor.lr_finder import lr_range_test
     from gradwise.optim import build_optimizer
     from gradwise.recipe import OptimSpec
@@ -636,10 +572,10 @@ def _probe_lr(advice: list[Advice], trainer: Any, f: Facts) -> list[Advice]:
         name=chosen["optim.name"], lr=chosen["optim.lr"], weight_decay=chosen["optim.weight_decay"]
     )
     result = lr_range_test(
-        trainer.model,
-        _unbatched(trainer),
-        trainer.task.unsmoothed(),
-        optimizer=build_optimizer(trainer.model, spec),
+        model,
+        dataset,
+        loss_fn,
+        optimizer=build_optimizer(model, spec),
         batch_size=chosen["data.batch_size"],
         grad_clip=chosen.get("train.grad_clip"),
     )

@@ -147,7 +147,7 @@ def advise(
     write: Annotated[Path | None, typer.Option(help="Save the advised recipe as YAML.")] = None,
 ) -> None:
     """Advise a complete recipe for a model and data: every setting, why, and the reference."""
-    from gradwise.advisor import advise as run_advise
+    from gradwise.assemble import advise as run_advise
     from gradwise.recipe import load_recipe, set_paths
     from gradwise.tracking import atomic_write_text
 
@@ -196,25 +196,25 @@ def check(
     lr_range: Annotated[bool, typer.Option(help="Run the learning-rate range test.")] = True,
 ) -> None:
     """Preflight: check data and model, overfit one batch, find a learning rate. Exit 1 on errors."""
+    from gradwise.assemble import assemble
     from gradwise.doctor.preflight import check as run_check
+    from gradwise.optim import build_optimizer
     from gradwise.recipe import load_recipe, parse_assignment
-    from gradwise.trainer import Trainer
 
     r = load_recipe(recipe).override(dict(parse_assignment(item) for item in set_ or []))
-    trainer = Trainer(recipe=r, progress="off")
-    trainer._setup()
+    a = assemble(recipe=r)
     report = run_check(
-        trainer.model,
-        trainer.train_loader.dataset,
-        trainer.val_loader.dataset if trainer.val_loader is not None else None,
-        loss_fn=trainer.task.unsmoothed(),  # overfitting one batch needs a loss that can reach 0
-        task=trainer.task.kind,
-        optimizer=trainer.optimizer,
-        batch_size=trainer.recipe.data.batch_size,
+        a.model,
+        a.train_dataset,
+        a.val_dataset,
+        loss_fn=a.task.unsmoothed(),  # overfitting one batch needs a loss that can reach 0
+        task=a.task.kind,
+        optimizer=build_optimizer(a.model, a.recipe.optim),
+        batch_size=a.recipe.data.batch_size,
         overfit=overfit,
         lr_range=lr_range,
         plot=plot if lr_range else None,
-        ignore=trainer.recipe.doctor.ignore,
+        ignore=a.recipe.doctor.ignore,
     )
     out.print(str(report), soft_wrap=True)
     if report.lr_range is not None and plot is not None:

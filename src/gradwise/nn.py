@@ -98,3 +98,28 @@ def he_init_(module: nn.Module, nonlinearity: str = "relu") -> nn.Module:
 def xavier_init_(module: nn.Module, nonlinearity: str = "linear") -> nn.Module:
     """Glorot-uniform init of all Linear/Conv weights (Glorot & Bengio 2010); see :func:`init_weights`."""
     return init_weights(module, "xavier", nonlinearity)
+
+
+def set_rates(
+    model: nn.Module, dropout: float | None = None, drop_path: float | None = None
+) -> None:
+    """Change a built model's dropout and stochastic-depth rates in place (no shape or weight
+    depends on them, so the model need not be built again).
+
+    dropout: every ``nn.Dropout``-family module, every multi-layer RNN, and every module that keeps
+    its attention dropout as a float ``dropout`` attribute (as gradwise's attention does).
+    drop_path: the :class:`DropPath` modules in order, on the linear depth rule the zoo builds
+    with (Huang et al. 2016): the i-th of n gets ``drop_path * i / (n - 1)``.
+    """
+    if dropout is not None:
+        for module in model.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.p = float(dropout)
+            elif isinstance(module, nn.RNNBase):
+                module.dropout = float(dropout) if module.num_layers > 1 else 0.0
+            elif isinstance(getattr(module, "dropout", None), float):
+                module.dropout = float(dropout)
+    if drop_path is not None:
+        paths = [m for m in model.modules() if isinstance(m, DropPath)]
+        for i, module in enumerate(paths):
+            module.p = float(drop_path) * i / max(1, len(paths) - 1)

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,17 +33,32 @@ class TaskKind:
     default_loss: str
     monitor: str  # validation metric that picks the best checkpoint
     description: str
+    metrics: tuple[str, ...] = ()  # validation metrics besides the loss (val_<name>)
 
+
+CLASSIFICATION = ("accuracy", "f1", "auroc")
 
 TASKS: dict[str, TaskKind] = {
     t.name: t
     for t in [
-        TaskKind("binary", "bce", "val_accuracy", "one logit per sample, targets 0/1"),
-        TaskKind("multiclass", "cross_entropy", "val_accuracy", "C logits, integer class targets"),
-        TaskKind("multilabel", "bce", "val_f1", "L logits, 0/1 target per label"),
-        TaskKind("regression", "mse", "val_loss", "real-valued targets"),
         TaskKind(
-            "lm", "cross_entropy", "val_perplexity", "next-token prediction over a vocabulary"
+            "binary", "bce", "val_accuracy", "one logit per sample, targets 0/1", CLASSIFICATION
+        ),
+        TaskKind(
+            "multiclass",
+            "cross_entropy",
+            "val_accuracy",
+            "C logits, integer class targets",
+            CLASSIFICATION,
+        ),
+        TaskKind("multilabel", "bce", "val_f1", "L logits, 0/1 target per label", CLASSIFICATION),
+        TaskKind("regression", "mse", "val_loss", "real-valued targets", ("mse", "mae", "r2")),
+        TaskKind(
+            "lm",
+            "cross_entropy",
+            "val_perplexity",
+            "next-token prediction over a vocabulary",
+            ("perplexity",),
         ),
         TaskKind("custom", "custom", "val_loss", "your loss function; validation loss only"),
     ]
@@ -276,6 +292,10 @@ class Task:
 
     # -- metrics -----------------------------------------------------------------------------
 
+    def metric_names(self) -> list[str]:
+        """The validation metrics a run records: val_loss and the task's own."""
+        return ["val_loss", *(f"val_{name}" for name in self.spec.metrics)]
+
     def metrics(self, device: torch.device) -> Metrics:
         return Metrics(self, device)
 
@@ -414,6 +434,20 @@ def check_label_range(lowest: int, highest: int, width: int, what: str, source: 
         f"labels outside the model's output range: {source} labels {lowest}..{highest} but "
         f"the model outputs {width} {what}; expected labels in 0..{width - 1}{hint}"
     )
+
+
+def resolve_monitor(task: Task, spec: Any, has_val: bool) -> tuple[str, str]:
+    """(metric, min|max) that picks the best checkpoint and stops early, from the recipe's
+    ``early_stopping`` section; without validation data, the training loss."""
+    monitor = task.spec.monitor if spec.monitor == "auto" else spec.monitor
+    if not has_val:
+        monitor = "train_loss"
+    elif not monitor.startswith(("val_", "train_")):
+        monitor = f"val_{monitor}"
+    available = ["train_loss", *task.metric_names()]
+    if monitor not in available:
+        raise ConfigError("early_stopping.monitor", spec.monitor, f"one of {', '.join(available)}")
+    return monitor, monitor_mode(monitor, spec.mode)
 
 
 def monitor_mode(monitor: str, mode: str) -> str:

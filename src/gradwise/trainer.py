@@ -12,8 +12,6 @@ import contextlib
 import itertools
 import json
 import math
-import os
-import random
 import signal
 import sys
 import threading
@@ -23,28 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from gradwise import checkpoint as ckpt
+from gradwise.assemble import DataLike, assemble, autocast, check_batch_labels
 from gradwise.augment import mix_batch, soft_targets
-from gradwise.data.bundle import DataInfo
-from gradwise.data.loader import epoch_batches, make_loader, num_batches, steps_per_epoch
+from gradwise.data.loader import epoch_batches, num_batches
 from gradwise.errors import ConfigError, DataError, GradwiseError
 from gradwise.optim import build_optimizer, build_scheduler
 from gradwise.progress import Progress
 from gradwise.recipe import Recipe, load_recipe, override_paths, set_paths
-from gradwise.tasks import (
-    IGNORE_INDEX,
-    Task,
-    balanced_weights,
-    check_label_range,
-    monitor_mode,
-    num_outputs,
-    resolve_kind,
-)
 from gradwise.tracking import (
     Tracker,
     atomic_write_text,
@@ -54,8 +41,6 @@ from gradwise.tracking import (
     write_status,
 )
 from gradwise.tracking.files import Heartbeat, try_write_status
-
-DataLike = Dataset | DataLoader | tuple | None
 
 
 @dataclass
@@ -189,92 +174,30 @@ class Trainer:
     # == setup: everything that can fail on bad input happens before a run directory exists ==
 
     def _setup(self) -> None:
-        if self._advise and self.advice is None:
-            from gradwise.advisor import advise
-
-            advised = advise(
-                self.model,
-                self._train_data,
-                recipe=self.recipe,
-                explicit=self._explicit,
-                loss_fn=self._loss_fn,
-            )
-            self.recipe, self.advice = advised.recipe, advised.advice
-        r = self.recipe
-        seed_everything(r.seed, r.train.deterministic)
-        self.device = resolve_device(r.train.device)
-        self.precision = resolve_precision(r.train.precision, self.device)
-
-        train_loader, train_ds, val_loader, val_ds, info = self._data()
-        r = self.recipe  # _data records where the data came from
-        self.info = info
-        kind = resolve_kind(r.task, info)
-        width = num_outputs(kind, info)
-        model = self.model
-        if model is None:
-            from gradwise.models import build_model
-
-            _require_object(r.model.name, "model")
-            model = build_model(r.model.name, r.model.kwargs, info, width, trusted=self.trust)
-            self.recipe = r = r.override({"model.kwargs": model.gradwise_build["kwargs"]})
-        else:  # the recipe records that the model came from Python, not from its model section
-            r = self.recipe = r.override(
-                model={"name": f"{OBJECT}{type(model).__name__}", "kwargs": {}}
-            )
-        self.model = model.to(self.device)
-        self.task = Task(
-            kind,
-            width,
-            loss=self._loss_fn or r.train.loss,
-            label_smoothing=r.train.label_smoothing,
-            class_weights=self._class_weights(kind, train_ds or train_loader.dataset, info),
-            focal_gamma=r.train.focal_gamma,
+        """Assemble the run (gradwise.assemble), then the optimizer, schedule, scaler and EMA."""
+        a = assemble(
+            self.model,
+            self._train_data,
+            self._val_data,
+            self.recipe,
+            loss_fn=self._loss_fn,
+            advise=self._advise,
+            explicit=self._explicit,
             trusted=self.trust,
         )
-        self.recipe = r = r.override(task=kind)
-
-        self.check_batch_labels = False
-        self._probe(train_ds if train_ds is not None else train_loader.dataset)
-
-        bs = r.data.batch_size
-        self.train_loader = train_loader or make_loader(
-            train_ds,
-            bs,
-            shuffle=True,
-            seed=r.seed,
-            drop_last=r.data.drop_last,
-            num_workers=r.data.num_workers,
-            pin_memory=r.data.pin_memory,
-            device=self.device,
+        self.assembly = a
+        self.recipe, self.advice = a.recipe, a.advice
+        self.model, self.task, self.info = a.model, a.task, a.info
+        self.device, self.precision = a.device, a.precision
+        self.train_loader, self.val_loader = a.train_loader, a.val_loader
+        self.steps_per_epoch, self.total_steps, self.epochs = (
+            a.steps_per_epoch,
+            a.total_steps,
+            a.epochs,
         )
-        if val_loader is None and val_ds is not None:
-            val_loader = make_loader(
-                val_ds,
-                r.data.eval_batch_size or 2 * bs,
-                shuffle=False,
-                seed=r.seed,
-                drop_last=False,
-                num_workers=r.data.num_workers,
-                pin_memory=r.data.pin_memory,
-                device=self.device,
-            )
-        self.val_loader = val_loader
-
-        batches = num_batches(self.train_loader)
-        if batches is None and r.train.max_steps is None:
-            raise ConfigError(
-                "train.max_steps", None, "a step budget", "the training data has no length"
-            )
-        if batches == 0:
-            raise DataError("the training data is empty")
-        self.steps_per_epoch = steps_per_epoch(batches, r.train.accumulate) if batches else None
-        total = r.train.epochs * self.steps_per_epoch if self.steps_per_epoch else r.train.max_steps
-        self.total_steps = min(total, r.train.max_steps or total)
-        self.epochs = (
-            math.ceil(self.total_steps / self.steps_per_epoch) if self.steps_per_epoch else 1
-        )
-
-        self.monitor, self.mode = self._monitor()
+        self.monitor, self.mode = a.monitor, a.mode
+        self.check_batch_labels = a.check_batch_labels
+        r = self.recipe
         self.optimizer = build_optimizer(self.model, r.optim)
         self.scheduler = build_scheduler(self.optimizer, r.schedule, self.total_steps, self.mode)
         self.per_step_schedule = r.schedule.name != "plateau"
@@ -292,152 +215,9 @@ class Trainer:
         self.guard = FiniteGuard(self.device, r.train.log_every)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
-    def _data(
-        self,
-    ) -> tuple[DataLoader | None, Dataset | None, DataLoader | None, Dataset | None, DataInfo]:
-        from gradwise.data import as_dataset, describe, load_data
-
-        r = self.recipe
-        if self._train_data is None:
-            if self._val_data is not None:
-                raise ConfigError("train_data", None, "training data when val_data is given")
-            _require_object(r.data.name, "train_data")
-            bundle = load_data(r.data.name, r.data.kwargs, trusted=self.trust)
-            return None, bundle.train, None, bundle.val, bundle.info
-        kind = "arrays" if isinstance(self._train_data, tuple) else type(self._train_data).__name__
-        self.recipe = self.recipe.override(data={"name": f"{OBJECT}{kind}", "kwargs": {}})
-        train_loader = self._train_data if isinstance(self._train_data, DataLoader) else None
-        train_ds = None if train_loader else as_dataset(self._train_data)
-        val_loader = self._val_data if isinstance(self._val_data, DataLoader) else None
-        val_ds = None if val_loader or self._val_data is None else as_dataset(self._val_data)
-        info = describe(
-            train_ds if train_ds is not None else train_loader.dataset, name="train_data"
-        )
-        return train_loader, train_ds, val_loader, val_ds, info
-
-    def _class_weights(self, kind: str, dataset: Dataset, info: DataInfo) -> torch.Tensor | None:
-        weights = self.recipe.train.class_weights
-        if weights is None:
-            return None
-        if weights != "balanced":
-            return torch.tensor(weights, dtype=torch.float32)
-        from gradwise.facts import class_counts
-
-        counts = class_counts(dataset, kind, info.num_classes)
-        if not counts:
-            raise ConfigError(
-                "train.class_weights", weights, "a classification task", f"this is {kind}"
-            )
-        return balanced_weights(counts, kind, len(dataset))
-
-    def _probe(self, dataset: Dataset) -> None:
-        """Run the model on two samples: a model/data mismatch fails here with a clear message."""
-        try:
-            samples = [dataset[i] for i in range(min(2, len(dataset)))]
-        except TypeError:  # an iterable dataset: nothing to index
-            return
-        x, y = torch.utils.data.default_collate(samples)
-        x, y = x.to(self.device), y.to(self.device)
-        was_training = self.model.training
-        rng = torch.get_rng_state()
-        self.model.eval()
-        try:
-            with torch.no_grad(), self.autocast():
-                out = self.model(x)
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            raise DataError(
-                f"the model cannot take the data: a batch of inputs with shape {tuple(x.shape)} "
-                f"({x.dtype}) made the model fail: {str(exc).splitlines()[0]}"
-            ) from None
-        finally:
-            self.model.train(was_training)
-            torch.set_rng_state(rng)
-        if not isinstance(out, torch.Tensor):
-            raise DataError(f"the model must return a tensor, it returned {type(out).__name__}")
-        self.task.check_fit(out, y, self.info)
-        if self.task.kind in ("multiclass", "multilabel", "lm"):
-            self.task.num_outputs = out.shape[-1]  # metrics size to the model's real output
-        self._probe_loss(out, y)
-        # the labels the up-front scan did not read are checked on the host as batches come
-        self.check_batch_labels = self.task.kind in ("multiclass", "lm") and not (
-            self.info.labels_complete and self.info.label_range is not None
-        )
-        image_classification = (
-            self.task.kind in ("binary", "multiclass", "multilabel") and x.ndim == 4
-        )
-        if (self.recipe.train.mixup or self.recipe.train.cutmix) and not image_classification:
-            raise ConfigError(
-                "train.mixup/cutmix",
-                (self.recipe.train.mixup, self.recipe.train.cutmix),
-                "image classification (inputs [batch, channels, height, width])",
-                f"this is {self.task.kind} with inputs of shape {tuple(x.shape)}; set both to 0",
-            )
-
-    def _probe_loss(self, out: torch.Tensor, y: torch.Tensor) -> None:
-        """The loss must take the model's outputs and the targets and give a number."""
-        field = "train.loss" if self._loss_fn is None else "loss_fn"
-        custom = self._loss_fn is not None or ":" in str(self.recipe.train.loss)
-        try:
-            with torch.no_grad():
-                loss = self.task.loss(out.float(), y)
-        except Exception as exc:  # a user's loss can raise anything
-            if not custom:
-                raise
-            reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
-            raise ConfigError(
-                field, self._loss_fn or self.recipe.train.loss,
-                "a loss (outputs, targets) -> scalar tensor", reason,
-            ) from None  # fmt: skip
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            what = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ConfigError(
-                field, self._loss_fn or self.recipe.train.loss,
-                "a loss (outputs, targets) -> scalar tensor", f"it returned {what}",
-            )  # fmt: skip
-
-    def _check_batch_labels(self, y: torch.Tensor) -> None:
-        if y.device.type != "cpu" or y.is_floating_point():  # never a device synchronisation
-            return
-        labels = y[y != IGNORE_INDEX]
-        if labels.numel():
-            what = "tokens" if self.task.kind == "lm" else "classes"
-            source = f"a training batch at step {self.pos.step + 1} has"
-            lowest, highest = int(labels.min()), int(labels.max())
-            check_label_range(lowest, highest, self.task.num_outputs, what, source)
-
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed-precision context for forward passes (a no-op in fp32)."""
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        return (
-            torch.autocast(self.device.type, dtype=amp_dtype)
-            if amp_dtype
-            else contextlib.nullcontext()
-        )
-
-    def _monitor(self) -> tuple[str, str]:
-        es = self.recipe.early_stopping
-        monitor = self.task.spec.monitor if es.monitor == "auto" else es.monitor
-        if self.val_loader is None:  # nothing to validate on: judge by the training loss
-            monitor = "train_loss"
-        elif not monitor.startswith(("val_", "train_")):
-            monitor = f"val_{monitor}"
-        available = ["train_loss", *self._metric_names()]
-        if monitor not in available:
-            raise ConfigError(
-                "early_stopping.monitor", es.monitor, f"one of {', '.join(available)}"
-            )
-        return monitor, monitor_mode(monitor, es.mode)
-
-    def _metric_names(self) -> list[str]:
-        names = {
-            "binary": ["accuracy", "f1", "auroc"],
-            "multiclass": ["accuracy", "f1", "auroc"],
-            "multilabel": ["accuracy", "f1", "auroc"],
-            "regression": ["mse", "mae", "r2"],
-            "lm": ["perplexity"],
-            "custom": [],
-        }[self.task.kind]
-        return ["val_loss", *(f"val_{n}" for n in names)]
+        return autocast(self.device, self.precision)
 
     # == the loop ================================================================================
 
@@ -586,7 +366,7 @@ class Trainer:
         window_loss = 0.0
         for (x, y), n in zip(window, counts, strict=True):
             if self.check_batch_labels:
-                self._check_batch_labels(y)
+                check_batch_labels(y, self.task, self.pos.step + 1)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             if self.mixing:
@@ -982,8 +762,6 @@ class Trainer:
 
 # == helpers ======
 
-OBJECT = "object:"  # recipe model/data names for objects passed from Python
-
 # the advised settings a run names when it starts (all of them are in advice.json)
 _KEY_SETTINGS = {
     "optim.name": "optimizer",
@@ -1002,16 +780,6 @@ _RESUMABLE_OPTIM_SETTINGS = {
     "optim.momentum": "momentum",
     "optim.nesterov": "nesterov",
 }
-
-
-def _require_object(name: str, argument: str) -> None:
-    if name.startswith(OBJECT):
-        raise ConfigError(
-            argument,
-            None,
-            f"the {name.removeprefix(OBJECT)} object this run was started with",
-            "pass it again, e.g. Trainer.resume(run_dir, model, train_data, val_data)",
-        )
 
 
 class FiniteGuard:
@@ -1100,53 +868,6 @@ def ema_update(decay: float) -> Callable[[list, list, torch.Tensor], None]:
                 a.copy_(c)
 
     return update
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed Python, NumPy and torch (all devices); optionally allow deterministic kernels only."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError("train.device", name, "auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "train.device", name, "a device this machine has", "CUDA is not available"
-        )
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto: bf16 on GPUs that support it, fp16 (with loss scaling) on older GPUs, fp32 elsewhere."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError(
-            "train.precision",
-            precision,
-            "fp32 or bf16 on this device",
-            "fp16 loss scaling needs CUDA",
-        )
-    return precision
 
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:

@@ -313,8 +313,8 @@ def _shared(model: nn.Module, key: str, state: dict[str, torch.Tensor]) -> bool:
 # -- data: validation inputs, training inputs --------------------------------------------------------
 
 
-def _data(source: _Source, sample: Any) -> _Data:
-    from gradwise.trainer import OBJECT
+def _data(source: Source, sample: Any) -> _Data:
+    from gradwise.assemble import OBJECT
 
     given = _sample(sample) if sample is not None else None
     recipe = source.recipe

@@ -184,7 +184,7 @@ def propose_space(
     practice (Bergstra & Bengio 2012; Godbole et al. 2023, Deep Learning Tuning Playbook).
     Settings a recipe file or dict names stay as given; a Recipe object is advised in full.
     """
-    from gradwise.advisor import advise
+    from gradwise.assemble import advise
 
     if isinstance(recipe, Path):  # the advisor keeps the settings a file names (given as str)
         recipe = str(recipe)

@@ -767,11 +767,10 @@ def _check_study(stored: dict[str, Any], attrs: dict[str, Any], name: str) -> No
 
 def _preflight(base: Recipe) -> tuple[str, str, list[str]]:
     """Data, model and task of the base recipe, checked once: the monitor, its mode, the metrics."""
-    from gradwise.trainer import Trainer
+    from gradwise.assemble import assemble
 
-    trainer = Trainer(recipe=base, progress="off", doctor={"mode": "off"})
-    trainer._setup()  # everything that fails on bad input fails here, before any trial
-    return trainer.monitor, trainer.mode, ["train_loss", *trainer._metric_names()]
+    a = assemble(recipe=base)  # everything that fails on bad input fails here, before any trial
+    return a.monitor, a.mode, ["train_loss", *a.task.metric_names()]
 
 
 def _objectives(
