@@ -256,7 +256,7 @@ def _json(path: Path) -> dict[str, Any]:
 
 def _model(source: _Source, model: nn.Module | None) -> nn.Module:
     """The model in eval mode, with the checkpoint's weights when there is a checkpoint."""
-    from gradwise.trainer import OBJECT
+    from gradwise.assemble import OBJECT
 
     if model is not None and not isinstance(model, nn.Module):
         raise ConfigError("model", type(model).__name__, "a torch.nn.Module")
