@@ -17,9 +17,9 @@ from gradwise._lazy import lazy_exports
 _EXPORTS: dict[str, str] = {
     "export": "gradwise.deploy.export",
     "Artifact": "gradwise.deploy.export",
-    "ExportError": "gradwise.deploy.export",
+    "ExportError": "gradwise.deploy.formats",
     "ParityError": "gradwise.deploy.export",
-    "load_runner": "gradwise.deploy.export",
+    "load_runner": "gradwise.deploy.formats",
     "quantize_onnx": "gradwise.deploy.quantize",
     "QuantizationError": "gradwise.deploy.quantize",
     "bench": "gradwise.deploy.bench",
@@ -71,7 +71,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from gradwise.deploy.bench import BenchResult, bench
     from gradwise.deploy.card import load_card, load_reference, preprocess, unpreprocess
     from gradwise.deploy.drift import DriftMonitor, drift_report
-    from gradwise.deploy.export import Artifact, ExportError, ParityError, export, load_runner
+    from gradwise.deploy.export import Artifact, ParityError, export
+    from gradwise.deploy.formats import ExportError, load_runner
     from gradwise.deploy.quantize import QuantizationError, quantize_onnx
     from gradwise.deploy.registry import register, resolve, set_alias
     from gradwise.deploy.serve import create_app, serve

@@ -24,18 +24,17 @@ import numpy as np
 import torch
 
 from gradwise._lazy import callable_as_namesake
-from gradwise.deploy.card import load_card
+from gradwise.deploy.card import CARD, load_card
+from gradwise.deploy.formats import FORMATS, get_format, load_runner
+from gradwise.deploy.source import Source, load_model
 from gradwise.errors import ConfigError
 from gradwise.trust import UntrustedError
 
 Runner = Callable[[np.ndarray], Any]
 SLICE_SECONDS = 0.05  # one backend's turn in the round-robin
 WARMUP_CALLS = 3
-BACKEND_NAMES = {
-    "onnx": "onnxruntime-fp32",
-    "torch-export": "torch-export",
-    "torchscript": "torchscript",
-}
+INT8_BACKEND = "onnxruntime-int8"  # an export's int8 model (quantize.py)
+FLOAT_BACKEND = FORMATS["onnx"].backend  # the float model it is quantized from
 
 
 def latency_stats(times_s: Sequence[float], batch_size: int) -> dict[str, float]:
@@ -112,8 +111,8 @@ class BenchResult:
                 for name, value in by.items():
                     if name != "eager":
                         entry[f"{name}/eager"] = value / by["eager"]
-            if "onnxruntime-int8" in by and "onnxruntime-fp32" in by:
-                entry["int8/fp32"] = by["onnxruntime-int8"] / by["onnxruntime-fp32"]
+            if INT8_BACKEND in by and FLOAT_BACKEND in by:
+                entry["int8/fp32"] = by[INT8_BACKEND] / by[FLOAT_BACKEND]
             out.append(entry)
         return out
 
@@ -161,8 +160,6 @@ def bench(
     recipe's import paths to rebuild the eager model, and load a ``.pt2`` or TorchScript artifact
     that gradwise did not write for you.
     """
-    from gradwise.deploy.export import load_runner
-
     directory = Path(artifact_dir)
     card = load_card(directory)
     batch_sizes = [int(b) for b in batch_sizes]
@@ -185,9 +182,10 @@ def bench(
 
         runners["eager"] = run_eager
     artifact = directory / card["artifact"]  # load_card confined it to the directory
-    runners[BACKEND_NAMES[card["format"]]] = load_runner(artifact, threads, trusted=trust)
+    backend = get_format(card.get("format"), f"{directory / CARD}: format").backend
+    runners[backend] = load_runner(artifact, threads, trusted=trust)
     if card.get("quantized"):
-        runners["onnxruntime-int8"] = load_runner(directory / card["quantized"]["artifact"])
+        runners[INT8_BACKEND] = load_runner(directory / card["quantized"]["artifact"])
 
     rows = []
     for batch in batch_sizes:
@@ -212,7 +210,6 @@ def example_inputs(card: dict[str, Any], batch: int, seed: int = 0) -> np.ndarra
 def _eager_model(
     card: dict[str, Any], model: torch.nn.Module | None, notes: list[str], trust: bool
 ) -> torch.nn.Module | None:
-    from gradwise.deploy.export import _model, _Source
     from gradwise.recipe import load_recipe
 
     checkpoint = (card.get("source") or {}).get("checkpoint")
@@ -222,9 +219,9 @@ def _eager_model(
             notes.append("eager PyTorch not measured: the source checkpoint is not available")
             return None
         return model.eval()
-    source = _Source(checkpoint=Path(checkpoint), recipe=load_recipe(recipe), trusted=trust)
+    source = Source(checkpoint=Path(checkpoint), recipe=load_recipe(recipe), trusted=trust)
     try:
-        return _model(source, model)
+        return load_model(source, model)
     except UntrustedError:
         raise
     except ConfigError as exc:

@@ -2,7 +2,7 @@
 
 An export directory holds::
 
-    model.onnx | model.pt2 | model.ts   the artifact
+    model.onnx | model.pt2 | model.ts   the artifact (see gradwise.deploy.formats)
     model.int8.onnx                     when quantized
     model.json                          the model card: what the artifact is, how to feed it, how
                                         good it is, and how close it is to eager PyTorch
@@ -52,7 +52,6 @@ from gradwise.errors import ConfigError, DataError, GradwiseError
 
 CARD = "model.json"
 REFERENCE = "reference.json"
-ARTIFACTS = {"onnx": "model.onnx", "torch-export": "model.pt2", "torchscript": "model.ts"}
 INT8 = "model.int8.onnx"
 REFERENCE_VERSION = 1
 BINS = 10

@@ -22,14 +22,8 @@ leaves a directory that looks complete.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
-import re
 import shutil
-import warnings
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -41,7 +35,6 @@ from torch import nn
 
 from gradwise._lazy import callable_as_namesake
 from gradwise.deploy.card import (
-    ARTIFACTS,
     CARD,
     INT8,
     REFERENCE,
@@ -51,24 +44,24 @@ from gradwise.deploy.card import (
     unpreprocess,
     versions,
 )
+from gradwise.deploy.formats import (
+    ExportError,
+    get_format,
+    load_runner,
+    onnx_runtime_formats,
+    run_chunked,
+    write_artifact,
+)
+from gradwise.deploy.source import Source, load_model, load_source
 from gradwise.errors import ConfigError, DataError, GradwiseError
 from gradwise.tracking.files import atomic_write_json, publish_dir
-from gradwise.trust import record_artifact, require_recorded
 
-FORMATS = tuple(ARTIFACTS)
 QUANTIZE_MODES = ("dynamic", "static", "qat")
 DEFAULT_TOLERANCE = 1e-4
 PARITY_SAMPLES = 512  # validation inputs the parity check runs
 CALIBRATION_SAMPLES = 256  # training inputs static quantization calibrates on
 REFERENCE_SAMPLES = 20_000  # training inputs the reference statistics come from (at most)
 METRIC_SAMPLES = 10_000  # validation samples the quantized metric delta is measured on (at most)
-CHUNK = 64  # batch size for running artifacts (different from the export example's 2)
-
-Runner = Callable[[np.ndarray], np.ndarray]
-
-
-class ExportError(GradwiseError):
-    """A model could not be exported in the asked format."""
 
 
 class ParityError(ExportError):
@@ -93,18 +86,6 @@ class Artifact:
     @property
     def quantized(self) -> dict[str, Any] | None:
         return self.card["quantized"]
-
-
-@dataclass
-class _Source:
-    """Where the model and its data come from."""
-
-    run_dir: Path | None = None
-    checkpoint: Path | None = None
-    recipe: Any = None  # gradwise.recipe.Recipe
-    meta: dict[str, Any] = field(default_factory=dict)
-    weights: str | None = None  # "model" or "ema"
-    trusted: bool = True  # whether the recipe's import paths may be imported
 
 
 @dataclass
@@ -151,23 +132,25 @@ def export(
     from the same float artifact (equal sha256); otherwise it is removed. ``Artifact.notes`` says
     which.
     """
-    if format not in FORMATS:
-        raise ConfigError("format", format, f"one of {', '.join(FORMATS)}")
+    fmt = get_format(format)
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise ConfigError("quantize", quantize, f"one of {', '.join(QUANTIZE_MODES)} or None")
-    if quantize is not None and format != "onnx":
+    if quantize is not None and not fmt.onnx_runtime:
         raise ConfigError(
-            "quantize", quantize, "format onnx", "int8 quantization runs on ONNX Runtime"
+            "quantize",
+            quantize,
+            f"format {onnx_runtime_formats()}",
+            "int8 quantization runs on ONNX Runtime",
         )
     if not isinstance(tolerance, (int, float)) or not tolerance > 0:
         raise ConfigError("tolerance", tolerance, "a positive number, e.g. 1e-4")
 
     source = (
-        _source(run_dir_or_checkpoint, trust) if run_dir_or_checkpoint is not None else _Source()
+        load_source(run_dir_or_checkpoint, trust) if run_dir_or_checkpoint is not None else Source()
     )
     if model is None and source.recipe is None:
         raise ConfigError("run_dir_or_checkpoint", None, "a run directory, or a model to export")
-    model = _model(source, model)
+    model = load_model(source, model)
     data = _data(source, sample)
     task = task or (source.recipe.task if source.recipe is not None else None)
     if out is None:
@@ -192,7 +175,7 @@ def export(
     return Artifact(
         dir=out,
         format=format,
-        path=out / ARTIFACTS[format],
+        path=out / fmt.file,
         card=card,
         int8_path=out / quantized["artifact"] if quantized else None,
         notes=notes,
@@ -225,89 +208,6 @@ def _previous_int8(out: Path, tmp: Path, card: dict[str, Any]) -> list[str]:
     return [
         f"kept {name} of the previous export: it was quantized from this same {card['artifact']}"
     ]
-
-
-# -- source: run directory, checkpoint, model ------------------------------------------------------
-
-
-def _source(path: str | Path, trusted: bool) -> _Source:
-    from gradwise.checkpoint import CHECKPOINTS, resolve_checkpoint
-    from gradwise.recipe import load_recipe
-
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path} does not exist: expected a run directory or a checkpoint")
-    ckpt = resolve_checkpoint(path)
-    run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else None
-    recipe_file = run_dir / "recipe.yaml" if run_dir is not None else None
-    if recipe_file is None or not recipe_file.is_file():
-        raise DataError(f"{path}: no recipe.yaml found; expected a gradwise run directory")
-    meta_file = ckpt / "meta.json"
-    meta = _json(meta_file) if meta_file.is_file() else {}
-    recipe = load_recipe(recipe_file)
-    return _Source(run_dir=run_dir, checkpoint=ckpt, recipe=recipe, meta=meta, trusted=trusted)
-
-
-def _json(path: Path) -> dict[str, Any]:
-    import json
-
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _model(source: _Source, model: nn.Module | None) -> nn.Module:
-    """The model in eval mode, with the checkpoint's weights when there is a checkpoint."""
-    from gradwise.assemble import OBJECT
-
-    if model is not None and not isinstance(model, nn.Module):
-        raise ConfigError("model", type(model).__name__, "a torch.nn.Module")
-    if model is None:
-        from gradwise.models import build_model
-
-        name = source.recipe.model.name
-        if name.startswith(OBJECT):
-            raise ConfigError(
-                "model",
-                None,
-                f"the {name.removeprefix(OBJECT)} model object this run was trained with",
-                "pass it again: export(run_dir, model=model)",
-            )
-        model = build_model(name, source.recipe.model.kwargs, trusted=source.trusted)
-    model = model.cpu()
-    if source.checkpoint is not None:
-        source.weights = _load_weights(model, source.checkpoint)
-    return model.eval()
-
-
-def _load_weights(model: nn.Module, ckpt: Path) -> str:
-    """Load the checkpoint's weights: the EMA copy when there is one (the run validated it)."""
-    from safetensors.torch import load_file
-
-    from gradwise.checkpoint import EMA_WEIGHTS, WEIGHTS
-
-    ema = (ckpt / EMA_WEIGHTS).is_file()
-    state = load_file(str(ckpt / (EMA_WEIGHTS if ema else WEIGHTS)))
-    if ema:  # an AveragedModel: "module." prefixes and its n_averaged counter
-        state = {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"}
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shapes that do not fit
-        raise DataError(
-            f"the weights in {ckpt} do not fit the model: {str(exc).splitlines()[-1].strip()}"
-        ) from None
-    missing = [k for k in result.missing_keys if not _shared(model, k, state)]
-    if missing or result.unexpected_keys:
-        raise DataError(
-            f"the weights in {ckpt} do not fit the model: missing {missing[:3]}, "
-            f"unexpected {result.unexpected_keys[:3]}"
-        )
-    return "ema" if ema else "model"
-
-
-def _shared(model: nn.Module, key: str, state: dict[str, torch.Tensor]) -> bool:
-    """Whether parameter ``key`` is the same tensor as one that ``state`` holds (weight tying)."""
-    tensors = dict(model.state_dict(keep_vars=True))
-    target = tensors[key]
-    return any(tensors[k] is target for k in state if k in tensors and k != key)
 
 
 # -- data: validation inputs, training inputs --------------------------------------------------------
@@ -381,7 +281,7 @@ def _build(
     model: nn.Module,
     format: str,
     tmp: Path,
-    source: _Source,
+    source: Source,
     data: _Data,
     task: str | None,
     quantize: str | None,
@@ -398,8 +298,8 @@ def _build(
         raise ExportError(
             f"the model returns {type(eager_example).__name__}; export needs one output tensor"
         )
-    path = tmp / ARTIFACTS[format]
-    write_artifact(model, example, format, path)
+    path = tmp / get_format(format).file
+    fields = write_artifact(model, example, format, path)
     threads = torch.get_num_threads()
     runner = load_runner(path, threads, trusted=True)  # written just now, by us
 
@@ -432,6 +332,7 @@ def _build(
         )
 
     card = _card(model, format, path, source, data, task, parity, quantized, eager_example)
+    card.update(fields)  # what the format records about itself (the ONNX opset...)
     preprocessing = info.preprocessing if info is not None else {}
     train_x = data.train_x
     outputs = run_eager(model, train_x.numpy())
@@ -448,7 +349,7 @@ def _build(
     return card
 
 
-def _qat_inputs(model: nn.Module, source: _Source, data: _Data, task: str | None) -> dict:
+def _qat_inputs(model: nn.Module, source: Source, data: _Data, task: str | None) -> dict:
     """What quantization-aware fine-tuning needs: the model, labelled training data, the run's
     loss and a tenth of its learning rate."""
     from gradwise.deploy.quantize import QAT_DEFAULT_LR, QAT_LR_FRACTION
@@ -487,7 +388,7 @@ def _card(
     model: nn.Module,
     format: str,
     path: Path,
-    source: _Source,
+    source: Source,
     data: _Data,
     task: str | None,
     parity: dict[str, Any],
@@ -531,15 +432,6 @@ def _card(
             "step": source.meta.get("step"),
         },
     }
-    if format == "onnx":
-        import onnx
-
-        proto = onnx.load(str(path), load_external_data=False)
-        card["opset"] = next(
-            (o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None
-        )
-    if format == "torchscript":
-        card["torchscript"] = getattr(model, "_gradwise_ts_method", None)
     return card
 
 
@@ -547,123 +439,7 @@ def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-# -- writing and running artifacts ---------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence the exporters' progress prints, warnings and log records up to WARNING while they
-    run (torch's loggers carry their own levels and handlers, so only ``logging.disable`` reaches
-    them); errors still raise."""
-    disabled = logging.root.manager.disable
-    logging.disable(max(disabled, logging.WARNING))
-    try:
-        with (
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(io.StringIO()),
-            contextlib.redirect_stderr(io.StringIO()),
-        ):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(disabled)
-
-
-def _root_cause(exc: BaseException) -> str:
-    """``Type: first line`` of the innermost cause, without terminal colour codes."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-def write_artifact(model: nn.Module, example: torch.Tensor, format: str, path: Path) -> None:
-    """Write ``model`` as a ``format`` artifact at ``path`` and record it in the trust ledger."""
-    batch = torch.export.Dim("batch", min=1)
-    try:
-        with quiet(), torch.no_grad():
-            if format == "onnx":
-                program = torch.onnx.export(
-                    model,
-                    (example,),
-                    dynamo=True,
-                    input_names=["input"],
-                    output_names=["output"],
-                    dynamic_shapes=({0: batch},),
-                    verbose=False,
-                )
-                program.save(str(path))
-            elif format == "torch-export":
-                program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-                torch.export.save(program, str(path))
-            else:
-                torch.jit.save(_torchscript(model, example), str(path))
-    except GradwiseError:
-        raise
-    except Exception as exc:
-        others = ", ".join(f for f in FORMATS if f != format)
-        raise ExportError(
-            f"{format} export of {type(model).__name__} failed: {_root_cause(exc)}. "
-            f"The model may use Python control flow or operations the exporter cannot trace; "
-            f"try another format ({others})"
-        ) from exc
-    record_artifact(path)
-
-
-def _torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
-    """``torch.jit.script`` (keeps control flow), else ``torch.jit.trace`` on the example."""
-    try:
-        scripted = torch.jit.script(model)
-        model._gradwise_ts_method = "script"
-        return scripted
-    except Exception:
-        model._gradwise_ts_method = "trace"
-        return torch.jit.trace(model, (example,), check_trace=False)
-
-
-def load_runner(path: str | Path, threads: int | None = None, *, trusted: bool = False) -> Runner:
-    """A function from a NumPy batch to NumPy outputs for an artifact file (by its suffix).
-
-    ONNX runs on ONNX Runtime's CPU provider with ``intra_op_num_threads = threads``;
-    ``.pt2`` and ``.ts`` on PyTorch with ``torch.set_num_threads(threads)`` left to the caller.
-    Loading those unpickles them, so they load only when gradwise wrote them (their sha256 is in
-    the ledger of :mod:`gradwise.trust`) or when ``trusted``.
-    """
-    path = Path(path)
-    if path.suffix == ".onnx":
-        session = ort_session(path, threads)
-        name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {name: x})[0]
-    if path.suffix in (".pt2", ".ts"):
-        require_recorded(path, trusted)
-    if path.suffix == ".pt2":
-        with quiet():
-            module = torch.export.load(str(path)).module()
-    elif path.suffix == ".ts":
-        with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13: legacy format
-            warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(path))
-    else:
-        raise ConfigError("artifact", str(path), "a .onnx, .pt2 or .ts file")
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return module(torch.from_numpy(x)).numpy()
-
-    return run
-
-
-def ort_session(path: str | Path, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads (and one inter-op thread)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+# -- comparing with eager PyTorch ----------------------------------------------------------------
 
 
 def run_eager(model: nn.Module, x: np.ndarray) -> np.ndarray:
@@ -675,12 +451,6 @@ def run_eager(model: nn.Module, x: np.ndarray) -> np.ndarray:
             return model(torch.from_numpy(batch)).numpy()
 
     return run_chunked(run, x)
-
-
-def run_chunked(runner: Runner, x: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
-    """``runner`` over ``x`` in batches of ``chunk``, outputs concatenated."""
-    x = np.ascontiguousarray(x)
-    return np.concatenate([runner(x[i : i + chunk]) for i in range(0, len(x), chunk)])
 
 
 def parity_report(eager: np.ndarray, exported: np.ndarray, tolerance: float) -> dict[str, Any]:

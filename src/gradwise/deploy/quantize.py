@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from gradwise.deploy.card import sha256_file
+from gradwise.deploy.formats import load_runner, quiet, run_chunked, write_artifact
 from gradwise.errors import ConfigError, GradwiseError
 from gradwise.trust import record_artifact
 
@@ -179,8 +181,6 @@ def quantize_qat(
 
     import torch
 
-    from gradwise.deploy.export import quiet, write_artifact
-
     try:
         with quiet():  # torchao's import reports every optional kernel it cannot load
             from torchao.quantization.pt2e import (
@@ -291,8 +291,6 @@ def quantize_artifact(
     ``qat``: for mode ``qat``, the keyword arguments of :func:`quantize_qat` but ``out_path``.
     """
     from gradwise.deploy.bench import compare_latency
-    from gradwise.deploy.card import sha256_file
-    from gradwise.deploy.export import load_runner, run_chunked
 
     if mode == "qat":
         if qat is None:

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from gradwise.deploy.formats import serving_card
 from gradwise.errors import ConfigError, GradwiseError
 from gradwise.tracking.tracker import quiet_loggers
 
@@ -50,7 +51,7 @@ def register(
     from mlflow.exceptions import MlflowException
 
     artifact_dir = Path(artifact_dir)
-    card = _checked_card(artifact_dir)
+    card = serving_card(artifact_dir)
     links = sorted(
         str(p.relative_to(artifact_dir)) for p in artifact_dir.rglob("*") if p.is_symlink()
     )
@@ -151,19 +152,11 @@ def resolve(model_uri: str, dst: str | Path | None = None, *, uri: str | None = 
         local = Path(download_artifacts(artifact_uri=source, dst_path=str(target)))
     except MlflowException as e:
         raise GradwiseError(f"downloading {model_uri} from {source} failed: {e.message}") from e
-    _checked_card(local)
+    serving_card(local)
     return local
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def _checked_card(artifact_dir: Path) -> dict[str, Any]:
-    """The model card of a servable export directory whose files all match their recorded
-    sha256 and stay inside it (:func:`gradwise.deploy.card.load_card` checks both)."""
-    from gradwise.deploy.serve import serving_card
-
-    return serving_card(artifact_dir)
 
 
 def _client(uri: str | None) -> tuple[Any, str | None]:

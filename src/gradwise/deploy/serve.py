@@ -50,7 +50,8 @@ from starlette.requests import ClientDisconnect
 
 from gradwise._lazy import callable_as_namesake
 from gradwise.deploy.batching import MicroBatcher, ShuttingDown
-from gradwise.deploy.card import load_card, preprocess, sha256_file
+from gradwise.deploy.card import INT8, preprocess, sha256_file
+from gradwise.deploy.formats import serving_card
 from gradwise.errors import ConfigError, GradwiseError, warn
 
 logger = logging.getLogger("gradwise.serve")
@@ -188,19 +189,6 @@ class InputError(ValueError):
 # -- the model ---------------------------------------------------------------------------------
 
 
-def serving_card(artifact_dir: str | Path) -> dict[str, Any]:
-    """The model card of an exported artifact directory, checked for serving."""
-    card = load_card(artifact_dir)
-    path = Path(artifact_dir) / "model.json"
-    if card.get("format", "onnx") != "onnx":
-        raise ConfigError(f"{path}: format", card.get("format"), "'onnx'")
-    if not card.get("inputs") or not card.get("outputs"):
-        raise ConfigError(
-            f"{path}: inputs/outputs", card.get("inputs"), "a non-empty list of tensors"
-        )
-    return card
-
-
 class Model:
     """An exported model: the ONNX Runtime session, input checks from the card, pre- and
     post-processing (standardisation, softmax/sigmoid, class labels)."""
@@ -219,18 +207,13 @@ class Model:
         self.card = serving_card(self.dir)
         self.name: str = self.card.get("name") or self.dir.name
         self.task: str = self.card.get("task") or "multiclass"
-        file, expected_sha = self.card.get("artifact") or "model.onnx", self.card.get("sha256")
+        file, expected_sha = self.card["artifact"], self.card.get("sha256")
         if int8:
             quantized = self.card.get("quantized") or {}
-            file, expected_sha = (
-                quantized.get("artifact", "model.int8.onnx"),
-                quantized.get("sha256"),
-            )
+            file, expected_sha = quantized.get("artifact", INT8), quantized.get("sha256")
         self.file = self.dir / file
         if not self.file.is_file():
-            expected = (
-                "an artifact exported with quantization (model.int8.onnx)" if int8 else "model.onnx"
-            )
+            expected = f"an artifact exported with quantization ({INT8})" if int8 else file
             raise ConfigError("artifact", str(self.file), expected)
         if expected_sha and sha256_file(self.file) != expected_sha:
             raise GradwiseError(
