@@ -32,6 +32,7 @@ from gradwise.errors import ConfigError, DataError, GradwiseError
 from gradwise.optim import build_optimizer, build_scheduler
 from gradwise.progress import Progress
 from gradwise.recipe import Recipe, load_recipe, override_paths, set_paths
+from gradwise.state import TrainState, scale_lr
 from gradwise.tracking import (
     Tracker,
     atomic_write_text,
@@ -57,15 +58,6 @@ class Run:
     model: nn.Module = field(repr=False)
     recipe: Recipe = field(repr=False)
     advice: list | None = field(default=None, repr=False)  # the advisor's reasons (recipe="auto")
-
-
-@dataclass
-class _Position:
-    """Where training is: the data position that a checkpoint records."""
-
-    epoch: int = 0
-    batch: int = 0  # micro-batches consumed in this epoch
-    step: int = 0  # optimizer steps so far
 
 
 class Trainer:
@@ -211,7 +203,6 @@ class Trainer:
             )
         self.metrics = self.task.metrics(self.device) if self.val_loader is not None else None
         self.mixing = r.train.mixup > 0 or r.train.cutmix > 0
-        self.grad_clip = r.train.grad_clip  # the doctor's repairs may tighten it
         self.guard = FiniteGuard(self.device, r.train.log_every)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
@@ -225,20 +216,12 @@ class Trainer:
         """Train, validate, checkpoint and track; returns the :class:`Run`."""
         self._setup()
         r = self.recipe
-        pos = _Position()
-        self.history: list[dict[str, float]] = []
-        self.best: float | None = None
-        self.best_step = -1
-        self.bad_evals = 0
-        self.epoch_rng: dict[str, Any] | None = None
-        self._loss_sum = torch.zeros((), device=self.device)
-        self._loss_count = torch.zeros((), device=self.device)
-        self._log_sum = torch.zeros((), device=self.device)
-        self._log_count = torch.zeros((), device=self.device)
-
+        self.state = TrainState(
+            self.model, self.optimizer, self.scheduler, self.scaler, self.ema, r.train.grad_clip
+        )
         if self.resume_from is not None:
             self.dir = self.resume_from
-            pos = self._restore()
+            self._restore()
         else:
             self.dir = new_run_dir(r.tracking.root, r.name or self._default_name())
             atomic_write_text(self.dir / "recipe.yaml", r.to_yaml())
@@ -246,6 +229,7 @@ class Trainer:
             if self.advice is not None:
                 advice = [a.to_dict() for a in self.advice]
                 atomic_write_text(self.dir / "advice.json", json.dumps(advice, indent=2))
+        pos = self.state.position
         write_status(self.dir, "running", monitor=self.monitor, step=pos.step, epoch=pos.epoch)
         self.tracker = Tracker(
             self.dir,
@@ -267,7 +251,7 @@ class Trainer:
         previous_handlers = self._install_signal_handlers()
         heartbeat = Heartbeat(self.dir)  # gradwise runs tells a dead run by it (or its pid)
         try:
-            state = self._loop(pos)
+            state = self._loop()
             return self._result(state)
         # best effort: on a full disk status.json stays "running", and the pid shows it dead
         except GradwiseError as exc:
@@ -291,48 +275,48 @@ class Trainer:
                     )
                 )
 
-    def _loop(self, pos: _Position) -> str:
-        r = self.recipe
-        self.pos = pos
+    def _loop(self) -> str:
+        r, s = self.recipe, self.state
+        pos = s.position
         self.started = time.perf_counter()
         while pos.epoch < self.epochs and pos.step < self.total_steps:
             self.progress.update(epoch=f"{pos.epoch + 1}/{self.epochs}")
-            stopped = self._train_epoch(pos)
+            stopped = self._train_epoch()
             if stopped == "signal":
-                self._save(pos)
-                return self._interrupted(pos)
+                self._save()
+                return self._interrupted()
             batches = num_batches(self.train_loader)
             end_of_epoch = stopped == "end" or (batches is not None and pos.batch >= batches)
             last = pos.step >= self.total_steps
             evaluate = last or (end_of_epoch and (pos.epoch + 1) % r.train.eval_every == 0)
             if stopped == "diverged" or (evaluate and not _finite_weights(self.model)):
-                return self._diverged(pos)
+                return self._diverged()
             if end_of_epoch:
                 pos.epoch, pos.batch = pos.epoch + 1, 0
-            improved = self._evaluate_and_record(pos) if evaluate else False
-            self._save(pos, best=improved)
+            improved = self._evaluate_and_record() if evaluate else False
+            self._save(best=improved)
             if self._stop_signal:
-                return self._interrupted(pos)
-            if evaluate and self.on_evaluate is not None and self.on_evaluate(self.history[-1]):
+                return self._interrupted()
+            if evaluate and self.on_evaluate is not None and self.on_evaluate(s.history[-1]):
                 return "stopped"
             patience = r.early_stopping.patience
-            if evaluate and patience is not None and self.bad_evals >= patience:
+            if evaluate and patience is not None and s.bad_evals >= patience:
                 self.progress.line(
                     f"early stopping: {self.monitor} did not improve for {patience} evaluations"
                 )
                 return "stopped_early"
         return "finished"
 
-    def _train_epoch(self, pos: _Position) -> str:
-        """One pass over the training data from ``pos``.
+    def _train_epoch(self) -> str:
+        """One pass over the training data from the state's position.
 
         Returns "end" (the data ran out), "budget" (the step budget is spent), "signal" or
         "diverged" (the loss or gradients are no longer finite and cannot be repaired).
         """
-        r = self.recipe
+        r, pos = self.recipe, self.state.position
         k = r.train.accumulate
         self.model.train()
-        batches = self._epoch_iterator(pos)
+        batches = self._epoch_iterator()
         while pos.step < self.total_steps:
             window = list(itertools.islice(batches, k))
             if not window:  # before validating, read the guard on accelerators too
@@ -348,9 +332,9 @@ class Trainer:
             if self._respond(fired, pos.step, force=force) == "stop":
                 return "diverged"
             if pos.step % r.train.log_every == 0:
-                self._log_train(pos)
+                self._log_train()
             if save:
-                self._save(pos)
+                self._save()
             if self._stop_signal:
                 return "signal"
         return "budget"
@@ -361,12 +345,13 @@ class Trainer:
         Each micro-batch's mean loss is weighted by its share of the window's samples (tokens for
         lm), so the step equals one step on the concatenated batch, whatever the micro-batch sizes.
         """
+        s = self.state
         counts = [self.task.count(y) for _, y in window]
         total = sum(counts)
         window_loss = 0.0
         for (x, y), n in zip(window, counts, strict=True):
             if self.check_batch_labels:
-                check_batch_labels(y, self.task, self.pos.step + 1)
+                check_batch_labels(y, self.task, s.position.step + 1)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             if self.mixing:
@@ -379,11 +364,11 @@ class Trainer:
                 loss = self.task.loss(out, y)
             scaled = loss if len(window) == 1 else loss * (n / total)
             self.scaler.scale(scaled).backward()
-            self._loss_sum += loss.detach() * n
-            self._loss_count += n
+            s.loss_sum += loss.detach() * n
+            s.loss_count += n
             window_loss = window_loss + scaled.detach()
         self.scaler.unscale_(self.optimizer)  # a no-op without fp16 loss scaling
-        norm = _total_norm(self.params) if self.grad_clip is not None else None
+        norm = _total_norm(self.params) if s.grad_clip is not None else None
         fired = []
         if self.doctor is not None:  # sees the gradients before clipping
             targets = None if self.mixing else y  # mixed targets are probabilities, not labels
@@ -392,10 +377,10 @@ class Trainer:
             )
         # fp16 loss scaling overflows the gradients now and then by design (the step is skipped)
         self.guard.record(
-            self.pos.step + 1, window_loss, None if self.scaler.is_enabled() else norm
+            s.position.step + 1, window_loss, None if self.scaler.is_enabled() else norm
         )
-        if self.grad_clip is not None:
-            self.grad_norm = _clip(self.params, self.grad_clip, norm)
+        if s.grad_clip is not None:
+            self.grad_norm = _clip(self.params, s.grad_clip, norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -405,15 +390,17 @@ class Trainer:
             self.ema.update_parameters(self.model)
         return fired
 
-    def _epoch_iterator(self, pos: _Position) -> Iterator:
-        """Batches of epoch ``pos.epoch`` after the ``pos.batch`` already consumed."""
-        if self.epoch_rng is None or pos.batch == 0:
-            self.epoch_rng = ckpt.rng_state()
+    def _epoch_iterator(self) -> Iterator:
+        """Batches of the state's epoch after the micro-batches already consumed."""
+        s = self.state
+        pos = s.position
+        if s.epoch_rng is None or pos.batch == 0:
+            s.epoch_rng = ckpt.rng_state()
             return epoch_batches(self.train_loader, pos.epoch, pos.batch)
         # resuming mid-epoch: a foreign DataLoader draws its shuffle order from the global RNG when
         # its iterator is created, so recreate it from the epoch-start state, then come back
         current = ckpt.rng_state()
-        ckpt.set_rng_state(self.epoch_rng)
+        ckpt.set_rng_state(s.epoch_rng)
         iterator = epoch_batches(self.train_loader, pos.epoch, pos.batch)
         ckpt.set_rng_state(current)
         return iterator
@@ -438,15 +425,17 @@ class Trainer:
         model.train(was_training)
         return self.metrics.compute()
 
-    def _evaluate_and_record(self, pos: _Position) -> bool:
+    def _evaluate_and_record(self) -> bool:
         """Validate, record the epoch's history entry and say whether the monitor improved."""
+        s = self.state
+        pos = s.position
         results = self.evaluate()
-        train_loss = (self._loss_sum / self._loss_count.clamp(min=1)).item()
+        train_loss = (s.loss_sum / s.loss_count.clamp(min=1)).item()
         # the log interval's marks move with the epoch's sums, so the next logged loss stays right
-        self._log_sum -= self._loss_sum
-        self._log_count -= self._loss_count
-        self._loss_sum.zero_()
-        self._loss_count.zero_()
+        s.log_sum -= s.loss_sum
+        s.log_count -= s.loss_count
+        s.loss_sum.zero_()
+        s.loss_count.zero_()
         entry = {
             "epoch": pos.epoch,
             "step": pos.step,
@@ -455,7 +444,7 @@ class Trainer:
             **results,
             "time_s": time.perf_counter() - self.started,
         }
-        self.history.append(entry)
+        s.history.append(entry)
         self.tracker.log(
             pos.step,
             {k: v for k, v in entry.items() if k.startswith("val_")},
@@ -473,122 +462,77 @@ class Trainer:
             finite
             and math.isfinite(value)
             and (
-                self.best is None
-                or (value < self.best - delta if self.mode == "min" else value > self.best + delta)
+                s.best is None
+                or (value < s.best - delta if self.mode == "min" else value > s.best + delta)
             )
         )
         if improved:
-            self.best, self.best_step, self.bad_evals = value, pos.step, 0
+            s.best, s.best_step, s.bad_evals = value, pos.step, 0
         else:
-            self.bad_evals += 1
+            s.bad_evals += 1
         self.progress.update(**{self.monitor: value})
         self.progress.epoch_done()
-        write_status(self.dir, "running", step=pos.step, epoch=pos.epoch, best_metric=self.best)
+        write_status(self.dir, "running", step=pos.step, epoch=pos.epoch, best_metric=s.best)
         return improved
 
-    def _log_train(self, pos: _Position) -> None:
-        loss = (
-            (self._loss_sum - self._log_sum) / (self._loss_count - self._log_count).clamp(min=1)
-        ).item()
-        self._log_sum.copy_(self._loss_sum)
-        self._log_count.copy_(self._loss_count)
+    def _log_train(self) -> None:
+        s = self.state
+        loss = ((s.loss_sum - s.log_sum) / (s.loss_count - s.log_count).clamp(min=1)).item()
+        s.log_sum.copy_(s.loss_sum)
+        s.log_count.copy_(s.loss_count)
         metrics = {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"]}
-        if self.grad_clip is not None:
+        if s.grad_clip is not None:
             metrics["grad_norm"] = float(self.grad_norm)
-        self.tracker.log(pos.step, metrics, split="train", epoch=pos.epoch)
+        self.tracker.log(s.position.step, metrics, split="train", epoch=s.position.epoch)
         self.progress.update(loss=loss, lr=metrics["lr"])
 
-    def _save(self, pos: _Position, best: bool = False) -> Path:
-        state = {
-            "position": {"epoch": pos.epoch, "batch": pos.batch, "step": pos.step},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": ckpt.rng_state(),
-            "epoch_rng": self.epoch_rng,
-            "best": self.best,
-            "best_step": self.best_step,
-            "bad_evals": self.bad_evals,
-            "history": self.history,
-            "loss_sums": torch.stack(
-                [self._loss_sum, self._loss_count, self._log_sum, self._log_count]
-            ).cpu(),
-        }
-        meta = {
-            "epoch": pos.epoch,
-            "batch": pos.batch,
-            **(self.history[-1] if self.history else {}),
-        }
+    def _save(self, best: bool = False) -> Path:
+        s = self.state
+        pos = s.position
+        meta = {"epoch": pos.epoch, "batch": pos.batch, **(s.history[-1] if s.history else {})}
         self.tracker.sync()  # the metrics up to this step survive a kill after the checkpoint
         path = ckpt.save_checkpoint(
-            self.dir, pos.step, model=self.model, state=state, ema=self.ema, meta=meta
+            self.dir, pos.step, model=self.model, state=s.state_dict(), ema=self.ema, meta=meta
         )
         if best:
-            ckpt.mark_best(self.dir, path, self.monitor, self.best)
+            ckpt.mark_best(self.dir, path, self.monitor, s.best)
         ckpt.prune(self.dir, self.recipe.checkpoint.keep_last)
         return path
 
-    def _restore(self) -> _Position:
-        """Load the latest checkpoint of ``self.dir`` into every stateful object."""
+    def _restore(self) -> None:
+        """Load the latest checkpoint of ``self.dir`` into the training state."""
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         state = ckpt.load_checkpoint(  # the newest good one: damaged newer ones are set aside
             self.dir, self.model, ema=self.ema, which="latest", map_location=self.device,
             set_aside=True,
         )  # fmt: skip
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.state.load_state_dict(state)
         self._apply_optim_overrides(fresh)
-        self.scaler.load_state_dict(state["scaler"])
-        self.best, self.best_step, self.bad_evals = (
-            state["best"],
-            state["best_step"],
-            state["bad_evals"],
-        )
-        self.history = list(state["history"])
-        self.epoch_rng = state["epoch_rng"]
-        sums = state["loss_sums"].to(self.device)
-        for target, value in zip(
-            (self._loss_sum, self._loss_count, self._log_sum, self._log_count), sums, strict=True
-        ):
-            target.copy_(value)
-        ckpt.set_rng_state(state["rng"])
-        p = state["position"]
-        _truncate_metrics(self.dir, p["step"])
-        return _Position(p["epoch"], p["batch"], p["step"])
+        _truncate_metrics(self.dir, self.state.position.step)
 
     def _apply_optim_overrides(self, fresh: list[dict[str, Any]]) -> None:
         """Optimizer settings given explicitly when resuming win over the checkpoint's.
 
         A checkpoint restores the optimizer's hyperparameters along with its state, so without this
         ``Trainer.resume(run_dir, lr=1e-4)`` would silently keep the old rate. ``fresh`` holds the
-        param groups built from the recipe. A new ``lr`` is a new peak: per-step schedules keep
-        their position and scale (the current rate becomes new peak x the schedule's multiplier);
-        a plateau schedule restarts at the new rate. Population-based training relies on this.
+        param groups built from the recipe. A new ``lr`` is a new peak: the schedule keeps its
+        position and scales (the current rate becomes new peak x the schedule's multiplier); a
+        plateau schedule restarts at the new rate. Population-based training relies on this.
         """
         groups = self.optimizer.param_groups
         for group, new in zip(groups, fresh, strict=True):
             for path, key in _RESUMABLE_OPTIM_SETTINGS.items():
                 if path in self._explicit and key in new:
                     group[key] = new[key]
-            if "optim.lr" not in self._explicit:
-                continue
-            if "initial_lr" in group and "initial_lr" in new:  # a per-step schedule: rescale it
-                ratio = new["initial_lr"] / group["initial_lr"]
-                for key in ("lr", "initial_lr", "max_lr", "min_lr"):
-                    if isinstance(group.get(key), float):
-                        group[key] *= ratio
-            else:
-                group["lr"] = new["lr"]
         if "optim.lr" in self._explicit:
-            if hasattr(self.scheduler, "base_lrs"):
-                self.scheduler.base_lrs = [g.get("initial_lr", g["lr"]) for g in groups]
-            if hasattr(self.scheduler, "_last_lr"):
-                self.scheduler._last_lr = [g["lr"] for g in groups]
+            peak = "initial_lr" if all("initial_lr" in g for g in groups) else "lr"
+            factors = [new[peak] / group[peak] for group, new in zip(groups, fresh, strict=True)]
+            scale_lr(self.optimizer, self.scheduler, factors)
 
-    def _diverged(self, pos: _Position) -> str:
+    def _diverged(self) -> str:
         """Stop a run whose loss or weights are no longer finite; nothing after the fault is kept."""
         first = self.guard.first
-        where = f"at step {first}" if first is not None else f"by step {pos.step}"
+        where = f"at step {first}" if first is not None else f"by step {self.state.position.step}"
         self.divergence = (
             f"diverged: the loss, gradients or weights became non-finite {where} (GW301)"
         )
@@ -613,13 +557,14 @@ class Trainer:
             + f", the rest yours; the reasons are in {self.dir / 'advice.json'}"
         )
 
-    def _interrupted(self, pos: _Position) -> str:
+    def _interrupted(self) -> str:
+        pos = self.state.position
         write_status(
             self.dir,
             "interrupted",
             step=pos.step,
             epoch=pos.epoch,
-            best_metric=self.best,
+            best_metric=self.state.best,
             message=f"stopped by {self._stop_signal}",
         )
         self.progress.line(
@@ -628,30 +573,27 @@ class Trainer:
         return "interrupted"
 
     def _result(self, state: str) -> Run:
+        s = self.state
+        pos = s.position
         best = ckpt.best_checkpoint(self.dir)
-        if state == "diverged":
-            write_status(
-                self.dir, "failed", step=self.pos.step, epoch=self.pos.epoch, best_metric=self.best,
-                monitor=self.monitor, message=self.divergence,
-            )  # fmt: skip
-        elif state != "interrupted":
+        if state != "interrupted":
             write_status(
                 self.dir,
-                "finished",
-                step=self.pos.step,
-                epoch=self.pos.epoch,
-                best_metric=self.best,
+                "failed" if state == "diverged" else "finished",
+                step=pos.step,
+                epoch=pos.epoch,
+                best_metric=s.best,
                 monitor=self.monitor,
-                message=state,
+                message=self.divergence if state == "diverged" else state,
             )
         return Run(
             dir=self.dir,
-            history=self.history,
+            history=s.history,
             monitor=self.monitor,
-            best_metric=self.best,
+            best_metric=s.best,
             best_checkpoint=best,
             state=state,
-            steps=self.pos.step,
+            steps=pos.step,
             model=self.model,
             recipe=self.recipe,
             advice=self.advice,
@@ -687,17 +629,17 @@ class Trainer:
             loss_scaling=self.precision == "fp16",
         )
         if spec.mode == "repair":
-            self.repairer = Repairer(self, spec.max_repairs, spec.sample_every)
+            self.repairer = Repairer(
+                self.state, self.doctor, spec.max_repairs, spec.sample_every, self._on_repair
+            )
 
     def _on_finding(self, finding) -> None:
         self.progress.line(f"doctor: {finding}")
         self._write_doctor_files(telemetry=False)
 
-    def on_repair(self, record: dict) -> None:
-        """Called by the Repairer after each repair: the losses since the rollback are discarded."""
+    def _on_repair(self, record: dict) -> None:
+        """After each repair (a rollback to finite weights): say so, and watch afresh."""
         self.guard.reset()
-        for total in (self._loss_sum, self._loss_count, self._log_sum, self._log_count):
-            total.zero_()  # the epoch's training loss is measured from the repaired state on
         self.progress.line(
             f"doctor repair at step {record['step']} ({record['code']}): {record['action']}"
         )

@@ -47,8 +47,9 @@ def population(tmp_path_factory: pytest.TempPathFactory) -> tuple[PBTResult, dic
     restored: dict[tuple[str, int], dict] = {}  # (member, step) -> weights, optimizer, groups
     original = Trainer._restore
 
-    def spy(self: Trainer):
-        pos = original(self)
+    def spy(self: Trainer) -> None:
+        original(self)
+        pos = self.state.position
         restored[(self.dir.name, pos.step)] = {
             "weights": {k: v.clone() for k, v in self.model.state_dict().items()},
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
@@ -57,7 +58,6 @@ def population(tmp_path_factory: pytest.TempPathFactory) -> tuple[PBTResult, dic
                 for g in self.optimizer.param_groups
             ],
         }
-        return pos
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Trainer, "_restore", spy)

@@ -8,13 +8,17 @@ shown in the report.
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from gradwise.doctor.findings import Finding
+from gradwise.state import TrainState, scale_lr
+
+if TYPE_CHECKING:
+    from gradwise.doctor.doctor import Doctor
 
 
 @dataclass(frozen=True)
@@ -39,10 +43,21 @@ CLIP_NORM = 1.0  # the gradient-norm clip a repair sets (Pascanu et al. 2013; th
 
 
 class Repairer:
-    """Keeps snapshots of healthy training states and applies :data:`FIXES` on findings."""
+    """Keeps snapshots of healthy training states and applies :data:`FIXES` on findings.
 
-    def __init__(self, trainer: Any, max_repairs: int, sample_every: int) -> None:
-        self.trainer = trainer
+    It works on the run's :class:`~gradwise.state.TrainState` (snapshot, roll back, the learning
+    rate and the gradient clip) and re-arms the doctor; ``on_repair`` is told of every repair.
+    """
+
+    def __init__(
+        self,
+        state: TrainState,
+        doctor: Doctor,
+        max_repairs: int,
+        sample_every: int,
+        on_repair: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.state, self.doctor, self.on_repair = state, doctor, on_repair
         self.max_repairs = max_repairs
         self.snapshot_every = SNAPSHOT_EVERY
         self.cooldown = COOLDOWN * sample_every
@@ -50,7 +65,7 @@ class Repairer:
         self.repairs: list[dict[str, Any]] = []
         self._quiet_until = 0
         self._fault_since_snapshot = False
-        self._snapshot(0)
+        self._snapshot()
 
     def after_step(self, step: int, fired: list[Finding]) -> str | None:
         """Called after every optimizer step; returns "stop" when the run cannot go on."""
@@ -65,53 +80,38 @@ class Repairer:
             return "stop" if any(f.code == "GW301" for f in fatal) else None
         if step % self.snapshot_every == 0:
             if not self._fault_since_snapshot:
-                self._snapshot(step)
+                self._snapshot()
             self._fault_since_snapshot = False
         return None
 
-    def _snapshot(self, step: int) -> None:
-        t = self.trainer
-        self.snapshots.append(
-            {
-                "step": step,
-                "model": copy.deepcopy(t.model.state_dict()),
-                "optimizer": copy.deepcopy(t.optimizer.state_dict()),
-                "scaler": t.scaler.state_dict(),
-                "ema": copy.deepcopy(t.ema.state_dict()) if t.ema is not None else None,
-            }
-        )
+    def _snapshot(self) -> None:
+        self.snapshots.append(self.state.snapshot())
         del self.snapshots[:-KEEP_SNAPSHOTS]
 
     def _repair(self, step: int, finding: Finding) -> None:
-        t = self.trainer
+        state = self.state
         snapshot = self.snapshots[0]
-        t.model.load_state_dict(snapshot["model"])
-        hyper = [{k: v for k, v in g.items() if k != "params"} for g in t.optimizer.param_groups]
-        t.optimizer.load_state_dict(snapshot["optimizer"])
-        for group, kept in zip(t.optimizer.param_groups, hyper, strict=True):
-            group.update(kept)  # the schedule's current values, not the snapshot's
-        t.scaler.load_state_dict(snapshot["scaler"])
-        if t.ema is not None:
-            t.ema.load_state_dict(snapshot["ema"])
+        state.roll_back(snapshot)
         self.snapshots = [snapshot]
 
         fix = FIXES[finding.code]
         actions = [f"rolled back to step {snapshot['step']}"]
         lr_factor = fix.lr_factor
         if fix.leaky_relu:
-            swapped = _swap_relu(t.model)
+            swapped = _swap_relu(state.model)
             if swapped:
                 actions.append(f"replaced {swapped} ReLU modules with LeakyReLU(0.01)")
-                t.doctor.reattach()
+                self.doctor.reattach()
             else:
                 lr_factor = 0.3
         if lr_factor != 1.0:
-            before = t.optimizer.param_groups[0]["lr"]
-            _scale_lr(t, lr_factor)
-            actions.append(f"learning rate {before:.3g} -> {t.optimizer.param_groups[0]['lr']:.3g}")
-        if fix.clip and (t.grad_clip is None or t.grad_clip > CLIP_NORM):
-            actions.append(f"gradient clipping {t.grad_clip} -> {CLIP_NORM:g}")
-            t.grad_clip = CLIP_NORM
+            before = state.optimizer.param_groups[0]["lr"]
+            scale_lr(state.optimizer, state.scheduler, lr_factor)
+            after = state.optimizer.param_groups[0]["lr"]
+            actions.append(f"learning rate {before:.3g} -> {after:.3g}")
+        if fix.clip and (state.grad_clip is None or state.grad_clip > CLIP_NORM):
+            actions.append(f"gradient clipping {state.grad_clip} -> {CLIP_NORM:g}")
+            state.grad_clip = CLIP_NORM
         record = {
             "step": step,
             "code": finding.code,
@@ -120,23 +120,11 @@ class Repairer:
             "rolled_back_to": snapshot["step"],
         }
         self.repairs.append(record)
-        t.doctor.rebaseline()
+        self.doctor.rebaseline()
         self._quiet_until = step + self.cooldown
         self._fault_since_snapshot = False
-        t.on_repair(record)
-
-
-def _scale_lr(trainer: Any, factor: float) -> None:
-    """Scale the learning rate now and for the rest of the schedule."""
-    for group in trainer.optimizer.param_groups:
-        for key in ("lr", "initial_lr", "max_lr", "min_lr"):
-            if isinstance(group.get(key), float):
-                group[key] *= factor
-    scheduler = trainer.scheduler
-    if hasattr(scheduler, "base_lrs"):
-        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
-    if hasattr(scheduler, "_last_lr"):
-        scheduler._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]
+        if self.on_repair is not None:
+            self.on_repair(record)
 
 
 def _swap_relu(model: nn.Module) -> int:
