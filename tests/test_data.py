@@ -228,7 +228,7 @@ def test_describe_scans_at_most_max_scan_and_reads_targets_attribute() -> None:
     ds.targets, ds.classes = torch.arange(50) % 7, [f"c{i}" for i in range(7)]
     info = describe(ds, max_scan=10)
     assert info.num_classes == 7 and info.class_names[6] == "c6"
-    with pytest.raises(DataError, match=r"\(input, target\) pair"):
+    with pytest.raises(DataError, match=r"\(input, target\)"):
         describe([torch.zeros(3)])
 
 

@@ -14,6 +14,7 @@ tuner all call :func:`assemble`; the Trainer then only runs the loop.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import random
@@ -23,10 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from gradwise._lazy import callable_as_namesake
 from gradwise.advisor import Advice, Advised, decide, probe_lr, respect, zoo_kwargs
+from gradwise.batch import outputs_of, run_model, split_batch, takes_labels
 from gradwise.data.bundle import IGNORE_INDEX, DataInfo
 from gradwise.data.loader import make_loader, num_batches, steps_per_epoch
 from gradwise.errors import ConfigError, DataError
@@ -81,6 +83,8 @@ class Assembly:
     advice: list[Advice] | None = None
     facts: Facts | None = None
     check_batch_labels: bool = False  # labels the up-front scan did not read: check per batch
+    model_loss: bool = False  # train on the loss the model computes from the labels (Hugging Face)
+    eval_steps: int | None = None  # validate every N optimizer steps as well (streams: always)
 
     @property
     def train_dataset(self) -> Dataset:
@@ -111,6 +115,7 @@ def assemble(
     probe: bool = False,
     budget: int | None = None,
     trusted: bool = True,
+    metrics: tuple[str, ...] = (),
 ) -> Assembly:
     """Assemble a run from ``recipe`` (a Recipe, dict or YAML path; None: the defaults).
 
@@ -118,7 +123,8 @@ def assemble(
     advise: ask the advisor for every setting not in ``explicit`` (dotted paths the user chose; a
     recipe given as a dict or path counts as chosen); ``probe`` refines its learning rate with the
     range test and ``budget`` fixes the epochs it plans for. trusted: whether import paths in the
-    recipe may be imported (see :mod:`gradwise.trust`).
+    recipe may be imported (see :mod:`gradwise.trust`). metrics: the names of the user's own
+    validation metrics (which the monitor may name).
     """
     if isinstance(recipe, (dict, str, os.PathLike)) and advise:
         explicit = set(explicit) | set_paths(recipe)
@@ -156,11 +162,12 @@ def assemble(
         trusted=trusted,
     )
     r = r.override(task=kind)
-    check_labels = _probe(model, data, task, r, device, precision, loss_fn)
+    check_labels, model_loss = _probe(model, data, task, r, device, precision, loss_fn)
 
     train_loader, val_loader = _loaders(r, data, device)
     per_epoch, total, epochs = _budget(r, train_loader)
-    monitor, mode = resolve_monitor(task, r.early_stopping, has_val=val_loader is not None)
+    eval_steps = r.train.eval_steps or (None if per_epoch else max(1, total // 10))
+    monitor, mode = resolve_monitor(task, r.early_stopping, val_loader is not None, metrics)
     return Assembly(
         recipe=r,
         model=model,
@@ -178,6 +185,8 @@ def assemble(
         advice=advice,
         facts=facts,
         check_batch_labels=check_labels,
+        model_loss=model_loss,
+        eval_steps=eval_steps,
     )
 
 
@@ -238,7 +247,8 @@ def load_data(r: Recipe, train_data: DataLike, val_data: DataLike, trusted: bool
     train = None if train_loader else as_dataset(train_data)
     val_loader = val_data if isinstance(val_data, DataLoader) else None
     val = None if val_loader or val_data is None else as_dataset(val_data)
-    info = describe(train if train is not None else train_loader.dataset, name="train_data")
+    dataset = train if train is not None else train_loader.dataset
+    info = describe(dataset, name="train_data", label_key=r.data.label_key)
     return Data(train, train_loader, val, val_loader, info)
 
 
@@ -332,48 +342,69 @@ def _probe(
     device: torch.device,
     precision: str,
     loss_fn: Callable | None,
-) -> bool:
-    """Model and loss on two samples: a mismatch fails here with a clear message. Returns whether
-    labels must be checked batch by batch (the up-front scan read only part of the data)."""
-    dataset = data.train_dataset
-    try:
-        samples = [dataset[i] for i in range(min(2, len(dataset)))]
-    except TypeError:  # an iterable dataset: nothing to index
-        return False
-    x, y = torch.utils.data.default_collate(samples)
-    x, y = x.to(device), y.to(device)
+) -> tuple[bool, bool]:
+    """Model and loss on two samples: a mismatch fails here with a clear message.
+
+    Returns (whether labels must be checked batch by batch, because the up-front scan read only
+    part of the data; whether to train on the model's own loss: a model that takes the batch's
+    labels, as Hugging Face models do, with no loss of gradwise's asked for)."""
+    samples = _first_samples(data.train_dataset, 2)
+    batch = split_batch(torch.utils.data.default_collate(samples), r.data.label_key).to(device)
+    x, y = batch.inputs, batch.target
+    if y is None:
+        raise DataError("the training batches carry no target: give (inputs, target) pairs")
+    model_loss = (
+        loss_fn is None
+        and r.train.loss == "auto"
+        and not r.train.label_smoothing
+        and r.train.class_weights is None
+        and not (r.train.mixup or r.train.cutmix)
+        and takes_labels(model, batch.label_key)
+    )
     was_training = model.training
     rng = torch.get_rng_state()
     model.eval()
     try:
         with torch.no_grad(), autocast(device, precision):
-            out = model(x)
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            out, own_loss = outputs_of(run_model(model, batch, with_labels=model_loss))
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
+        shape = f"with shape {tuple(x.shape)} ({x.dtype})" if x is not None else ""
         raise DataError(
-            f"the model cannot take the data: a batch of inputs with shape {tuple(x.shape)} "
-            f"({x.dtype}) made the model fail: {str(exc).splitlines()[0]}"
+            f"the model cannot take the data: a batch of inputs {shape} made the model fail: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
     finally:
         model.train(was_training)
         torch.set_rng_state(rng)
-    if not isinstance(out, torch.Tensor):
-        raise DataError(f"the model must return a tensor, it returned {type(out).__name__}")
     task.check_fit(out, y, data.info)
     if task.kind in ("multiclass", "multilabel", "lm"):
         task.num_outputs = out.shape[-1]  # metrics size to the model's real output
-    _probe_loss(task, out, y, r, loss_fn)
-    image_classification = task.kind in ("binary", "multiclass", "multilabel") and x.ndim == 4
+    model_loss = model_loss and own_loss is not None
+    if not model_loss:
+        _probe_loss(task, out, y, r, loss_fn)
+    image_classification = (
+        task.kind in ("binary", "multiclass", "multilabel") and x is not None and x.ndim == 4
+    )
     if (r.train.mixup or r.train.cutmix) and not image_classification:
         raise ConfigError(
             "train.mixup/cutmix",
             (r.train.mixup, r.train.cutmix),
             "image classification (inputs [batch, channels, height, width])",
-            f"this is {task.kind} with inputs of shape {tuple(x.shape)}; set both to 0",
+            f"this is {task.kind} with inputs of shape {tuple(x.shape) if x is not None else ()}; "
+            "set both to 0",
         )
     info = data.info
-    return task.kind in ("multiclass", "lm") and not (
+    check = task.kind in ("multiclass", "lm") and not (
         info.labels_complete and info.label_range is not None
     )
+    return check, model_loss
+
+
+def _first_samples(dataset: Dataset, n: int) -> list:
+    """The first ``n`` samples of a map-style data set or a stream."""
+    if isinstance(dataset, IterableDataset):
+        return list(itertools.islice(dataset, n))
+    return [dataset[i] for i in range(min(n, len(dataset)))]
 
 
 def _probe_loss(
@@ -397,6 +428,8 @@ def _probe_loss(
 
 
 def _loaders(r: Recipe, data: Data, device: torch.device) -> tuple[DataLoader, DataLoader | None]:
+    """gradwise's resumable loaders over the datasets (a plain one over a stream); the user's own
+    loaders as they are."""
     settings = {
         "seed": r.seed,
         "num_workers": r.data.num_workers,
@@ -427,7 +460,8 @@ def _budget(r: Recipe, loader: DataLoader) -> tuple[int | None, int, int]:
     per_epoch = steps_per_epoch(batches, r.train.accumulate) if batches else None
     total = r.train.epochs * per_epoch if per_epoch else r.train.max_steps
     total = min(total, r.train.max_steps or total)
-    epochs = math.ceil(total / per_epoch) if per_epoch else 1
+    # a stream that ends is passed over up to train.epochs times, within max_steps
+    epochs = math.ceil(total / per_epoch) if per_epoch else r.train.epochs
     return per_epoch, total, epochs
 
 

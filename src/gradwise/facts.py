@@ -8,6 +8,7 @@ The advisor decides from these facts only, so every piece of advice can cite the
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections import Counter
@@ -16,10 +17,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from gradwise._lazy import callable_as_namesake
 from gradwise.data.bundle import DataInfo
+from gradwise.errors import DataError
 
 NORMS = {
     "batchnorm": nn.modules.batchnorm._BatchNorm,
@@ -101,7 +103,7 @@ def facts(
         task=kind,
         modality=_modality(info),
         input_shape=tuple(info.input_shape),
-        n_samples=len(dataset),
+        n_samples=info.n_train or _length(dataset),
         num_classes=info.num_classes if kind in ("binary", "multiclass", "multilabel") else None,
         class_counts=counts,
         imbalance=(max(counts) / max(min(counts), 1)) if counts else None,
@@ -170,17 +172,27 @@ def _modality(info: DataInfo) -> str:
     return "tabular"
 
 
+def _length(dataset: Dataset) -> int:
+    """Samples in the data set; 0 for a stream (the advisor then plans by steps)."""
+    return 0 if isinstance(dataset, IterableDataset) else len(dataset)
+
+
 def _sample(dataset: Dataset) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Inputs and targets of the first samples (all targets of in-memory tensors); a stream's first
+    ones; (None, None) when they do not stack."""
+    from gradwise.data.infer import sample_pair
+
     tensors = getattr(dataset, "tensors", None)
     if isinstance(tensors, (tuple, list)) and len(tensors) >= 2:
         return tensors[0][:FEATURE_SAMPLE], tensors[-1]
-    n = min(len(dataset), DATASET_SAMPLE)
     try:
-        samples = [dataset[i] for i in range(n)]
-        return torch.stack([s[0] for s in samples]), torch.stack(
-            [torch.as_tensor(s[1]) for s in samples]
-        )
-    except (TypeError, RuntimeError, IndexError):
+        if isinstance(dataset, IterableDataset):
+            first = itertools.islice(dataset, DATASET_SAMPLE)
+        else:
+            first = (dataset[i] for i in range(min(len(dataset), DATASET_SAMPLE)))
+        pairs = [sample_pair(sample, "train_data") for sample in first]
+        return torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
+    except (TypeError, RuntimeError, IndexError, KeyError, DataError):
         return None, None
 
 

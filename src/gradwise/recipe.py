@@ -69,6 +69,9 @@ class DataSpec(_Section):
     drop_last: bool | Literal["auto"] = "auto"
     """Drop the last incomplete training batch. auto: only when it would hold a single sample,
     which breaks batch normalisation and gives a very noisy step."""
+    label_key: str | None = None
+    """For batches that are mappings (a tokenizer's output): the key of the target. null: the first
+    of labels, label, targets, target, y; the other entries are the model's keyword arguments."""
 
 
 class OptimSpec(_Section):
@@ -170,6 +173,9 @@ class TrainSpec(_Section):
     """Use deterministic algorithms only (slower on GPU); seeds are always set."""
     eval_every: int = Field(1, gt=0)
     """Validate every N epochs."""
+    eval_steps: int | None = Field(None, gt=0)
+    """Also validate (and checkpoint) every N optimizer steps, within epochs. null: at epoch ends
+    only; for data without a length (streams), 10 times in the run."""
     log_every: int = Field(10, gt=0)
     """Record training loss and learning rate every N optimizer steps."""
 

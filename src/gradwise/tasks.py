@@ -42,7 +42,11 @@ TASKS: dict[str, TaskKind] = {
     t.name: t
     for t in [
         TaskKind(
-            "binary", "bce", "val_accuracy", "one logit per sample, targets 0/1", CLASSIFICATION
+            "binary",
+            "bce",
+            "val_accuracy",
+            "one logit (or two) per sample, targets 0/1",
+            CLASSIFICATION,
         ),
         TaskKind(
             "multiclass",
@@ -241,11 +245,14 @@ class Task:
             loss = loss * (alpha * target + (1 - alpha) * (1 - target))
         return loss.mean()
 
-    @staticmethod
-    def align(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Drop a trailing output axis of size 1 when the target has none ([B, 1] vs [B])."""
-        if out.ndim == target.ndim + 1 and out.shape[-1] == 1:
-            return out.squeeze(-1)
+    def align(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Outputs shaped like the target: a trailing axis of size 1 is dropped ([B, 1] vs [B]);
+        for a binary task, two logits become one, z1 - z0 (sigmoid(z1 - z0) is softmax's p1)."""
+        if out.ndim == target.ndim + 1:
+            if out.shape[-1] == 1:
+                return out.squeeze(-1)
+            if out.shape[-1] == 2 and self.kind == "binary":
+                return out[..., 1] - out[..., 0]
         return out
 
     def unsmoothed(self) -> Task:
@@ -296,32 +303,58 @@ class Task:
         """The validation metrics a run records: val_loss and the task's own."""
         return ["val_loss", *(f"val_{name}" for name in self.spec.metrics)]
 
-    def metrics(self, device: torch.device) -> Metrics:
-        return Metrics(self, device)
+    def metrics(self, device: torch.device, extra: dict[str, Any] | None = None) -> Metrics:
+        return Metrics(self, device, extra)
 
 
 class Metrics:
-    """Validation metrics, accumulated batch by batch in constant memory (no list of all logits)."""
+    """Validation metrics, accumulated batch by batch in constant memory (no list of all logits).
 
-    def __init__(self, task: Task, device: torch.device) -> None:
+    ``extra``: the user's metrics by name: torchmetrics metrics (updated with each batch's raw
+    outputs and targets, in constant memory too) or plain functions ``(outputs, targets) ->
+    number``, given the whole validation set's outputs and targets at once (as the Hugging Face
+    Trainer's ``compute_metrics``).
+    """
+
+    def __init__(
+        self, task: Task, device: torch.device, extra: dict[str, Any] | None = None
+    ) -> None:
         self.task = task
         self.collection = _collection(task).to(device) if task.kind != "custom" else None
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
+        from torchmetrics import Metric
+
+        extra = extra or {}
+        self.streaming = {k: m.to(device) for k, m in extra.items() if isinstance(m, Metric)}
+        self.functions = {k: f for k, f in extra.items() if k not in self.streaming}
+        self._seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def reset(self) -> None:
         if self.collection is not None:
             self.collection.reset()
+        for metric in self.streaming.values():
+            metric.reset()
+        self._seen.clear()
         self.loss_sum.zero_()
         self.count.zero_()
 
-    def update(self, out: torch.Tensor, target: torch.Tensor) -> None:
+    def update(
+        self, out: torch.Tensor, target: torch.Tensor, loss: torch.Tensor | None = None
+    ) -> None:
+        """Add a batch: outputs, targets, and the model's own loss when it computes one."""
         n = self.task.count(target)
-        self.loss_sum += self.task.loss(out, target, train=False).double() * n
+        if loss is None:
+            loss = self.task.loss(out, target, train=False)
+        self.loss_sum += loss.double() * n
         self.count += n
         if self.collection is not None:
             with _counting_kernels_allowed():
                 self._update_collection(out, target)
+        for metric in self.streaming.values():
+            metric.update(out, target)
+        if self.functions:
+            self._seen.append((out.detach().float().cpu(), target.detach().cpu()))
 
     def _update_collection(self, out: torch.Tensor, target: torch.Tensor) -> None:
         kind = self.task.kind
@@ -341,6 +374,12 @@ class Metrics:
         results = {"val_loss": (self.loss_sum / self.count.clamp(min=1)).item()}
         if self.collection is not None:
             results.update({f"val_{k}": float(v) for k, v in self.collection.compute().items()})
+        results.update({f"val_{k}": float(m.compute()) for k, m in self.streaming.items()})
+        if self.functions and self._seen:
+            outputs = torch.cat([o for o, _ in self._seen])
+            targets = torch.cat([t for _, t in self._seen])
+            for name, fn in self.functions.items():
+                results[f"val_{name}"] = float(fn(outputs, targets))
         return results
 
 
@@ -365,7 +404,7 @@ def _counting_kernels_allowed() -> Iterator[None]:
 
 def _collection(task: Task):
     """torchmetrics for the task; imported here because torchmetrics takes seconds to import."""
-    from torchmetrics import MetricCollection, classification, regression, text
+    from torchmetrics import MetricCollection, classification, regression
 
     kind, n = task.kind, task.num_outputs
     common = {"validate_args": False}
@@ -393,8 +432,10 @@ def _collection(task: Task):
             "mae": regression.MeanAbsoluteError(),
             "r2": regression.R2Score(),
         }
-    else:
-        metrics = {"perplexity": text.Perplexity(ignore_index=IGNORE_INDEX)}
+    else:  # torchmetrics.text imports transformers when installed (seconds): only for lm
+        from torchmetrics.text import Perplexity
+
+        metrics = {"perplexity": Perplexity(ignore_index=IGNORE_INDEX)}
     return MetricCollection(metrics, compute_groups=False)
 
 
@@ -436,15 +477,18 @@ def check_label_range(lowest: int, highest: int, width: int, what: str, source: 
     )
 
 
-def resolve_monitor(task: Task, spec: Any, has_val: bool) -> tuple[str, str]:
+def resolve_monitor(
+    task: Task, spec: Any, has_val: bool, extra: tuple[str, ...] = ()
+) -> tuple[str, str]:
     """(metric, min|max) that picks the best checkpoint and stops early, from the recipe's
-    ``early_stopping`` section; without validation data, the training loss."""
+    ``early_stopping`` section; without validation data, the training loss. ``extra``: the names
+    of the user's own metrics."""
     monitor = task.spec.monitor if spec.monitor == "auto" else spec.monitor
     if not has_val:
         monitor = "train_loss"
     elif not monitor.startswith(("val_", "train_")):
         monitor = f"val_{monitor}"
-    available = ["train_loss", *task.metric_names()]
+    available = ["train_loss", *task.metric_names(), *(f"val_{name}" for name in extra)]
     if monitor not in available:
         raise ConfigError("early_stopping.monitor", spec.monitor, f"one of {', '.join(available)}")
     return monitor, monitor_mode(monitor, spec.mode)

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,18 @@ import torch
 from torch import nn
 
 from gradwise import checkpoint as ckpt
-from gradwise.assemble import DataLike, assemble, autocast, check_batch_labels
+from gradwise.assemble import (
+    OBJECT,
+    DataLike,
+    assemble,
+    autocast,
+    check_batch_labels,
+    require_object,
+)
 from gradwise.augment import mix_batch, soft_targets
+from gradwise.batch import outputs_of, run_model, split_batch
 from gradwise.data.loader import epoch_batches, num_batches
-from gradwise.errors import ConfigError, DataError, GradwiseError
+from gradwise.errors import ConfigError, DataError, GradwiseError, GradwiseWarning
 from gradwise.optim import build_optimizer, build_scheduler
 from gradwise.progress import Progress
 from gradwise.recipe import Recipe, load_recipe, override_paths, set_paths
@@ -83,6 +92,17 @@ class Trainer:
     runs root's mlflow.db); a tuner makes its trials child runs with ``mlflow.parentRunId``.
     trust: whether import paths in the recipe (model, data, loss) may be imported; a recipe you
     give is yours, so True; :meth:`resume` passes its own (see :mod:`gradwise.trust`).
+    optimizer: your own optimizer instead of the recipe's: an Optimizer over the model's
+    parameters, or a callable ``model -> Optimizer`` (needed when the model is built from the
+    recipe); the schedule, clipping and checkpoints work on it; pass it again to :meth:`resume`.
+    param_groups: your parameter groups for the recipe's optimizer (dicts with "params" and
+    per-group settings such as "lr"), or a callable ``model -> groups``.
+    callbacks: objects with any of ``on_step_end(trainer)``, ``on_validation_end(trainer,
+    entry)``, ``on_epoch_end(trainer)`` (see :class:`Callback`); one that raises is switched off
+    with a warning, the run goes on.
+    metrics: more validation metrics by name: torchmetrics metrics (updated with the outputs and
+    targets of each batch) or functions ``(outputs, targets) -> float`` called on the whole
+    validation set; recorded as ``val_<name>`` and usable as the monitor.
     """
 
     def __init__(
@@ -101,6 +121,12 @@ class Trainer:
         mlflow_uri: str | None = None,
         trust: bool = True,
         advise: bool | None = None,
+        optimizer: torch.optim.Optimizer
+        | Callable[[nn.Module], torch.optim.Optimizer]
+        | None = None,
+        param_groups: list[dict[str, Any]] | Callable[[nn.Module], list] | None = None,
+        callbacks: list[Any] | None = None,
+        metrics: dict[str, Any] | None = None,
         **overrides: Any,
     ) -> None:
         if task is not None:
@@ -125,6 +151,28 @@ class Trainer:
         self.on_evaluate = on_evaluate
         self.tags, self.mlflow_uri = tags, mlflow_uri
         self.trust = trust
+        self._optimizer, self._param_groups = optimizer, param_groups
+        if (
+            optimizer is not None
+            and not callable(optimizer)
+            and not isinstance(optimizer, torch.optim.Optimizer)
+        ):
+            raise ConfigError(
+                "optimizer",
+                type(optimizer).__name__,
+                "a torch.optim.Optimizer or model -> Optimizer",
+            )
+        if optimizer is not None:  # the recipe records that the optimizer came from Python
+            name = (
+                optimizer.__class__.__name__
+                if isinstance(optimizer, torch.optim.Optimizer)
+                else getattr(optimizer, "__name__", type(optimizer).__name__)
+            )
+            self.recipe = self.recipe.override({"optim.name": f"{OBJECT}{name}"})
+        elif self.recipe.optim.name.startswith(OBJECT):
+            require_object(self.recipe.optim.name, "optimizer")
+        self.callbacks = list(callbacks or [])
+        self.user_metrics = dict(metrics or {})
         self._stop_signal: str | None = None
 
     @classmethod
@@ -176,6 +224,7 @@ class Trainer:
             advise=self._advise,
             explicit=self._explicit,
             trusted=self.trust,
+            metrics=tuple(self.user_metrics),
         )
         self.assembly = a
         self.recipe, self.advice = a.recipe, a.advice
@@ -189,8 +238,10 @@ class Trainer:
         )
         self.monitor, self.mode = a.monitor, a.mode
         self.check_batch_labels = a.check_batch_labels
+        self.model_loss, self.eval_steps = a.model_loss, a.eval_steps
+        self.label_key = self.recipe.data.label_key
         r = self.recipe
-        self.optimizer = build_optimizer(self.model, r.optim)
+        self.optimizer = self._build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, r.schedule, self.total_steps, self.mode)
         self.per_step_schedule = r.schedule.name != "plateau"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -201,7 +252,11 @@ class Trainer:
             self.ema = AveragedModel(
                 self.model, multi_avg_fn=ema_update(r.train.ema_decay), use_buffers=True
             )
-        self.metrics = self.task.metrics(self.device) if self.val_loader is not None else None
+        self.metrics = (
+            self.task.metrics(self.device, self.user_metrics)
+            if self.val_loader is not None
+            else None
+        )
         self.mixing = r.train.mixup > 0 or r.train.cutmix > 0
         self.guard = FiniteGuard(self.device, r.train.log_every)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -209,6 +264,32 @@ class Trainer:
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed-precision context for forward passes (a no-op in fp32)."""
         return autocast(self.device, self.precision)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """Yours (an instance, or built by your callable from the model), else the recipe's over
+        gradwise's parameter groups or yours."""
+        given = self._optimizer
+        if isinstance(given, torch.optim.Optimizer):
+            owned = {id(p) for p in self.model.parameters()}
+            if not all(id(p) in owned for g in given.param_groups for p in g["params"]):
+                raise ConfigError(
+                    "optimizer", type(given).__name__, "an optimizer over this model's parameters",
+                    "build it after the model, or pass a callable model -> optimizer",
+                )  # fmt: skip
+            return given
+        if given is not None:
+            optimizer = given(self.model)
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise ConfigError(
+                    "optimizer", getattr(given, "__name__", given),
+                    "a callable model -> torch.optim.Optimizer",
+                    f"it returned {type(optimizer).__name__}",
+                )  # fmt: skip
+            return optimizer
+        groups = (
+            self._param_groups(self.model) if callable(self._param_groups) else self._param_groups
+        )
+        return build_optimizer(self.model, self.recipe.optim, groups, trusted=self.trust)
 
     # == the loop ================================================================================
 
@@ -279,25 +360,37 @@ class Trainer:
         r, s = self.recipe, self.state
         pos = s.position
         self.started = time.perf_counter()
+        batches = None  # the epoch's iterator, kept across validations within the epoch
         while pos.epoch < self.epochs and pos.step < self.total_steps:
-            self.progress.update(epoch=f"{pos.epoch + 1}/{self.epochs}")
-            stopped = self._train_epoch()
+            if batches is None:
+                self.progress.update(epoch=f"{pos.epoch + 1}/{self.epochs}")
+                batches = self._epoch_iterator()
+            stopped = self._train(batches)
             if stopped == "signal":
                 self._save()
                 return self._interrupted()
-            batches = num_batches(self.train_loader)
-            end_of_epoch = stopped == "end" or (batches is not None and pos.batch >= batches)
+            per_epoch = num_batches(self.train_loader)
+            end_of_epoch = stopped == "end" or (per_epoch is not None and pos.batch >= per_epoch)
             last = pos.step >= self.total_steps
-            evaluate = last or (end_of_epoch and (pos.epoch + 1) % r.train.eval_every == 0)
+            evaluate = (
+                last
+                or stopped == "eval"
+                or (end_of_epoch and (pos.epoch + 1) % r.train.eval_every == 0)
+            )
             if stopped == "diverged" or (evaluate and not _finite_weights(self.model)):
                 return self._diverged()
             if end_of_epoch:
-                pos.epoch, pos.batch = pos.epoch + 1, 0
+                pos.epoch, pos.batch, batches = pos.epoch + 1, 0, None
             improved = self._evaluate_and_record() if evaluate else False
             self._save(best=improved)
             if self._stop_signal:
                 return self._interrupted()
-            if evaluate and self.on_evaluate is not None and self.on_evaluate(s.history[-1]):
+            stop = evaluate and self._call("on_validation_end", s.history[-1])
+            if end_of_epoch:
+                stop = self._call("on_epoch_end") or stop
+            if stop or (
+                evaluate and self.on_evaluate is not None and self.on_evaluate(s.history[-1])
+            ):
                 return "stopped"
             patience = r.early_stopping.patience
             if evaluate and patience is not None and s.bad_evals >= patience:
@@ -307,16 +400,16 @@ class Trainer:
                 return "stopped_early"
         return "finished"
 
-    def _train_epoch(self) -> str:
-        """One pass over the training data from the state's position.
+    def _train(self, batches: Iterator) -> str:
+        """Train on ``batches`` (the epoch's iterator) from the state's position.
 
-        Returns "end" (the data ran out), "budget" (the step budget is spent), "signal" or
-        "diverged" (the loss or gradients are no longer finite and cannot be repaired).
+        Returns "end" (the data ran out), "budget" (the step budget is spent), "eval" (a
+        validation is due, ``train.eval_steps``), "signal" or "diverged" (the loss or gradients
+        are no longer finite and cannot be repaired).
         """
         r, pos = self.recipe, self.state.position
         k = r.train.accumulate
         self.model.train()
-        batches = self._epoch_iterator()
         while pos.step < self.total_steps:
             window = list(itertools.islice(batches, k))
             if not window:  # before validating, read the guard on accelerators too
@@ -337,6 +430,10 @@ class Trainer:
                 self._save()
             if self._stop_signal:
                 return "signal"
+            if self.callbacks and self._call("on_step_end"):
+                return "budget"  # a callback asked to stop: validate and end here
+            if self.eval_steps and pos.step % self.eval_steps == 0:
+                return "eval"
         return "budget"
 
     def _step(self, window: list) -> list:
@@ -346,22 +443,24 @@ class Trainer:
         lm), so the step equals one step on the concatenated batch, whatever the micro-batch sizes.
         """
         s = self.state
-        counts = [self.task.count(y) for _, y in window]
+        window = [split_batch(raw, self.label_key) for raw in window]
+        counts = [self.task.count(b.target) for b in window]
         total = sum(counts)
         window_loss = 0.0
-        for (x, y), n in zip(window, counts, strict=True):
+        for batch, n in zip(window, counts, strict=True):
             if self.check_batch_labels:
-                check_batch_labels(y, self.task, s.position.step + 1)
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
+                check_batch_labels(batch.target, self.task, s.position.step + 1)
+            batch = batch.to(self.device)
+            x, y = batch.inputs, batch.target
             if self.mixing:
                 y = soft_targets(y, self.task.kind, self.task.num_outputs)
                 x, y = mix_batch(
                     x, y, mixup=self.recipe.train.mixup, cutmix=self.recipe.train.cutmix
                 )
+                batch = batch.with_inputs(x)
             with self.autocast():
-                out = self.model(x)
-                loss = self.task.loss(out, y)
+                out, own = outputs_of(run_model(self.model, batch, with_labels=self.model_loss))
+                loss = own if self.model_loss else self.task.loss(out, y)
             scaled = loss if len(window) == 1 else loss * (n / total)
             self.scaler.scale(scaled).backward()
             s.loss_sum += loss.detach() * n
@@ -405,6 +504,26 @@ class Trainer:
         ckpt.set_rng_state(current)
         return iterator
 
+    def _call(self, hook: str, *args: Any) -> bool:
+        """Run ``hook`` on every callback that has it; True when one asks to stop. A callback that
+        raises is switched off with a warning: it never ends the run."""
+        stop = False
+        for callback in list(self.callbacks):
+            method = getattr(callback, hook, None)
+            if method is None:
+                continue
+            try:
+                stop = bool(method(self, *args)) or stop
+            except Exception as exc:
+                self.callbacks.remove(callback)
+                warnings.warn(
+                    f"callback {type(callback).__name__}.{hook} raised {type(exc).__name__}: "
+                    f"{exc}; it is switched off for the rest of the run",
+                    GradwiseWarning,
+                    stacklevel=2,
+                )
+        return stop
+
     # == evaluation, logging, checkpoints =======================================================
 
     @torch.inference_mode()
@@ -416,12 +535,11 @@ class Trainer:
         was_training = model.training
         model.eval()
         self.metrics.reset()
-        for x, y in self.val_loader:
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
+        for raw in self.val_loader:
+            batch = split_batch(raw, self.label_key).to(self.device)
             with self.autocast():
-                out = model(x)
-            self.metrics.update(out, y)
+                out, own = outputs_of(run_model(model, batch, with_labels=self.model_loss))
+            self.metrics.update(out, batch.target, own if self.model_loss else None)
         model.train(was_training)
         return self.metrics.compute()
 

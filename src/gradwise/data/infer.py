@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, IterableDataset, Subset
 
 from gradwise.data.bundle import IGNORE_INDEX, DataInfo
 from gradwise.errors import DataError
 
 MAX_SCAN = 10_000
+ITER_SCAN = 1_000  # samples of a stream read up front (a stream may be slow or endless)
 
 
 def _as_tensor(value: Any, what: str) -> torch.Tensor:
@@ -23,22 +26,33 @@ def _as_tensor(value: Any, what: str) -> torch.Tensor:
         ) from None
 
 
-def sample_pair(sample: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A sample as an (input, target) pair of tensors; a DataError naming the data set otherwise."""
-    if not isinstance(sample, (tuple, list)) or len(sample) != 2:
-        raise DataError(
-            f"data set {name!r}: a sample must be an (input, target) pair; got {type(sample).__name__}"
-            + (f" of length {len(sample)}" if isinstance(sample, (tuple, list)) else "")
-        )
-    return _as_tensor(sample[0], "input"), _as_tensor(sample[1], "target")
+def sample_pair(
+    sample: Any, name: str, label_key: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sample's main input and its target as tensors: ``(input, target)``, ``(inputs..., target)``
+    or a mapping with a label key (see gradwise.batch); a DataError naming the data set otherwise."""
+    from gradwise.batch import LABEL_KEYS, split_batch
+
+    if isinstance(sample, (tuple, list)) and len(sample) >= 2:
+        return _as_tensor(sample[0], "input"), _as_tensor(sample[-1], "target")
+    if isinstance(sample, Mapping):
+        parts = split_batch(sample, label_key)
+        inputs = next(iter(parts.kwargs.values()), None)
+        if parts.target is not None and inputs is not None:
+            return _as_tensor(inputs, "input"), _as_tensor(parts.target, "target")
+    raise DataError(
+        f"data set {name!r}: a sample must be (input, target), (inputs..., target) or a mapping "
+        f"with a {'/'.join(LABEL_KEYS)} key; got {type(sample).__name__}"
+        + (f" of length {len(sample)}" if isinstance(sample, (tuple, list)) else "")
+    )
 
 
 def _all_targets(
-    dataset: Dataset, max_scan: int, name: str
+    dataset: Dataset, max_scan: int, name: str, label_key: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """(targets, inputs or None, complete?): cheap for TensorDataset/.targets/Subset, else a scan."""
     if isinstance(dataset, Subset):
-        targets, inputs, complete = _all_targets(dataset.dataset, max_scan, name)
+        targets, inputs, complete = _all_targets(dataset.dataset, max_scan, name, label_key)
         if complete:
             idx = torch.as_tensor(dataset.indices, dtype=torch.int64)
             return targets[idx], (inputs[idx] if inputs is not None else None), True
@@ -51,8 +65,15 @@ def _all_targets(
         return tensors[-1], tensors[0], True
     if getattr(dataset, "targets", None) is not None:
         return _as_tensor(dataset.targets, "targets"), None, True
-    n = min(len(dataset), max_scan)
-    samples = [sample_pair(dataset[i], name) for i in range(n)]
+    if isinstance(dataset, IterableDataset):  # a stream: the first samples tell
+        samples = [sample_pair(s, name, label_key) for s in itertools.islice(dataset, max_scan)]
+        n, complete = len(samples), False
+    else:
+        n = min(len(dataset), max_scan)
+        samples = [sample_pair(dataset[i], name, label_key) for i in range(n)]
+        complete = n == len(dataset)
+    if not samples:
+        raise DataError(f"data set {name!r} is empty")
     try:
         targets = torch.stack([y for _, y in samples])
         inputs = (
@@ -60,7 +81,7 @@ def _all_targets(
         )
     except RuntimeError as exc:
         raise DataError(f"data set {name!r}: samples have different shapes: {exc}") from None
-    return targets, inputs, n == len(dataset)
+    return targets, inputs, complete
 
 
 def _is_binary_valued(t: torch.Tensor) -> bool:
@@ -118,28 +139,38 @@ def infer_task(
     return {"task": task, "num_classes": max(num_classes, 2), "notes": notes}
 
 
-def describe(dataset: Dataset, name: str = "data", max_scan: int = MAX_SCAN) -> DataInfo:
-    """A DataInfo for a user Dataset of ``(input, target)`` samples.
+def describe(
+    dataset: Dataset, name: str = "data", max_scan: int = MAX_SCAN, label_key: str | None = None
+) -> DataInfo:
+    """A DataInfo for a user Dataset of samples (see :func:`sample_pair`).
 
     Input and target shape/dtype come from the first sample. The targets, which decide the
     suggested task and the number of classes (or the vocabulary size), are read at once from a
-    TensorDataset or a ``.targets`` attribute, and otherwise from up to ``max_scan`` samples.
+    TensorDataset or a ``.targets`` attribute, otherwise from up to ``max_scan`` samples; an
+    IterableDataset (a stream, without a length) is judged by its first ``ITER_SCAN`` samples.
     """
-    try:
-        n = len(dataset)
-    except TypeError:
-        raise DataError(
-            f"data set {name!r} has no length; gradwise needs a map-style Dataset"
-        ) from None
-    if n == 0:
-        raise DataError(f"data set {name!r} is empty")
-    x, y = sample_pair(dataset[0], name)
-    targets, inputs, complete = _all_targets(dataset, max_scan, name)
+    streaming = isinstance(dataset, IterableDataset)
+    if streaming:
+        n = None
+    else:
+        try:
+            n = len(dataset)
+        except TypeError:
+            raise DataError(
+                f"data set {name!r} has no length: give a map-style Dataset or an IterableDataset"
+            ) from None
+        if n == 0:
+            raise DataError(f"data set {name!r} is empty")
+    targets, inputs, complete = _all_targets(
+        dataset, ITER_SCAN if streaming else max_scan, name, label_key
+    )
+    first = next(iter(dataset)) if streaming else dataset[0]
+    x, y = sample_pair(first, name, label_key)
     facts = infer_task(x, y, targets, inputs)
     notes = facts.pop("notes")
     if not complete:
-        notes.append(f"task and classes inferred from the first {len(targets)} of {n} samples")
-    info_labels = label_range(targets)
+        of = f"of {n} samples" if n is not None else "samples of the stream"
+        notes.append(f"task and classes inferred from the first {len(targets)} {of}")
     classes = getattr(dataset, "classes", None)
     class_names = (
         [str(c) for c in classes] if isinstance(classes, (list, tuple)) and classes else None
@@ -151,9 +182,9 @@ def describe(dataset: Dataset, name: str = "data", max_scan: int = MAX_SCAN) -> 
         target_shape=tuple(y.shape),
         target_dtype=str(y.dtype).removeprefix("torch."),
         class_names=class_names,
-        n_train=n,
+        n_train=n or 0,
         notes=notes,
-        label_range=info_labels,
+        label_range=label_range(targets),
         labels_complete=complete,
         **facts,
     )

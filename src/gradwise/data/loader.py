@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -88,16 +88,23 @@ def make_loader(
     """A DataLoader over ``dataset`` with a :class:`ResumableBatchSampler` and expert defaults.
 
     drop_last="auto" drops the last batch only when it would hold a single sample (that breaks
-    BatchNorm and gives a very noisy step). num_workers="auto" is 0 for in-memory data, else
+    BatchNorm and gives a very noisy step). An IterableDataset (a stream) gets a plain DataLoader in
+    its own order, in the main process unless ``num_workers`` is given (the stream must then
+    shard itself by worker). num_workers="auto" is 0 for in-memory data, else
     min(8, CPUs - 1) with persistent workers. pin_memory="auto" is on for CUDA.
     """
+    if pin_memory == "auto":
+        pin_memory = device is not None and device.type == "cuda"
+    if isinstance(dataset, IterableDataset):  # a stream: its own order; workers would repeat it
+        workers = 0 if num_workers == "auto" else int(num_workers)
+        return DataLoader(
+            dataset, batch_size=batch_size, num_workers=workers, pin_memory=bool(pin_memory)
+        )
     n = len(dataset)
     if drop_last == "auto":
         drop_last = shuffle and n % batch_size == 1 and n > 1
     if num_workers == "auto":
         num_workers = 0 if in_memory(dataset) else max(0, min(8, (os.cpu_count() or 1) - 1))
-    if pin_memory == "auto":
-        pin_memory = device is not None and device.type == "cuda"
     sampler = ResumableBatchSampler(
         n, batch_size, shuffle=shuffle, seed=seed, drop_last=bool(drop_last)
     )
@@ -137,8 +144,8 @@ def epoch_batches(loader: DataLoader, epoch: int, skip: int = 0) -> Iterator:
         if loader.generator is not None:
             loader.generator.manual_seed(sampler.seed * 7919 + epoch)
         return iter(loader)
-    for candidate in (loader.sampler, sampler):
-        if hasattr(candidate, "set_epoch"):  # e.g. DistributedSampler
+    for candidate in (loader.sampler, sampler, loader.dataset):
+        if hasattr(candidate, "set_epoch"):  # e.g. DistributedSampler, a Hugging Face stream
             candidate.set_epoch(epoch)
     iterator = iter(loader)
     for _ in range(skip):
