@@ -201,3 +201,11 @@ def test_a_python_loss_that_returns_no_scalar_is_a_config_error(blobs):
             loss_fn=lambda out, target: out.sum(1),
             progress="off",
         ).fit()
+
+
+def test_train_quick_check_keeps_nothing(tmp_path):
+    path = _write(tmp_path, "model: {name: mlp, kwargs: {hidden: [8]}}\ndata: {name: iris}\n")
+    result = gradwise_cli("train", str(path), "--quick-check", "2", "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "quick check passed: 2 training steps" in result.stdout
+    assert not (tmp_path / "runs").exists()

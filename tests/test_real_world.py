@@ -278,3 +278,21 @@ def test_a_batch_without_a_known_label_key_names_the_setting(tmp_path):
         gw.Trainer(nn.Linear(4, 2), Unlabelled(), **QUIET_PLAIN).fit()
     result = gradwise_cli("recipe", "--set", "data.label_key=answer", cwd=tmp_path)
     assert result.returncode == 0 and "label_key: answer" in result.stdout
+
+
+def test_quick_check_runs_every_part_on_two_batches_and_keeps_nothing(blobs, tmp_path):
+    x, y = blobs
+    model = nn.Linear(8, 3)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = gw.Trainer(model, (x, y), (x, y), epochs=50, **QUIET_PLAIN)
+    run = trainer.quick_check(2)
+    assert run.steps == 2 and run.dir is None and "val_loss" in run.history[-1]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    assert not (tmp_path / "runs").exists()
+    assert trainer.fit().steps == 50 * 4  # the real run afterwards is the whole run
+
+    def broken(outputs, targets):  # the kind of bug a quick check is for
+        raise ValueError("shapes do not match")
+
+    with pytest.raises(ValueError, match="shapes do not match"):
+        gw.Trainer(model, (x, y), (x, y), metrics={"mine": broken}, **QUIET_PLAIN).quick_check()

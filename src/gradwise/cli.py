@@ -82,6 +82,15 @@ def train(
             "Trainer(recipe='auto') does (reasons in the run's advice.json).",
         ),
     ] = False,
+    quick_check: Annotated[
+        int | None,
+        typer.Option(
+            "--quick-check",
+            min=1,
+            help="Run everything on this many training and validation batches and keep nothing: "
+            "a bug shows in seconds (Lightning's fast_dev_run).",
+        ),
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Train the model and data a recipe names; writes runs/<name>/."""
@@ -93,9 +102,9 @@ def train(
         overrides["name"] = name
     if advise:  # the advisor keeps exactly the file's and --set's own settings
         r.override(overrides)  # a bad --set fails here, with its own message
-        _fit(_with_overrides(recipe, overrides), quiet=quiet, advise=True)
+        _fit(_with_overrides(recipe, overrides), quiet, advise=True, quick_check=quick_check)
     else:
-        _fit(r.override(overrides), quiet=quiet)
+        _fit(r.override(overrides), quiet, quick_check=quick_check)
 
 
 @app.command()
@@ -123,7 +132,7 @@ def demo(quiet: QuietOption = False) -> None:
     """Train the bundled example (a CNN on scikit-learn's handwritten digits) and print the result."""
     from gradwise.recipe import load_recipe
 
-    _fit(load_recipe(EXAMPLES / "digits_cnn.yaml"), quiet=quiet)
+    _fit(load_recipe(EXAMPLES / "digits_cnn.yaml"), quiet)
 
 
 @app.command()
@@ -763,10 +772,21 @@ def _show_progress_of(name: str) -> None:
     log.setLevel(logging.INFO)
 
 
-def _fit(recipe, quiet: bool, advise: bool = False) -> None:
+def _fit(recipe, quiet: bool, advise: bool = False, quick_check: int | None = None) -> None:
     from gradwise.trainer import Trainer
 
-    _report(Trainer(recipe=recipe, progress="lines" if quiet else "auto", advise=advise).fit())
+    trainer = Trainer(recipe=recipe, progress="lines" if quiet else "auto", advise=advise)
+    if quick_check is None:
+        _report(trainer.fit())
+        return
+    run = trainer.quick_check(quick_check)
+    entry = run.history[-1] if run.history else {}
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if k.startswith(("train_", "val_")))
+    out.print(
+        f"quick check passed: {run.steps} training steps and validation on {quick_check} "
+        f"batches ({shown}); nothing was kept",
+        soft_wrap=True,
+    )
 
 
 def _report(run) -> None:

@@ -9,11 +9,13 @@ Everything it decides comes from one :class:`~gradwise.recipe.Recipe`. Each run 
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import math
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -57,7 +59,7 @@ from gradwise.tracking.files import Heartbeat, try_write_status
 class Run:
     """The outcome of :meth:`Trainer.fit`."""
 
-    dir: Path
+    dir: Path | None  # None after a quick_check
     history: list[dict[str, float]]  # one entry per evaluation: epoch, step, train_loss, val_*, lr
     monitor: str
     best_metric: float | None
@@ -174,6 +176,7 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         self.user_metrics = dict(metrics or {})
         self._stop_signal: str | None = None
+        self._val_limit: int | None = None  # validation batches per evaluation (quick_check)
 
     @classmethod
     def resume(
@@ -292,6 +295,32 @@ class Trainer:
         return build_optimizer(self.model, self.recipe.optim, groups, trusted=self.trust)
 
     # == the loop ================================================================================
+
+    def quick_check(self, batches: int = 2) -> Run:
+        """Run every part of a real run on ``batches`` training steps and as many validation
+        batches, writing nothing that stays and leaving the model's weights as they were: a bug in
+        the data, the model, the loss, the metrics or a callback shows in seconds, before the real
+        run (Lightning's ``fast_dev_run``). Returns the Run; its ``dir`` is None."""
+        if not isinstance(batches, int) or batches < 1:
+            raise ConfigError("batches", batches, "a positive number of batches")
+        model, recipe = self.model, self.recipe
+        before = copy.deepcopy(model.state_dict()) if model is not None else None
+        self._val_limit = batches
+        with tempfile.TemporaryDirectory(prefix="gradwise-check-") as tmp:
+            self.recipe = self.recipe.override(
+                {
+                    "tracking.root": tmp, "tracking.mlflow": False, "tracking.tensorboard": False,
+                    "tracking.wandb": False, "train.max_steps": batches, "train.eval_steps": None,
+                }
+            )  # fmt: skip
+            try:
+                run = self.fit()
+            finally:  # the Trainer can still fit() for real
+                if before is not None:
+                    model.load_state_dict(before)
+                self.model, self.recipe, self._val_limit = model, recipe, None
+        run.dir, run.best_checkpoint = None, None
+        return run
 
     def fit(self) -> Run:
         """Train, validate, checkpoint and track; returns the :class:`Run`."""
@@ -535,7 +564,9 @@ class Trainer:
         was_training = model.training
         model.eval()
         self.metrics.reset()
-        for raw in self.val_loader:
+        for i, raw in enumerate(self.val_loader):
+            if self._val_limit is not None and i >= self._val_limit:
+                break
             batch = split_batch(raw, self.label_key).to(self.device)
             with self.autocast():
                 out, own = outputs_of(run_model(model, batch, with_labels=self.model_loss))
