@@ -251,7 +251,8 @@ def test_model_that_cannot_take_the_data() -> None:
         check(nn.Linear(5, 3), (x, y), overfit=False, lr_range=False)
     binary = (y == 0).long()
     with pytest.raises(DataError, match="outputs do not match"):  # as the Trainer's probe
-        check(mlp(outputs=2), (x, binary), overfit=False, lr_range=False)
+        check(mlp(outputs=3), (x, binary), overfit=False, lr_range=False)
+    check(mlp(outputs=2), (x, binary), overfit=False, lr_range=False)  # two binary logits are fine
 
 
 def test_report_text_lists_findings_with_their_first_fix() -> None:
