@@ -33,6 +33,7 @@ from gradwise.data.bundle import IGNORE_INDEX, DataInfo
 from gradwise.data.loader import make_loader, num_batches, steps_per_epoch
 from gradwise.errors import ConfigError, DataError
 from gradwise.facts import Facts
+from gradwise.finetune import Finetuning
 from gradwise.recipe import Recipe, load_recipe, set_paths
 from gradwise.tasks import (
     Task,
@@ -85,6 +86,7 @@ class Assembly:
     check_batch_labels: bool = False  # labels the up-front scan did not read: check per batch
     model_loss: bool = False  # train on the loss the model computes from the labels (Hugging Face)
     eval_steps: int | None = None  # validate every N optimizer steps as well (streams: always)
+    finetune: Finetuning | None = None  # pretrained weights, adapter, frozen parts, layer groups
 
     @property
     def train_dataset(self) -> Dataset:
@@ -141,6 +143,12 @@ def assemble(
     model = model if model is not None else _build_model(r, data.info, width, trusted)
     if model.__dict__.get("gradwise_build"):
         r = r.override({"model.kwargs": model.gradwise_build["kwargs"]})
+    finetune = None
+    if r.finetune.active:  # pretrained weights, adapter, frozen parts: before facts and advice
+        from gradwise.finetune import prepare
+
+        finetune = prepare(model, r.finetune)
+        model = finetune.model
     device = resolve_device(r.train.device)
     model = model.to(device)
 
@@ -187,6 +195,7 @@ def assemble(
         check_batch_labels=check_labels,
         model_loss=model_loss,
         eval_steps=eval_steps,
+        finetune=finetune,
     )
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "OptimizerEntry",
     "build_optimizer",
     "build_scheduler",
+    "decay_exempt",
     "lr_multiplier",
     "param_groups",
     "register_optimizer",
@@ -63,15 +64,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     A parameter shared between modules (tied embeddings) is placed once, and is not decayed if any
     module that owns it is exempt.
     """
-    exempt: set[int] = set()
-    ordered: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            if not param.requires_grad:
-                continue
-            ordered.setdefault(id(param), param)
-            if isinstance(module, NO_DECAY_MODULES) or param.ndim <= 1:
-                exempt.add(id(param))
+    exempt = decay_exempt(model)
+    ordered = {id(p): p for p in model.parameters() if p.requires_grad}
     decay = [p for i, p in ordered.items() if i not in exempt]
     no_decay = [p for i, p in ordered.items() if i in exempt]
     groups = [
@@ -79,6 +73,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
     return [g for g in groups if g["params"]]
+
+
+def decay_exempt(model: nn.Module) -> set[int]:
+    """ids of the parameters that get no weight decay: those of normalisation and embedding
+    modules, and every parameter of one dimension (biases, gains)."""
+    exempt: set[int] = set()
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if isinstance(module, NO_DECAY_MODULES) or param.ndim <= 1:
+                exempt.add(id(param))
+    return exempt
 
 
 def build_optimizer(

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gradwise.errors import ConfigError, GradwiseError, did_you_mean
 from gradwise.optimizers import check_name
@@ -239,6 +246,94 @@ class DoctorSpec(_Section):
         return codes
 
 
+class FinetuneSpec(_Section):
+    """Start from pretrained weights and adapt them: freezing, discriminative rates, gradual
+    unfreezing, parameter-efficient adapters (PEFT). Empty: train from scratch."""
+
+    pretrained: str | None = None
+    """Weights to start from (never downloaded): a gradwise run directory, a .safetensors / .pt /
+    .bin state-dict file, or a Hugging Face directory written by save_pretrained."""
+    which: Literal["best", "last"] = "best"
+    """For a run directory: its best or its latest checkpoint."""
+    strict: bool = False
+    """true: every key must match. false: load what matches and report missing, unexpected and
+    shape-mismatched keys (a head sized for another number of classes starts fresh, and is named)."""
+    freeze: list[str] = Field(default_factory=list)
+    """Module paths or globs frozen for the whole run, e.g. ["features.*"] or ["*"]."""
+    unfreeze: list[str] = Field(default_factory=list)
+    """Module paths or globs kept trainable although `freeze` matches them, e.g. ["head.*"]."""
+    layer_groups: list[str] | Literal["auto"] = "auto"
+    """Layer groups, bottom to top, as globs of parameter names; auto: the embeddings, each block
+    of the model's longest block list (or each top-level child), the head. Used by lr_decay,
+    lr_range, head_epochs and unfreeze_every."""
+    lr_decay: float | None = Field(None, ge=1)
+    """Discriminative learning rates: each group's rate is the next higher group's / lr_decay
+    (ULMFiT: 2.6). The top group trains at optim.lr."""
+    lr_range: tuple[float, float] | None = None
+    """Discriminative learning rates, fastai style: [low, high], groups spaced geometrically from
+    the bottom (low) to the top (high); overrides optim.lr for the groups."""
+    head_epochs: int | None = Field(None, ge=1)
+    """fastai's fine_tune: train the top group (the head) alone for this many epochs, then every
+    group at half the rates."""
+    unfreeze_every: int | None = Field(None, ge=1)
+    """Gradual unfreezing (ULMFiT): start with the top group only, unfreeze one more group every
+    this many epochs."""
+    unfreeze_steps: int | None = Field(None, ge=1)
+    """Gradual unfreezing every this many optimizer steps instead of epochs."""
+    freeze_bn: bool = True
+    """BatchNorm layers in frozen parts keep their running statistics (stay in eval mode)."""
+    peft: Literal["lora", "dora", "ia3", "prefix", "prompt"] | None = None
+    """Parameter-efficient fine-tuning with Hugging Face peft: only the adapter (and
+    modules_to_save) trains and is checkpointed; the base stays as loaded."""
+    lora_r: int = Field(8, ge=1)
+    """LoRA/DoRA rank."""
+    lora_alpha: float | None = Field(None, gt=0)
+    """LoRA/DoRA scaling alpha (the update is scaled by alpha / r). Default: 2 x lora_r."""
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA/DoRA input."""
+    target_modules: list[str] | str | None = None
+    """Modules that get adapters: names (["q_proj", "v_proj"]), a regex string matched against the
+    full module path, or types (["Linear", "Conv2d"]). Default: every Linear layer but the head."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter. Default: the head (the top group)."""
+    virtual_tokens: int = Field(20, ge=1)
+    """Prefix and prompt tuning: the number of virtual tokens."""
+    adapter: str = "default"
+    """The adapter's name: several adapters can sit over one base (gradwise.finetune.load_adapter)."""
+
+    @field_validator("lr_range")
+    @classmethod
+    def _check_range(cls, lr_range: tuple[float, float] | None) -> tuple[float, float] | None:
+        if lr_range is not None and not 0 < lr_range[0] <= lr_range[1]:
+            raise ValueError(f"[low, high] with 0 < low <= high (not {list(lr_range)})")
+        return lr_range
+
+    @model_validator(mode="after")
+    def _one_unfreezing(self) -> FinetuneSpec:
+        chosen = [
+            k for k in ("head_epochs", "unfreeze_every", "unfreeze_steps") if getattr(self, k)
+        ]
+        if len(chosen) > 1:
+            raise ValueError(f"one of head_epochs, unfreeze_every, unfreeze_steps (not {chosen})")
+        if self.lr_decay and self.lr_range:
+            raise ValueError("one of lr_decay and lr_range (not both)")
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether anything here changes a from-scratch run."""
+        return bool(
+            self.pretrained
+            or self.freeze
+            or self.lr_decay
+            or self.lr_range
+            or self.head_epochs
+            or self.unfreeze_every
+            or self.unfreeze_steps
+            or self.peft
+        )
+
+
 class Recipe(_Section):
     """Every decision of a training run. YAML round-trips; unknown keys are errors."""
 
@@ -257,6 +352,7 @@ class Recipe(_Section):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     doctor: DoctorSpec = Field(default_factory=DoctorSpec)
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
 
     # -- construction -------------------------------------------------------------------------
 

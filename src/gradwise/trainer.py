@@ -40,6 +40,7 @@ from gradwise.augment import mix_batch, soft_targets
 from gradwise.batch import outputs_of, run_model, split_batch
 from gradwise.data.loader import epoch_batches, num_batches
 from gradwise.errors import ConfigError, DataError, GradwiseError, GradwiseWarning
+from gradwise.finetune import settle_batchnorm
 from gradwise.optim import build_optimizer, build_scheduler
 from gradwise.progress import Progress
 from gradwise.recipe import Recipe, load_recipe, override_paths, set_paths
@@ -262,7 +263,16 @@ class Trainer:
         )
         self.mixing = r.train.mixup > 0 or r.train.cutmix > 0
         self.guard = FiniteGuard(self.device, r.train.log_every)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.finetune = a.finetune
+        self.unfreezer = a.finetune.unfreezer if a.finetune is not None else None
+        self.params = self._clipped()
+
+    def _clipped(self) -> list[nn.Parameter]:
+        """The parameters whose gradients are clipped: every trainable one (with gradual
+        unfreezing, every one in the optimizer: a frozen one simply has no gradient yet)."""
+        if self.unfreezer is not None:
+            return [p for g in self.optimizer.param_groups for p in g["params"]]
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed-precision context for forward passes (a no-op in fp32)."""
@@ -292,6 +302,8 @@ class Trainer:
         groups = (
             self._param_groups(self.model) if callable(self._param_groups) else self._param_groups
         )
+        if groups is None and self.assembly.finetune is not None:
+            groups = self.assembly.finetune.optimizer_groups(self.recipe.optim)
         return build_optimizer(self.model, self.recipe.optim, groups, trusted=self.trust)
 
     # == the loop ================================================================================
@@ -356,6 +368,8 @@ class Trainer:
             self.progress.line(f"resuming {self.dir} at step {pos.step}")
         else:
             self.progress.line(self._settings_note())
+            for line in self.finetune.lines() if self.finetune is not None else ():
+                self.progress.line(f"fine-tuning: {line}")
         self._start_doctor()
         state = "failed"
         previous_handlers = self._install_signal_handlers()
@@ -438,8 +452,10 @@ class Trainer:
         """
         r, pos = self.recipe, self.state.position
         k = r.train.accumulate
-        self.model.train()
+        self._train_mode()
         while pos.step < self.total_steps:
+            if self.unfreezer is not None:
+                self._unfreeze()
             window = list(itertools.islice(batches, k))
             if not window:  # before validating, read the guard on accelerators too
                 unseen = self.guard.poll(pos.step, force=True) is not None
@@ -518,6 +534,33 @@ class Trainer:
             self.ema.update_parameters(self.model)
         return fired
 
+    def _train_mode(self) -> None:
+        """Training mode, with the BatchNorm layers of frozen parts kept in eval mode
+        (``finetune.freeze_bn``): their statistics stay those of pre-training."""
+        self.model.train()
+        if self.finetune is not None and self.finetune.spec.freeze_bn:
+            settle_batchnorm(self.model)
+
+    def _unfreeze(self, resumed: bool = False) -> None:
+        """Gradual unfreezing: the layer groups due at this position start training now.
+        Crossing into fastai's second phase halves every rate, once (a resumed optimizer
+        already carries it)."""
+        pos, before = self.state.position, self.unfreezer.stage
+        if self.unfreezer.target(pos.epoch, pos.step) == before and not resumed:
+            return
+        opened = self.unfreezer.apply(pos.epoch, pos.step)
+        if resumed or not opened:
+            self._train_mode()
+            return
+        if self.unfreezer.second_phase(before):
+            scale_lr(self.optimizer, self.scheduler, 0.5)
+        self._train_mode()  # the unfrozen BatchNorm layers learn their statistics again
+        n = len(self.unfreezer.groups)
+        self.progress.line(
+            f"step {pos.step}: unfroze layer group(s) {', '.join(opened)} "
+            f"({self.unfreezer.stage}/{n} groups train)"
+        )
+
     def _epoch_iterator(self) -> Iterator:
         """Batches of the state's epoch after the micro-batches already consumed."""
         s = self.state
@@ -589,7 +632,7 @@ class Trainer:
             "epoch": pos.epoch,
             "step": pos.step,
             "train_loss": train_loss,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self._lr(),
             **results,
             "time_s": time.perf_counter() - self.started,
         }
@@ -629,11 +672,15 @@ class Trainer:
         loss = ((s.loss_sum - s.log_sum) / (s.loss_count - s.log_count).clamp(min=1)).item()
         s.log_sum.copy_(s.loss_sum)
         s.log_count.copy_(s.loss_count)
-        metrics = {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"]}
+        metrics = {"loss": loss, "lr": self._lr()}
         if s.grad_clip is not None:
             metrics["grad_norm"] = float(self.grad_norm)
         self.tracker.log(s.position.step, metrics, split="train", epoch=s.position.epoch)
         self.progress.update(loss=loss, lr=metrics["lr"])
+
+    def _lr(self) -> float:
+        """The learning rate logged: the highest group's (with discriminative rates, the top's)."""
+        return max(float(g["lr"]) for g in self.optimizer.param_groups)
 
     def _save(self, best: bool = False) -> Path:
         s = self.state
@@ -657,6 +704,8 @@ class Trainer:
         )  # fmt: skip
         self.state.load_state_dict(state)
         self._apply_optim_overrides(fresh)
+        if self.unfreezer is not None:
+            self._unfreeze(resumed=True)
         _truncate_metrics(self.dir, self.state.position.step)
 
     def _apply_optim_overrides(self, fresh: list[dict[str, Any]]) -> None:
