@@ -259,7 +259,8 @@ class FinetuneSpec(_Section):
     """true: every key must match. false: load what matches and report missing, unexpected and
     shape-mismatched keys (a head sized for another number of classes starts fresh, and is named)."""
     freeze: list[str] = Field(default_factory=list)
-    """Module paths or globs frozen for the whole run, e.g. ["features.*"] or ["*"]."""
+    """Module paths or globs frozen for the whole run, e.g. ["features.*"], or ["*"] with
+    unfreeze: [head] to train the head alone ("head": the top layer group, whatever its name)."""
     unfreeze: list[str] = Field(default_factory=list)
     """Module paths or globs kept trainable although `freeze` matches them, e.g. ["head.*"]."""
     layer_groups: list[str] | Literal["auto"] = "auto"

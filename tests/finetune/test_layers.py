@@ -124,6 +124,15 @@ def test_frozen_globs_keep_weights_and_batchnorm_statistics(blobs):
     assert not torch.equal(model[1].running_mean, before["1.running_mean"])  # statistics move
     assert torch.equal(model[1].weight, before["1.weight"])
 
+    model = net()
+    gw.Trainer(
+        model, blobs, epochs=1, finetune={"freeze": ["*"], "unfreeze": ["head"]}, **PLAIN
+    ).fit()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["5.weight", "5.bias"]
+    assert not changed(before, model.state_dict(), "3.") and changed(
+        before, model.state_dict(), "5."
+    )
+
     with pytest.raises(gw.ConfigError, match=r"finetune\.freeze: got 'encoder\.\*'"):
         gw.Trainer(net(), blobs, epochs=1, finetune={"freeze": ["encoder.*"]}, **PLAIN).fit()
     with pytest.raises(gw.ConfigError, match=r"finetune\.freeze"):

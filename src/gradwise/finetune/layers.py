@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 
+HEAD = "head"  # in freeze/unfreeze: the top layer group, whatever its modules are called
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
 
@@ -56,6 +57,8 @@ def _set_trainable(model: nn.Module, patterns: list[str], field_name: str, on: b
     if isinstance(patterns, str):
         patterns = [patterns]
     names = [n for n, _ in model.named_parameters()]
+    if HEAD in patterns and not any(matches(n, [HEAD]) for n in names):
+        patterns = [p for p in patterns if p != HEAD] + layer_groups(model)[-1].params
     for pattern in patterns:
         if not any(matches(n, [pattern]) for n in names):
             raise ConfigError(
