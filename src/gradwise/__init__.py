@@ -41,6 +41,9 @@ _EXPORTS: dict[str, str] = {
     "tune": "gradwise.tune",
     "deploy": "gradwise.deploy",
     "export": "gradwise.deploy.export",
+    "finetune": "gradwise.finetune",
+    "load_pretrained": "gradwise.finetune.pretrained",
+    "register_optimizer": "gradwise.optimizers",
 }
 
 __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
@@ -72,6 +75,9 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "tune",
     "deploy",
     "export",
+    "finetune",
+    "load_pretrained",
+    "register_optimizer",
 ]
 
 
@@ -79,7 +85,7 @@ __getattr__, __dir__ = lazy_exports("gradwise", _EXPORTS, globals())
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
-    from gradwise import deploy, nn, tune
+    from gradwise import deploy, finetune, nn, tune
     from gradwise.advisor import Advice
     from gradwise.assemble import Assembly, advise, assemble
     from gradwise.checkpoint import load_checkpoint
@@ -90,6 +96,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from gradwise.doctor.preflight import check
     from gradwise.errors import ConfigError, DataError, GradwiseError
     from gradwise.facts import Facts, facts
+    from gradwise.finetune.pretrained import load_pretrained
     from gradwise.models import MODELS, build_model
+    from gradwise.optimizers import register_optimizer
     from gradwise.recipe import Recipe, load_recipe
     from gradwise.trainer import Run, Trainer

@@ -22,6 +22,16 @@ from gradwise.finetune.layers import (
     unfreeze,
 )
 
+
+def __getattr__(name: str) -> Any:
+    """load_pretrained and KeyReport on first use (they import safetensors and the checkpoints)."""
+    if name in ("load_pretrained", "KeyReport"):
+        from gradwise.finetune import pretrained
+
+        return getattr(pretrained, name)
+    raise AttributeError(f"module 'gradwise.finetune' has no attribute {name!r}")
+
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -29,12 +39,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Finetuning",
+    "KeyReport",
     "LayerGroup",
     "Unfreezer",
     "discriminative_rates",
     "freeze",
     "head_names",
     "layer_groups",
+    "load_pretrained",
     "prepare",
     "settle_batchnorm",
     "unfreeze",
