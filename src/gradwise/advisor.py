@@ -68,6 +68,43 @@ MIN_STEPS = 500  # fewer updates than this and a smaller batch learns more in th
 MEMORY_FRACTION = 0.5  # leave half the memory for activations' peaks and the allocator
 HEAVY_TAIL = 0.01  # regression: > 1% of targets beyond 4 sigma -> Huber loss (Huber 1964)
 
+# fine-tuning (recipe section finetune; facts.finetune is scratch | full | partial | peft)
+FINETUNE_LR_FACTOR = 0.1
+"""Full fine-tuning: a tenth of the from-scratch rate, a rule of thumb. Pretrained weights sit near a
+good solution that large steps destroy: Kornblith et al. 2019 found fine-tuning's best rates below
+training from scratch's, and BERT fine-tunes at 2e-5..5e-5, below its pre-training 1e-4..."""
+FINETUNE_TRANSFORMER_LR = (2e-5, 1e-4)
+"""...and for Transformers the rate stays within AdamW's usual fine-tuning range (BERT: 2e-5, 3e-5,
+5e-5; RoBERTa 1e-5..3e-5; 1e-4 for small models)."""
+LORA_LR = 5e-4
+"""LoRA/DoRA with AdamW at LORA_REF_WIDTH: the adapter starts at zero (B = 0) and holds few
+parameters, so it takes rates 10x full fine-tuning's. Hu et al. 2021 trained RoBERTa-base (d 768)
+at 4e-4..5e-4; QLoRA (Dettmers et al. 2023) LLaMA-7B/13B (d 4096) at 2e-4 and 33B/65B at 1e-4:
+the rate falls about as 1/sqrt(width), within LORA_LR_RANGE. DoRA (Liu et al. 2024) trains at
+LoRA's rates (1e-4..2e-4 on LLaMA)."""
+LORA_REF_WIDTH = 768
+LORA_LR_RANGE = (1e-4, 1e-3)
+PEFT_LR = {
+    "ia3": 3e-3,  # (IA)3 learns only rescaling vectors near 1: T-Few (Liu et al. 2022) used 3e-3
+    "prefix": 1e-2,  # an unprojected prefix at every layer: peft's examples use AdamW 1e-2..3e-2
+    "prompt": 3e-2,  # soft prompt embeddings: peft's examples use AdamW 3e-2 (Lester et al. 2021:
+    # 0.3 with Adafactor, whose steps are relative to the parameter scale)
+}
+LORA_RANKS = [(1_000, 4), (10_000, 8), (100_000, 16), (1_000_000, 32), (math.inf, 64)]
+"""LoRA rank by training samples: small data needs and supports little capacity (Hu et al. 2021: r
+1..8 already matches full fine-tuning of GPT-3 on WikiSQL and MNLI); large data profits from 16..64
+(QLoRA: r 64 on every linear layer). At most a quarter of the layer width, so it stays low rank."""
+FULL_FT_DATA_RATIO = 0.05
+"""Training data per base parameter (tokens for token data, else samples) above which full
+fine-tuning can beat LoRA: Biderman et al. 2024 (LoRA Learns Less and Forgets Less) found the gap
+widening with data, largest for domains far from pre-training (code, mathematics)."""
+FINETUNE_EPOCHS = 3  # Transformers: 2-4 epochs suffice (Devlin et al. 2019)
+FINETUNE_WARMUP = 0.06  # fine-tuning Transformers: 6% (RoBERTa, Liu et al. 2019); BERT 10%
+FINETUNE_WEIGHT_DECAY = 0.01  # BERT's fine-tuning decay (Devlin et al. 2019)
+ULMFIT_DECAY = 2.6  # each layer group's rate is the next higher one's / 2.6 (Howard & Ruder 2018)
+ULMFIT_SPREAD_GROUPS = 4  # ULMFiT's spread: 2.6**4 (~46x) from the top group to the bottom one
+PROMPT_TUNING_SCALE = 1e9  # below this, prompt tuning trails model tuning (Lester et al. 2021)
+
 REFS = {
     "adamw": "Loshchilov & Hutter 2019, Decoupled Weight Decay Regularization, arXiv:1711.05101",
     "sgd": "Sutskever et al. 2013, On the importance of initialization and momentum in deep learning",
@@ -93,6 +130,19 @@ REFS = {
     "masters": "Masters & Luschi 2018, Revisiting Small Batch Training for Deep Neural Networks, arXiv:1804.07612",
     "smith": "Smith 2017, Cyclical Learning Rates for Training Neural Networks (LR range test), arXiv:1506.01186",
     "arora": "Arora, Li & Lyu 2019, Theoretical Analysis of Auto Rate-Tuning by Batch Normalization, arXiv:1812.03981",
+    "devlin": "Devlin et al. 2019, BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding, arXiv:1810.04805 (fine-tuning: Adam 2e-5..5e-5, 2-4 epochs, weight decay 0.01)",
+    "ulmfit": "Howard & Ruder 2018, Universal Language Model Fine-tuning for Text Classification, arXiv:1801.06146 (discriminative rates /2.6 per layer, gradual unfreezing)",
+    "kornblith": "Kornblith, Shlens & Le 2019, Do Better ImageNet Models Transfer Better?, arXiv:1805.08974",
+    "roberta": "Liu et al. 2019, RoBERTa: A Robustly Optimized BERT Pretraining Approach, arXiv:1907.11692 (fine-tuning warmup 6%)",
+    "lora": "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, arXiv:2106.09685",
+    "dora": "Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation, arXiv:2402.09353",
+    "ia3": "Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning ((IA)3, T-Few), arXiv:2205.05638",
+    "qlora": "Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs, arXiv:2305.14314 (adapters on every linear layer)",
+    "prompt": "Lester, Al-Rfou & Constant 2021, The Power of Scale for Parameter-Efficient Prompt Tuning, arXiv:2104.08691 (lr 0.3 with Adafactor)",
+    "prefix": "Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation, arXiv:2101.00190 (an MLP-reparameterised prefix at 5e-5 with AdamW)",
+    "peft": "Hugging Face peft examples: prompt and prefix tuning with AdamW at 1e-2..3e-2, https://github.com/huggingface/peft/tree/main/examples",
+    "biderman": "Biderman et al. 2024, LoRA Learns Less and Forgets Less, arXiv:2405.09673",
+    "sun": "Sun et al. 2019, How to Fine-Tune BERT for Text Classification?, arXiv:1905.05583 (layer-wise decay over 12 layers)",
 }
 
 
@@ -151,6 +201,13 @@ Decision = tuple[Any, str, list[str]] | None  # (value, why, reference keys), or
 
 
 def epochs(c: _Context) -> Decision:
+    if not c.budget_given and _short_finetune(c.f):
+        return (
+            c.epochs,
+            f"fine-tuning a pretrained Transformer ({_mode(c.f)}): {FINETUNE_EPOCHS} epochs "
+            "(2-4 suffice); more overfit small data and wear away what pre-training learned",
+            ["devlin"],
+        )
     return (
         c.epochs,
         f"budget for {c.f.n_samples:,} training samples (the epoch budget you gave or a default by data size)",
@@ -179,6 +236,13 @@ def batch_size(c: _Context) -> Decision:
 
 def optimizer(c: _Context) -> Decision:
     f = c.f
+    if f.finetune == "peft":
+        return (
+            "adamw",
+            f"{_method(f.peft)} adapters: the published PEFT recipes and rates are for Adam-type "
+            "optimizers (AdamW; Adafactor for prompt tuning)",
+            ["adamw", "lora"],
+        )
     if f.architecture == "cnn" and f.n_samples >= SGD_MIN_SAMPLES and c.epochs >= SGD_MIN_EPOCHS:
         return (
             "sgd",
@@ -214,6 +278,67 @@ def momentum(c: _Context) -> Decision:
 
 
 def learning_rate(c: _Context) -> Decision:
+    decision = _scratch_lr(c)
+    f = c.f
+    if f.finetune == "scratch" or decision is None:
+        return decision
+    scratch, why, refs = decision
+    if f.finetune == "peft":
+        return _peft_lr(c, scratch)
+    if f.head_only:
+        return (
+            scratch,
+            "only the head trains, on frozen pretrained features (linear probing): a fresh layer "
+            f"takes the from-scratch rate; {why}",
+            [*refs, "kornblith"],
+        )
+    lr = float(f"{scratch * FINETUNE_LR_FACTOR:.2g}")
+    note = ""
+    refs = ["kornblith", "devlin" if f.architecture == "transformer" else "goyal"]
+    if f.architecture == "transformer" and c.chosen["optim.name"] != "sgd":
+        low, high = FINETUNE_TRANSFORMER_LR
+        if not low <= lr <= high:
+            lr = min(max(lr, low), high)
+            note = f", kept within AdamW's fine-tuning range {low:g}..{high:g}"
+    what = "the top layer group's rate (lower groups: finetune.lr_decay)" if f.unfreezing else ""
+    return (
+        lr,
+        f"fine-tuning pretrained weights ({_mode(f)}): a tenth of the from-scratch {scratch:g}"
+        f"{note}; large steps destroy the pretrained features" + (f"; {what}" if what else ""),
+        refs,
+    )
+
+
+def _peft_lr(c: _Context, scratch: float) -> Decision:
+    f, method = c.f, c.f.peft or "lora"
+    if method in PEFT_LR:
+        lr = PEFT_LR[method]
+        why = {
+            "ia3": "(IA)3 learns only rescaling vectors that start at 1: T-Few trained them at 3e-3",
+            "prefix": "a prefix of virtual keys and values at every layer, optimised directly "
+            "(peft has no reparameterisation MLP by default): AdamW 1e-2 as peft's examples "
+            "(1e-2..3e-2); Li & Liang's 5e-5 was for a prefix reparameterised through an MLP",
+            "prompt": "soft prompt embeddings are the only trainable weights: AdamW 3e-2 as peft's "
+            "examples; Lester et al. used 0.3 with Adafactor, whose steps scale with the weights",
+        }[method]
+        refs = {"ia3": ["ia3"], "prefix": ["prefix", "peft"], "prompt": ["prompt", "peft"]}[method]
+        return lr, f"{why}; never the from-scratch {scratch:g}", refs
+    width = f.width or LORA_REF_WIDTH
+    low, high = LORA_LR_RANGE
+    lr = float(f"{min(max(LORA_LR * math.sqrt(LORA_REF_WIDTH / width), low), high):.2g}")
+    refs = ["lora", "qlora"] + (["dora"] if method == "dora" else [])
+    return (
+        lr,
+        f"{_method(method)} adapters with AdamW: {LORA_LR:g} at width {LORA_REF_WIDTH}, scaled by "
+        f"1/sqrt(width) to {width} within {low:g}..{high:g}; the adapters start at zero and hold "
+        f"few parameters, so they take about 10x full fine-tuning's rate, never the from-scratch "
+        f"{scratch:g}",
+        refs,
+    )
+
+
+def _scratch_lr(c: _Context) -> Decision:
+    """The rate for training this model from scratch (the fine-tuning rates derive from it)."""
     batch = c.chosen["data.batch_size"]
     if c.chosen["optim.name"] == "sgd":
         lr = SGD_LR_PER_256 * batch / 256
@@ -247,6 +372,19 @@ def learning_rate(c: _Context) -> Decision:
 
 
 def weight_decay(c: _Context) -> Decision:
+    if c.f.finetune == "peft":
+        return (
+            0.0,
+            f"{_method(c.f.peft)} adapters start at the pretrained function and hold few parameters: "
+            "decay would only pull the update back to zero (QLoRA used none)",
+            ["qlora"],
+        )
+    if c.f.finetune in ("full", "partial") and c.f.architecture == "transformer":
+        return (
+            FINETUNE_WEIGHT_DECAY,
+            "fine-tuning a pretrained Transformer: BERT's 0.01, never on norms, biases or embeddings",
+            ["devlin", "adamw"],
+        )
     if c.epochs <= FEW_EPOCHS:
         return (
             WEIGHT_DECAY["few_epochs"],
@@ -283,6 +421,13 @@ def schedule(c: _Context) -> Decision:
 
 
 def warmup(c: _Context) -> Decision:
+    if c.f.finetune != "scratch" and c.f.architecture == "transformer":
+        return (
+            FINETUNE_WARMUP,
+            "fine-tuning a pretrained Transformer: 6% warmup (RoBERTa; BERT used 10%) lets Adam's "
+            "moments settle before full-size steps reach the pretrained weights",
+            ["roberta", "devlin"],
+        )
     fraction = WARMUP.get(c.f.architecture, WARMUP["default"])
     why = {
         True: "Transformers: a longer warmup keeps Adam's early, poorly estimated moments from taking huge steps in attention layers",
@@ -466,6 +611,130 @@ def num_workers(c: _Context) -> Decision:
     )
 
 
+def peft_note(c: _Context) -> Decision:
+    """Your PEFT method, kept, with a note where full fine-tuning can do better (never a switch)."""
+    f = c.f
+    if not f.peft_in_recipe or not f.peft:
+        return None
+    method = _method(f.peft)
+    base = max(f.base_params, 1)
+    tokens = f.modality == "tokens"
+    amount = f.n_samples * (math.prod(f.input_shape) if tokens and f.input_shape else 1)
+    unit = "tokens" if tokens else "samples"
+    ratio = amount / base
+    share = f"{f.trainable_params:,} of {f.params:,} parameters train"
+    if ratio >= FULL_FT_DATA_RATIO:
+        return (
+            f.peft,
+            f"your choice, kept; note: {amount:,} training {unit} for {base:,} base parameters "
+            f"({ratio:.2g} per parameter) is a lot of data for this model: full fine-tuning "
+            f"(finetune.peft: null) can beat {method} here, the more so when the target domain is "
+            f"far from the pretraining data; {method} uses less memory and forgets less ({share})",
+            ["biderman", "lora"],
+        )
+    if f.peft in ("prefix", "prompt") and base < PROMPT_TUNING_SCALE:
+        return (
+            f.peft,
+            f"your choice, kept; note: on a model of {base:,} parameters {method} usually trails "
+            f"LoRA and full fine-tuning (the gap closes only near 10B parameters) ({share})",
+            ["prompt", "prefix"],
+        )
+    return (
+        f.peft,
+        f"your choice: {amount:,} training {unit} for {base:,} base parameters is little data "
+        f"for this model, where {method} matches full fine-tuning and forgets less ({share})",
+        ["lora", "biderman"],
+    )
+
+
+def target_modules(c: _Context) -> Decision:
+    f = c.f
+    if not f.peft_in_recipe or f.peft not in ("lora", "dora"):
+        return None
+    if f.target_modules is not None:
+        return (
+            f.target_modules,
+            "your choice, kept; note: unless these are all the linear layers, QLoRA found that "
+            "adapting every linear layer (target_modules: null, gradwise's default) is what "
+            "matches full fine-tuning; the query and value projections alone fall short",
+            ["qlora"],
+        )
+    return (
+        None,
+        "every Linear layer but the head (gradwise's default): QLoRA found adapters on all linear "
+        "layers needed to match full fine-tuning, where LoRA's original query and value "
+        "projections alone fall short",
+        ["qlora", "lora"],
+    )
+
+
+def lora_rank(c: _Context) -> Decision:
+    f = c.f
+    if not f.peft_in_recipe or f.peft not in ("lora", "dora"):
+        return None
+    rank = next(r for limit, r in LORA_RANKS if f.n_samples < limit)
+    size = "little data needs little capacity" if rank <= 8 else "more data profits from capacity"
+    why = f"{f.n_samples:,} training samples: rank {rank} ({size}); lora_alpha defaults to 2 x rank"
+    cap = max(1, (f.width or 0) // 4)
+    if f.width and rank > cap:
+        rank = cap
+        why = f"{f.n_samples:,} training samples, capped at a quarter of the width {f.width}: rank {rank}"
+    return rank, why, ["lora", "qlora"]
+
+
+def lr_decay(c: _Context) -> Decision:
+    f = c.f
+    if f.finetune != "partial" or not f.unfreezing or f.lr_groups == "lr_range":
+        return None
+    groups = f.layer_groups or ULMFIT_SPREAD_GROUPS + 1
+    if groups - 1 <= ULMFIT_SPREAD_GROUPS:
+        return (
+            ULMFIT_DECAY,
+            f"gradual unfreezing over {groups} layer groups: each group trains at the rate of the "
+            f"one above / 2.6, so the general lower layers move least (ULMFiT)",
+            ["ulmfit"],
+        )
+    decay = round(ULMFIT_DECAY ** (ULMFIT_SPREAD_GROUPS / (groups - 1)), 2)
+    return (
+        decay,
+        f"gradual unfreezing over {groups} layer groups: /{decay:g} per group keeps ULMFiT's spread "
+        f"of 2.6^{ULMFIT_SPREAD_GROUPS} (~{ULMFIT_DECAY**ULMFIT_SPREAD_GROUPS:.0f}x) from the head to "
+        f"the bottom; 2.6 per group would leave the bottom at 1/{ULMFIT_DECAY ** (groups - 1):.2g} "
+        "of the head's rate",
+        ["ulmfit", "sun"],
+    )
+
+
+def _short_finetune(f: Facts) -> bool:
+    """Fine-tuning a Transformer that needs only a few epochs (not prompt/prefix tuning, which
+    learn slowly, nor gradual unfreezing, which needs an epoch per layer group)."""
+    return (
+        f.finetune != "scratch"
+        and f.architecture == "transformer"
+        and f.peft not in ("prefix", "prompt")
+        and f.unfreezing is None
+    )
+
+
+def _mode(f: Facts) -> str:
+    return {
+        "full": "every parameter trains",
+        "partial": f"{f.trainable_params:,} of {f.params:,} parameters train now",
+        "peft": f"{_method(f.peft)} adapters",
+    }.get(f.finetune, f.finetune)
+
+
+def _method(peft: str | None) -> str:
+    names = {
+        "lora": "LoRA",
+        "dora": "DoRA",
+        "ia3": "(IA)3",
+        "prefix": "prefix tuning",
+        "prompt": "prompt tuning",
+    }
+    return names.get(peft or "", str(peft))
+
+
 Rule = tuple[str, Callable[[_Context], Decision]]
 # The table: settings in the order they are decided (later ones may read earlier choices).
 RULES: list[Rule] = [
@@ -491,10 +760,17 @@ RULES: list[Rule] = [
     ("train.ema_decay", ema),
     ("early_stopping.patience", early_stopping),
     ("data.num_workers", num_workers),
+    ("finetune.peft", peft_note),
+    ("finetune.target_modules", target_modules),
+    ("finetune.lora_r", lora_rank),
+    ("finetune.lr_decay", lr_decay),
 ]
 
 
-def default_epochs(n_samples: int) -> int:
+def default_epochs(n_samples: int, facts: Facts | None = None) -> int:
+    """The epoch budget by data size; a few epochs when fine-tuning a Transformer (``facts``)."""
+    if facts is not None and _short_finetune(facts):
+        return FINETUNE_EPOCHS
     return next(e for limit, e in EPOCHS if n_samples < limit)
 
 
@@ -503,7 +779,10 @@ def decide(
 ) -> list[Advice]:
     """Run the table on the facts."""
     context = _Context(
-        facts, epochs or default_epochs(facts.n_samples), zoo_kwargs=zoo_kwargs or set()
+        facts,
+        epochs or default_epochs(facts.n_samples, facts),
+        budget_given=bool(epochs),
+        zoo_kwargs=zoo_kwargs or set(),
     )
     advice = []
     for setting, rule in RULES:

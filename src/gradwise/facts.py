@@ -3,6 +3,9 @@
     f = gradwise.facts(model, train_data)
     f.architecture, f.params, f.modality, f.n_samples, f.num_classes, f.imbalance, f.bf16
 
+    f = gradwise.facts(model, train_data, finetune=recipe.finetune)  # after loading and wrapping
+    f.finetune, f.peft, f.trainable_params, f.adapter_params, f.head_only, f.layer_groups
+
 The advisor decides from these facts only, so every piece of advice can cite the fact behind it.
 """
 
@@ -13,7 +16,7 @@ import math
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,7 +24,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from gradwise._lazy import callable_as_namesake
 from gradwise.data.bundle import DataInfo
-from gradwise.errors import DataError
+from gradwise.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from gradwise.recipe import FinetuneSpec
 
 NORMS = {
     "batchnorm": nn.modules.batchnorm._BatchNorm,
@@ -72,16 +78,40 @@ class Facts:
     bf16: bool
     memory_gb: float | None  # available memory for training (GPU memory on CUDA, RAM otherwise)
     cpu_count: int
+    # fine-tuning (the recipe's finetune section, measured after loading, wrapping and freezing)
+    finetune: str = "scratch"  # scratch | full | partial (frozen parts, unfreezing) | peft
+    peft: str | None = None  # lora | dora | ia3 | prefix | prompt: chosen, or adapters found
+    peft_in_recipe: bool = False  # finetune.peft chose it (else: a model you wrapped yourself)
+    adapter_params: int = 0  # parameters of the PEFT adapters (not counting modules_to_save)
+    head_only: bool = False  # partial, and only the head trains for the whole run
+    layer_groups: int | None = None  # layer groups bottom to top (discriminative rates)
+    unfreezing: str | None = None  # gradual (unfreeze_every/_steps) | head_first (head_epochs)
+    lr_groups: str | None = None  # the user's discriminative rates: lr_decay | lr_range
+    target_modules: list[str] | str | None = None  # the user's PEFT target modules (None: default)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def base_params(self) -> int:
+        """Parameters of the model without its PEFT adapters."""
+        return self.params - self.adapter_params
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def facts(
-    model: nn.Module, train_data: Any, task: str | None = None, info: DataInfo | None = None
+    model: nn.Module,
+    train_data: Any,
+    task: str | None = None,
+    info: DataInfo | None = None,
+    *,
+    finetune: FinetuneSpec | None = None,
 ) -> Facts:
-    """Probe ``model`` and ``train_data`` (Dataset, DataLoader or (X, y)) without training."""
+    """Probe ``model`` and ``train_data`` (Dataset, DataLoader or (X, y)) without training.
+
+    finetune: the recipe's fine-tuning section; measure after the pretrained weights are loaded,
+    adapters added and parts frozen, so the trainable-parameter counts are the real ones.
+    """
     from gradwise.data import as_dataset, describe
     from gradwise.tasks import resolve_kind
 
@@ -92,9 +122,12 @@ def facts(
     x, y = _sample(dataset)
     counts = _class_counts(y, kind, info.num_classes)
     device, bf16, memory = _hardware()
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tuning = _finetune_facts(model, finetune, params, trainable)
     return Facts(
-        params=sum(p.numel() for p in model.parameters()),
-        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        params=params,
+        trainable_params=trainable,
         depth=kinds.get("linear", 0) + kinds.get("conv", 0) + kinds.get("recurrent", 0),
         kinds=kinds,
         activations=activations,
@@ -113,6 +146,7 @@ def facts(
         bf16=bf16,
         memory_gb=memory,
         cpu_count=os.cpu_count() or 1,
+        **tuning,
         notes=list(info.notes),
     )
 
@@ -120,6 +154,121 @@ def facts(
 def class_counts(dataset: Dataset, kind: str, num_classes: int | None) -> list[int] | None:
     """Samples per class (positives per label for multilabel); from a sample of large generic sets."""
     return _class_counts(_sample(dataset)[1], kind, num_classes)
+
+
+# -- fine-tuning --------------------------------------------------------------------------------
+
+PEFT_TYPES = {  # peft's PeftType values -> gradwise's finetune.peft names
+    "LORA": "lora",
+    "IA3": "ia3",
+    "PREFIX_TUNING": "prefix",
+    "PROMPT_TUNING": "prompt",
+    "P_TUNING": "prompt",
+}
+
+
+def _finetune_facts(
+    model: nn.Module, spec: FinetuneSpec | None, params: int, trainable: int
+) -> dict[str, Any]:
+    """The fine-tuning fields of :class:`Facts`: what the user chose, and what the model shows."""
+    found, adapter_params = adapters(model)
+    active = spec is not None and spec.active
+    method = (spec.peft if spec is not None else None) or found
+    unfreezing = None
+    if active and (spec.unfreeze_every or spec.unfreeze_steps):
+        unfreezing = "gradual"
+    elif active and spec.head_epochs:
+        unfreezing = "head_first"
+    if method:
+        mode = "peft"
+    elif not active:
+        mode = "scratch"  # never invent a pretrained start the user did not declare
+    elif trainable < params or unfreezing:
+        mode = "partial"
+    else:
+        mode = "full"
+    lr_groups = None
+    if active and spec.lr_decay:
+        lr_groups = "lr_decay"
+    elif active and spec.lr_range:
+        lr_groups = "lr_range"
+    groups = None
+    if mode in ("full", "partial"):
+        groups = _layer_groups(model, spec.layer_groups)
+    return {
+        "finetune": mode,
+        "peft": method,
+        "peft_in_recipe": bool(spec is not None and spec.peft),
+        "adapter_params": adapter_params,
+        "head_only": mode == "partial" and not unfreezing and _trains_head_only(model),
+        "layer_groups": groups,
+        "unfreezing": unfreezing,
+        "lr_groups": lr_groups,
+        "target_modules": spec.target_modules if spec is not None and method else None,
+    }
+
+
+def adapters(model: nn.Module) -> tuple[str | None, int]:
+    """(the PEFT method of the adapters in ``model`` or None, their parameter count).
+
+    Reads Hugging Face peft's own structures without importing peft: ``peft_config`` on a
+    PeftModel, and the ``adapter_layer_names`` of its tuner layers (a head kept trainable through
+    ``modules_to_save`` is a full copy, not an adapter, and is not counted).
+    """
+    method = None
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict) and configs:
+        config = configs.get(getattr(model, "active_adapter", None)) or next(iter(configs.values()))
+        kind = getattr(config, "peft_type", None)
+        kind = str(getattr(kind, "value", kind) or "")
+        method = PEFT_TYPES.get(kind, kind.lower() or None)
+        if method == "lora" and getattr(config, "use_dora", False):
+            method = "dora"
+    seen: set[int] = set()
+    count = 0
+    for module in model.modules():
+        names = getattr(module, "adapter_layer_names", None)
+        if not isinstance(names, (tuple, list)) or "modules_to_save" in names:
+            continue
+        for attr in set(names):
+            holder = getattr(module, attr, None)
+            if isinstance(holder, (nn.Module, nn.ParameterDict)):
+                for p in holder.parameters():
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        count += p.numel()
+    prompts = getattr(model, "prompt_encoder", None)
+    if isinstance(prompts, nn.Module):
+        for p in prompts.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                count += p.numel()
+    if method is None and count:
+        method = "lora"  # tuner layers without a PeftModel around them (inject_adapter_in_model)
+        kinds = {type(m).__module__ for m in model.modules() if hasattr(m, "adapter_layer_names")}
+        if any(".ia3" in k for k in kinds):
+            method = "ia3"
+    return method, count
+
+
+def _trains_head_only(model: nn.Module) -> bool:
+    """Whether every trainable parameter lies in the head (the top layer group)."""
+    from gradwise.finetune.layers import head_names, matches
+
+    head = head_names(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    return bool(head and trainable) and all(matches(n, head) for n in trainable)
+
+
+def _layer_groups(model: nn.Module, spec: list[str] | str) -> int | None:
+    """How many layer groups finetune.layer_groups makes of the model (None: the globs do not
+    fit it, which the fine-tuning set-up reports)."""
+    from gradwise.finetune.layers import layer_groups
+
+    try:
+        return len(layer_groups(model, spec))
+    except ConfigError:
+        return None
 
 
 def _width(model: nn.Module) -> int | None:

@@ -461,6 +461,107 @@ def labels_shuffled() -> Doctor:
     return _train(_mlp(64, 10, hidden=16, depth=1), x, y, F.cross_entropy, steps=400, lr=1e-3)
 
 
+# -- fine-tuning: a "pretrained" backbone, then adapted -------------------------------------------
+
+
+class _Backbone(nn.Module):
+    """An MLP with a BatchNorm backbone and a head; ``keep_bn_eval`` keeps frozen BatchNorm
+    layers in eval mode whenever the model is put in training mode (finetune.freeze_bn)."""
+
+    def __init__(self, outputs: int = 4, keep_bn_eval: bool = False) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(
+            nn.Linear(20, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU()
+        )
+        self.head = nn.Linear(64, outputs)
+        self.keep_bn_eval = keep_bn_eval
+
+    def train(self, mode: bool = True) -> _Backbone:
+        super().train(mode)
+        if mode and self.keep_bn_eval:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.BatchNorm1d) and not m.weight.requires_grad:
+                    m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def pretrained_backbone(
+    outputs: int = 4, keep_bn_eval: bool = False, steps: int = 150
+) -> tuple[_Backbone, tuple[torch.Tensor, ...]]:
+    """A small model trained on blob classification (the "original task"), and that task's data
+    (x, y, x_val, y_val)."""
+    x, y = _blobs(2400)
+    torch.manual_seed(0)
+    model = _Backbone(4, keep_bn_eval)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, 2000, (64,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    if outputs != 4:
+        model.head = nn.Linear(64, outputs)  # a new head for the new task
+    return model, (x[:2000], y[:2000], x[2000:], y[2000:])
+
+
+@case(
+    "healthy-finetune-frozen-backbone",
+    None,
+    "pretrained backbone frozen on purpose (BatchNorm kept in eval), a new 2-class head trains",
+)
+def healthy_finetune() -> Doctor:
+    model, (x, y, xv, yv) = pretrained_backbone(outputs=2, keep_bn_eval=True)
+    model.backbone.requires_grad_(False)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return _train(
+        model, x, y // 2, F.cross_entropy, steps=150, params=trainable, val=(xv, yv // 2),
+        frozen_on_purpose=frozen,
+    )  # fmt: skip
+
+
+@case("GW208-head-frozen", "GW208", "the new head was frozen together with the backbone")
+def head_frozen() -> Doctor:
+    model, (x, y, _, _) = pretrained_backbone(outputs=2)
+    model.backbone[2:].requires_grad_(False)  # meant: freeze the backbone's top...
+    model.head.requires_grad_(False)  # ...and by mistake the head as well
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return _train(model, x, y // 2, F.cross_entropy, steps=30, params=trainable)
+
+
+@case(
+    "GW209-frozen-bn-train-mode",
+    "GW209",
+    "a frozen backbone's BatchNorm left in training mode: its running statistics drift",
+)
+def frozen_bn_train_mode() -> Doctor:
+    model, (x, y, _, _) = pretrained_backbone(outputs=2, keep_bn_eval=False)
+    model.backbone.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    shifted = x * 1.5 + 0.5  # the new domain: the batches' statistics differ from pre-training
+    return _train(model, shifted, y // 2, F.cross_entropy, steps=45, params=trainable)
+
+
+@case(
+    "GW403-forgetting",
+    "GW403",
+    "fine-tuned at a high rate on the same inputs with the labels remapped; a probe set of the "
+    "original task watches",
+)
+def forgetting() -> Doctor:
+    model, (x, y, xv, yv) = pretrained_backbone()
+    remapped = (y + 1) % 4
+    return _train(
+        model, x, remapped, F.cross_entropy, steps=150, lr=3e-3, val=(xv, (yv + 1) % 4),
+        eval_every=50, probe=(xv, yv),
+    )  # fmt: skip
+
+
 # -- faulty recipes that doctor.mode: repair fixes (benchmarks/doctor_repair.py, tests) ---------
 
 

@@ -11,34 +11,45 @@
     doctor.validate(loss=val_loss, metric=val_acc)
     doctor.findings
 
+Fine-tuning: ``Doctor(model, optimizer, frozen_on_purpose=names, probe=(x_old, y_old))`` also
+checks for parameters frozen by mistake (GW208), frozen BatchNorm layers whose statistics drift
+(GW209) and the loss on a probe set from the original task at every validate() (GW403).
+
 Hooks collect cheap signals; the expensive ones (per-layer gradient and weight norms, activation
-statistics) only every ``sample_every`` steps. Rules are pure functions over those signals.
+statistics) only every ``sample_every`` steps. Rules are pure functions over those signals. The
+Doctor never raises into the training loop: a check that fails is switched off with a warning.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import sys
+import warnings
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gradwise.doctor import rules as _rules  # noqa: F401  (registers every rule)
 from gradwise.doctor.findings import RULES, Finding, check_codes, sort_findings
 from gradwise.doctor.rules import data as data_rules
 from gradwise.doctor.rules import model as model_rules
-from gradwise.doctor.rules.generalisation import overfitting, underfitting
+from gradwise.doctor.rules.generalisation import forgetting, overfitting, underfitting
 from gradwise.doctor.rules.setup import (
     NO_GRAD_STEPS,
     eval_in_train_mode,
+    frozen_batchnorm_drift,
+    frozen_by_mistake,
     params_without_gradients,
     stale_gradients,
 )
 from gradwise.doctor.signals import Activation, Series, Signals
+from gradwise.errors import ConfigError, GradwiseWarning
 
 WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # outputs whose scale GW204 follows
 RECTIFIERS = (nn.ReLU, nn.ReLU6)  # units that can die (GW304)
@@ -57,6 +68,16 @@ IMBALANCE_BATCHES = 20  # steps whose targets are pooled before judging class ba
 DEAD_WINDOW = 5  # sampled batches over which a ReLU unit must stay silent to count as dead
 SATURATION_MARGIN = 0.01  # within 1% of the bounds counts as saturated
 PROBE_SAMPLE = 4096  # entries per tensor that estimate its norm and update-to-weight ratio
+PROBE_CHUNK = 64  # rows per batch when the forgetting probe is given as tensors (GW403)
+PROBE_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "cross_entropy": F.cross_entropy,
+    "nll": F.nll_loss,
+    "bce_logits": lambda out, y: F.binary_cross_entropy_with_logits(out, y.to(out.dtype)),
+    "bce": lambda out, y: F.binary_cross_entropy(out, y.to(out.dtype)),
+    "mse": lambda out, y: F.mse_loss(out, y.to(out.dtype)),
+    "l1": lambda out, y: F.l1_loss(out, y.to(out.dtype)),
+    "huber": lambda out, y: F.huber_loss(out, y.to(out.dtype)),
+}  # the probe's loss by loss kind, when no loss function is given
 
 
 class Doctor:
@@ -71,6 +92,13 @@ class Doctor:
     on_finding: called with each new Finding (default: print one line to stderr; None: silent).
     loss_scaling: gradients come from an fp16 GradScaler, which skips the occasional step with
         overflowing gradients by design; only a non-finite loss then counts as GW301.
+    frozen_on_purpose: parameter names (or module paths, or globs) frozen on purpose, e.g. by the
+        recipe's finetune section; frozen parameters outside them are GW208. None: unknown, and
+        only the certain cases are reported (nothing trainable, the output layer frozen).
+    probe: a probe set from the original task, ``(inputs, targets)`` tensors, a mapping batch or
+        a DataLoader: its loss (``loss_fn``, else the loss of the task's kind, else the model's
+        own) is measured before the first update and at every ``validate()``; a clear rise is
+        GW403 catastrophic forgetting.
     """
 
     def __init__(
@@ -85,10 +113,17 @@ class Doctor:
         accumulation_steps: int = 1,
         on_finding: Callable[[Finding], None] | str | None = "print",
         loss_scaling: bool = False,
+        frozen_on_purpose: Iterable[str] | None = None,
+        probe: Any = None,
     ) -> None:
         if sample_every < 1:
             raise ValueError("sample_every must be >= 1")
         self.model, self.optimizer, self.task = model, optimizer, task
+        self.loss_fn = loss_fn
+        if isinstance(frozen_on_purpose, str):
+            frozen_on_purpose = [frozen_on_purpose]
+        self.frozen_on_purpose = None if frozen_on_purpose is None else set(frozen_on_purpose)
+        self.probe = _check_probe(probe)
         self.ignore = set(check_codes(ignore))
         self.sample_every, self.accumulation_steps = sample_every, accumulation_steps
         self.on_finding = _print_finding if on_finding == "print" else on_finding
@@ -112,11 +147,19 @@ class Doctor:
         self._targets_seen: list[torch.Tensor] = []
         self._train_losses_since_val: list[float] = []
         self._closed = False
+        self._ran: dict[str, None] = {}  # modules owning parameters, in the order they finished
+        self._bn_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
         self._layers = _layers(model)
         self._all_params = [p for params in self._layers.values() for p in params]
         self._names = {id(p): n for n, p in model.named_parameters()}
+        self._owners = {
+            n for n, m in model.named_modules() if n and any(True for _ in m.parameters(False))
+        }
+        self._trainable = self._trainability()
         self._attach()
+        if not any(self._trainable):  # backward() would fail before the first step
+            self._guarded("GW208", lambda: self._check_frozen(0))
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -151,10 +194,14 @@ class Doctor:
             self._pool_targets(step, targets, outputs)
         if self._snapshot is not None:  # the optimizer step after the last sample has happened
             self._update_ratios(step)
+        if step == 0 and self.probe is not None and not len(s.probe_loss):
+            self._measure_probe(step)  # the original task's loss before any update
         if self._armed_for(step):
             self.signals.new_values = len(self._pending_loss)
             self._flush_loss(step)
+            self._guarded("GW208", lambda: self._watch_trainability(step))
             self._sample_gradients(step)
+            self._guarded("GW209", lambda: self._check_batchnorm(step))
             self._run_live_rules(step)
         elif loss.device.type == "cpu" and not bool(torch.isfinite(loss).all()):
             self._check_finite(step)  # free on the CPU: report GW301 at the step it appears
@@ -178,6 +225,8 @@ class Doctor:
         before = set(self._findings)
         self._apply("GW401", overfitting(self.signals))
         self._apply("GW402", underfitting(self.signals))
+        if self.probe is not None and self._measure_probe(self.signals.step):
+            self._apply("GW403", forgetting(self.signals))
         return [self._findings[c] for c in self._findings if c not in before]
 
     def check_finite(self) -> list[Finding]:
@@ -258,7 +307,11 @@ class Doctor:
     def _attach(self) -> None:
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
         for name, module in self.model.named_modules():
-            if isinstance(module, (*WEIGHTED, *ACTIVATIONS)) or name in self._layers:
+            if (
+                isinstance(module, (*WEIGHTED, *ACTIVATIONS))
+                or name in self._layers
+                or name in self._owners
+            ):
                 self._handles.append(
                     module.register_forward_hook(self._make_forward_hook(name, module))
                 )
@@ -280,7 +333,12 @@ class Doctor:
         s = self.signals
 
         def hook(mod: nn.Module, args: Any, out: Any) -> None:
-            if not self._armed or not isinstance(out, torch.Tensor) or not torch.is_grad_enabled():
+            if not self._armed or not torch.is_grad_enabled():
+                return
+            if s.step == 0 and name in self._owners:  # the output layer finishes last (GW208)
+                self._ran.pop(name, None)
+                self._ran[name] = None
+            if not isinstance(out, torch.Tensor):
                 return
             if name in self._layers and name not in self._order:
                 self._order.append(name)
@@ -358,8 +416,9 @@ class Doctor:
         owners = [
             (name, p) for name, params in self._layers.items() for p in params if p.grad is not None
         ]
-        for name, p in owners:
-            self._got_grad.add(self._names.get(id(p), name))
+        for name, p in self.model.named_parameters():  # also those unfrozen since the start
+            if p.grad is not None:
+                self._got_grad.add(name)
         if owners:
             grads = _norms([self._probe(p.grad, p) for _, p in owners])
             weights = _norms([self._probe(p) for _, p in owners])
@@ -449,6 +508,7 @@ class Doctor:
                 "GW204", model_rules.poor_initialisation(self.signals.init_activation_stds), step
             )
             self._check_optimizer(step)
+            self._guarded("GW208", lambda: self._check_frozen(step))
 
     def _pool_targets(self, step: int, targets: torch.Tensor, outputs: Any) -> None:
         """GW103 needs more than one batch: a single batch is imbalanced by chance."""
@@ -474,7 +534,7 @@ class Doctor:
             for n, p in self.model.named_parameters()
             if p.requires_grad and id(p) not in in_optimizer
         ]
-        self._apply("GW207", params_without_gradients([], missing, len(self._names)), step)
+        self._apply("GW207", params_without_gradients([], missing, len(self._names), True), step)
 
     def _check_finite(self, step: int) -> None:
         self._flush_loss(step)
@@ -490,7 +550,166 @@ class Doctor:
         if step >= NO_GRAD_STEPS:
             trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
             never = [n for n in trainable if n not in self._got_grad]
-            self._apply("GW207", params_without_gradients(never, [], len(trainable)), step)
+            known = self.optimizer is not None
+            self._apply("GW207", params_without_gradients(never, [], len(trainable), known), step)
+
+    # -- fine-tuning: frozen parts, frozen BatchNorm, the original task ----------------------------
+
+    def _trainability(self) -> tuple[bool, ...]:
+        return tuple(p.requires_grad for p in self.model.parameters())
+
+    def _watch_trainability(self, step: int) -> None:
+        """When parameters were frozen or unfrozen since the last sample: follow the new trainable
+        set, judge the per-step signals afresh, and check the optimizer and the frozen parts."""
+        now = self._trainability()
+        if now == self._trainable:
+            return
+        self._trainable = now
+        self._layers = _layers(self.model)
+        self._all_params = [p for params in self._layers.values() for p in params]
+        self._order = []  # rebuilt in forward order at the next sampled forward pass
+        self.rebaseline()  # the global gradient norm now covers other parameters
+        self._check_optimizer(step)
+        self._check_frozen(step)
+
+    def _check_frozen(self, step: int) -> None:
+        """GW208: nothing trainable, the output layer frozen, or frozen parts not declared."""
+        if "GW208" in self.ignore:
+            return
+        named = list(self.model.named_parameters())
+        total = sum(p.numel() for _, p in named)
+        trainable = sum(p.numel() for _, p in named if p.requires_grad)
+        declared = self.frozen_on_purpose
+        undeclared = []
+        if declared is not None:
+            undeclared = [n for n, p in named if not p.requires_grad and not _covered(n, declared)]
+        output, modules = self._output_layer(), dict(self.model.named_modules())
+        frozen_output = None
+        params = list(modules[output].parameters(False)) if output in modules else []
+        if trainable and params and not any(p.requires_grad for p in params):
+            names = [self._names.get(id(p), output) for p in params]
+            if declared is None:
+                from gradwise.facts import adapters
+
+                if not adapters(self.model)[1]:  # an adapter's frozen head is by design
+                    frozen_output = output
+            elif not all(_covered(n, declared) for n in names):
+                frozen_output = output
+        self._apply("GW208", frozen_by_mistake(total, trainable, frozen_output, undeclared), step)
+
+    def _output_layer(self) -> str | None:
+        """The module with parameters that finished last in the first forward pass (without one
+        seen: the last such module registered)."""
+        if self._ran:
+            return next(reversed(self._ran))
+        owners = [n for n, _ in self.model.named_modules() if n in self._owners]
+        return owners[-1] if owners else None
+
+    def _check_batchnorm(self, step: int) -> None:
+        """GW209: running statistics of BatchNorm layers with frozen weights, against the last
+        sample: the mean's shift in standard deviations and the variance's relative change (root
+        mean square over channels)."""
+        if "GW209" in self.ignore:
+            return
+        current: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, m in self.model.named_modules():
+            if not isinstance(m, nn.modules.batchnorm._BatchNorm) or m.running_mean is None:
+                continue
+            params = list(m.parameters(False))
+            if params and not any(p.requires_grad for p in params):
+                current[name] = (m.running_mean.detach().clone(), m.running_var.detach().clone())
+        pairs = [(n, self._bn_stats[n], current[n]) for n in current if n in self._bn_stats]
+        self._bn_stats = current
+        if not pairs:
+            return
+        drifts = []
+        for _, (mean0, var0), (mean1, var1) in pairs:
+            scale = var0.float() + 1e-5
+            shift = ((mean1.float() - mean0.float()) ** 2 / scale).mean().sqrt()
+            spread = ((var1.float() - var0.float()) / scale).pow(2).mean().sqrt()
+            drifts.append(torch.maximum(shift, spread).cpu())
+        values = torch.stack(drifts).tolist()
+        drift = {name: v for (name, _, _), v in zip(pairs, values, strict=True)}
+        self._apply("GW209", frozen_batchnorm_drift(drift), step)
+
+    def _measure_probe(self, step: int) -> bool:
+        """The loss on the probe set, appended to ``signals.probe_loss``; False when the probe
+        is off (GW403 ignored, or a failure switched it off with a warning)."""
+        if "GW403" in self.ignore or self.probe is None:
+            return False
+        try:
+            loss, noise = self._probe_loss()
+        except Exception as exc:  # never into the training loop: the check is switched off
+            warnings.warn(
+                f"gradwise doctor: the probe set could not be evaluated ({type(exc).__name__}: "
+                f"{exc}); the catastrophic-forgetting check (GW403) is off",
+                GradwiseWarning,
+                stacklevel=3,
+            )
+            self.probe = None
+            return False
+        if not len(self.signals.probe_loss):
+            self.signals.probe_noise = noise
+        self.signals.probe_loss.append(step, loss)
+        return True
+
+    def _probe_loss(self) -> tuple[float, float]:
+        """(mean loss, its standard error over batches) on the probe set: no gradients, eval mode,
+        every module's mode and the random generators restored, the doctor's hooks idle."""
+        from gradwise.batch import outputs_of, run_model, split_batch
+
+        model = self.model
+        fn = self.loss_fn if callable(self.loss_fn) else PROBE_LOSSES.get(self.signals.loss_kind)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        modes = [(m, m.training) for m in model.modules()]
+        cpu_rng = torch.get_rng_state()
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        cuda_rng = torch.cuda.get_rng_state_all() if cuda else None
+        armed, self._armed = self._armed, False
+        losses, sizes = [], []
+        try:
+            model.eval()
+            with torch.no_grad():
+                for raw in _probe_batches(self.probe):
+                    batch = split_batch(raw).to(device)
+                    if batch.target is None:
+                        raise ValueError("a probe batch without targets")
+                    out, own = outputs_of(run_model(model, batch, with_labels=fn is None))
+                    loss = fn(out, batch.target) if fn is not None else own
+                    if loss is None:
+                        raise ValueError("no loss function (pass loss_fn to the Doctor)")
+                    losses.append(loss.detach().float().reshape(()).cpu())
+                    sizes.append(len(batch.target) if batch.target.ndim else 1)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+            self._armed = armed
+        if not losses:
+            raise ValueError("the probe set is empty")
+        values = torch.stack(losses).double()
+        weights = torch.tensor(sizes, dtype=torch.float64)
+        mean = float((values * weights).sum() / weights.sum())
+        noise = 0.0
+        if len(values) > 1:
+            var = float((weights * (values - mean) ** 2).sum() / weights.sum())
+            noise = math.sqrt(var / len(values))
+        return mean, noise
+
+    def _guarded(self, code: str, check: Callable[[], None]) -> None:
+        """Run a check; a failure switches its rule off with a warning instead of raising."""
+        try:
+            check()
+        except Exception as exc:
+            self.ignore.add(code)
+            warnings.warn(
+                f"gradwise doctor: the {code} check failed ({type(exc).__name__}: {exc}) and "
+                "is off for this run",
+                GradwiseWarning,
+                stacklevel=3,
+            )
 
     # -- findings --------------------------------------------------------------------------------
 
@@ -512,6 +731,50 @@ class Doctor:
         self._findings[finding.code] = finding
         if self.on_finding is not None:
             self.on_finding(finding)
+
+
+def _covered(name: str, declared: set[str]) -> bool:
+    """Whether a parameter name is among ``declared`` names, module paths or globs."""
+    return name in declared or any(
+        name.startswith(d + ".") or fnmatch.fnmatchcase(name, d) for d in declared
+    )
+
+
+def _check_probe(probe: Any) -> Any:
+    """The probe set as given, checked: tensors (inputs..., targets) with as many rows each, a
+    mapping batch, or an iterable of batches (a DataLoader)."""
+    if probe is None:
+        return None
+    expected = "(inputs, targets) tensors with as many rows each, a mapping batch or a DataLoader"
+    if isinstance(probe, (tuple, list)):
+        rows = {t.shape[0] if isinstance(t, torch.Tensor) and t.ndim else None for t in probe}
+        if len(probe) < 2 or None in rows or len(rows) != 1 or 0 in rows:
+            raise ConfigError("probe", probe, expected)
+        return tuple(probe)
+    if isinstance(probe, Mapping):
+        rows = {v.shape[0] for v in probe.values() if isinstance(v, torch.Tensor) and v.ndim}
+        if len(rows) != 1:
+            raise ConfigError("probe", probe, expected)
+        return probe
+    if isinstance(probe, torch.Tensor) or not isinstance(probe, Iterable):
+        raise ConfigError("probe", probe, expected, "the targets are needed to measure a loss")
+    return probe
+
+
+def _probe_batches(probe: Any) -> Iterable[Any]:
+    """The probe's batches: tensors and mappings in chunks of PROBE_CHUNK rows."""
+    if isinstance(probe, tuple):
+        for i in range(0, probe[0].shape[0], PROBE_CHUNK):
+            yield tuple(t[i : i + PROBE_CHUNK] for t in probe)
+    elif isinstance(probe, Mapping):
+        n = next(v.shape[0] for v in probe.values() if isinstance(v, torch.Tensor) and v.ndim)
+        for i in range(0, n, PROBE_CHUNK):
+            yield {
+                k: v[i : i + PROBE_CHUNK] if isinstance(v, torch.Tensor) and v.ndim else v
+                for k, v in probe.items()
+            }
+    else:
+        yield from probe
 
 
 def _layers(model: nn.Module) -> dict[str, list[nn.Parameter]]:

@@ -69,6 +69,10 @@ class Signals:
     # one entry per validate(): {"step", "loss", "metric", "train_loss"} (mean train loss since the
     # previous validate); loss and metric may be None when not given
     val: list[dict[str, float | None]] = field(default_factory=list)
+    # the loss on the probe set from the original task (Doctor(probe=...)): the first value before
+    # any update, then one per validate(); probe_noise: the standard error of the first value
+    probe_loss: Series = field(default_factory=Series)
+    probe_noise: float = 0.0
     num_classes: int | None = None  # from the outputs, for chance-level checks
     loss_kind: str = "other"
     loss_scaling: bool = False  # fp16 GradScaler: overflowing gradients are expected and skipped
@@ -137,6 +141,7 @@ class Signals:
                 for name, a in self.activations.items()
             },
             "val": list(self.val),
+            **({"probe_loss": self.probe_loss.pairs(limit)} if len(self.probe_loss) else {}),
         }
 
 

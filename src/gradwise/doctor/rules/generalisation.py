@@ -1,4 +1,4 @@
-"""Generalisation (GW401, GW402): judged from doctor.validate() and the training loss."""
+"""Generalisation (GW401-GW403): judged from doctor.validate(), the training loss and the probe set."""
 
 from __future__ import annotations
 
@@ -17,6 +17,18 @@ UNDERFIT_STEPS = 200
 """GW402: steps before judging a loss stuck at chance level."""
 UNDERFIT_CHANCE = 0.95
 """GW402: smoothed loss above this fraction of the chance-level loss ln(C)."""
+FORGET_RATIO = 1.5
+"""GW403: the probe (original-task) loss at a validation above this multiple of its first value.
+Fine-tuning at a sensible rate moves a held-out original-task loss by a few percent, while
+unprotected sequential training drives it toward chance within an epoch (McCloskey & Cohen 1989;
+Kirkpatrick et al. 2017): a 50% rise is far outside the first and early in the second."""
+FORGET_NOISE = 2.0
+"""GW403: the rise must also exceed this many standard errors of the probe's mean loss at the
+baseline (from its batch losses), so that a small probe set, whose mean says little about the
+original task, is not over-read..."""
+FORGET_MIN_RISE = 0.01
+"""...and this absolute floor (a hundredth of a nat for cross-entropy), so that a loss near zero
+that doubles is not called forgetting."""
 
 
 @rule(
@@ -97,3 +109,62 @@ def underfitting(s: Signals) -> Result:
             {"loss": now, "chance_loss": chance, "steps": s.step},
         )
     return None
+
+
+@rule(
+    "GW403",
+    "catastrophic-forgetting",
+    "warning",
+    "validation",
+    fixes=[
+        "Lower the learning rate (fine-tuning rates are about a tenth of training from scratch; "
+        "gw.advise suggests one) or train fewer epochs.",
+        "Freeze the lower layers (finetune.freeze), unfreeze gradually (finetune.unfreeze_every) "
+        "with discriminative rates (finetune.lr_decay: 2.6), or train a LoRA adapter "
+        "(finetune.peft: lora), which leaves the pretrained weights as they were.",
+        "Mix some of the original task's data into the fine-tuning batches (rehearsal), or add a "
+        "penalty that keeps important weights near their pretrained values (EWC).",
+    ],
+    references=[
+        "McCloskey & Cohen 1989, Catastrophic Interference in Connectionist Networks: The Sequential Learning Problem",
+        "Kirkpatrick et al. 2017, Overcoming catastrophic forgetting in neural networks (EWC), PNAS, arXiv:1612.00796",
+        "Biderman et al. 2024, LoRA Learns Less and Forgets Less, arXiv:2405.09673",
+    ],
+)
+def forgetting(s: Signals) -> Result:
+    """The loss on a probe set from the original task rises clearly: fine-tuning overwrites it.
+
+    ## Why it matters
+    Gradient descent on a new task moves the shared weights wherever the new loss wants them,
+    with nothing holding the old task in place: the network can lose the original ability within
+    a few hundred steps while the new task's metrics look fine. When the original ability still
+    matters (a general model specialised on a narrow domain, a head reused for several tasks),
+    that loss is silent until someone tests it.
+
+    ## How it is detected
+    Give the Doctor a probe set from the original task, ``Doctor(..., probe=(inputs, targets))``
+    or a DataLoader. Its loss is measured without gradients and in eval mode (training modes and
+    random generators restored) at the first step, before any update, and at every
+    ``doctor.validate()``. The rule fires when it exceeds ``FORGET_RATIO`` times that first value
+    and the rise exceeds ``FORGET_NOISE`` standard errors of the first measurement and
+    ``FORGET_MIN_RISE``. See also ``gradwise explain catastrophic-forgetting``.
+    """
+    if len(s.probe_loss) < 2:
+        return None
+    first, now = s.probe_loss.values[0], s.probe_loss.values[-1]
+    if not math.isfinite(first):
+        return None
+    rise = now - first
+    clear = rise > max(FORGET_NOISE * s.probe_noise, FORGET_MIN_RISE)
+    if math.isfinite(now) and not (now > FORGET_RATIO * first and clear):
+        return None
+    return (
+        f"the loss on the original task's probe set rose from {first:.4g} (step "
+        f"{s.probe_loss.steps[0]}) to {now:.4g}: fine-tuning is overwriting what the model knew",
+        {
+            "probe_loss": now,
+            "first_probe_loss": first,
+            "noise": s.probe_noise,
+            **({"ratio": now / first} if first > 0 and math.isfinite(now) else {}),
+        },
+    )

@@ -1,4 +1,4 @@
-"""Set-up faults the live Doctor sees through hooks (GW202, GW203, GW207)."""
+"""Set-up faults the live Doctor sees through hooks (GW202, GW203, GW207, GW208, GW209)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ STALE_CHECKS = 2
 """GW202: consecutive checks that must show accumulation."""
 NO_GRAD_STEPS = 20
 """GW207: steps after which a trainable parameter that never received a gradient is reported."""
+BN_DRIFT = 1e-4
+"""GW209: relative change of a frozen BatchNorm's running mean or variance between two sampled
+steps above which it counts as moving (float rounding stays far below; one training-mode batch at
+momentum 0.1 moves them by a tenth of the gap to the batch's statistics)."""
 
 
 @rule(
@@ -88,34 +92,158 @@ def eval_in_train_mode(modules: list[str]) -> Result:
     "warning",
     "live",
     fixes=[
+        "Parameters unfrozen but not in the optimizer: rebuild the optimizer over every parameter "
+        "that will ever train (frozen ones have no gradient, so AdamW and SGD skip them until "
+        "they are unfrozen), or call optimizer.add_param_group({'params': [...]}) when you "
+        "unfreeze them; gradwise's Trainer puts every parameter in the optimizer from the start.",
         "Pass all trainable parameters to the optimizer (model.parameters()), including layers "
         "added after the optimizer was built.",
-        "Remove layers that are never used in forward(), or freeze them (requires_grad_(False)).",
+        "In the optimizer but never a gradient: remove layers that are never used in forward(), "
+        "or freeze them (requires_grad_(False)).",
         "Look for .detach(), .data, torch.no_grad() or integer casts that cut the graph.",
     ],
     references=[
-        "PyTorch docs, Autograd mechanics: https://pytorch.org/docs/stable/notes/autograd.html"
+        "PyTorch docs, Autograd mechanics: https://pytorch.org/docs/stable/notes/autograd.html",
+        "PyTorch docs, Optimizer.add_param_group: https://pytorch.org/docs/stable/generated/torch.optim.Optimizer.add_param_group.html",
     ],
 )
-def params_without_gradients(never: list[str], not_in_optimizer: list[str], total: int) -> Result:
+def params_without_gradients(
+    never: list[str], not_in_optimizer: list[str], total: int, optimizer_known: bool = False
+) -> Result:
     """Trainable parameters never receive a gradient, or the optimizer does not update them.
 
     ## Why it matters
     Such parameters never change: a layer that is unused, cut from the graph by a detach, or
-    forgotten when the optimizer was built silently keeps its initial random values.
+    forgotten when the optimizer was built silently keeps its initial random values. A classic
+    case in fine-tuning: the optimizer is built over the trainable parameters only, and layers
+    unfrozen later (gradual unfreezing) are then trainable but not in it, so they never update.
 
     ## How it is detected
-    After the first steps, parameters with ``requires_grad`` whose ``.grad`` has always been None;
-    and trainable parameters that belong to none of the optimizer's parameter groups.
+    Trainable parameters (``requires_grad``) that belong to none of the optimizer's parameter
+    groups, checked at the first step and whenever the set of trainable parameters changes
+    (unfrozen but not in the optimizer); and, after the first steps, trainable parameters whose
+    ``.grad`` has always been None (in the optimizer but never a gradient: unused or detached).
+    See also ``gradwise explain freezing-layers`` and ``gradwise explain gradual-unfreezing``.
     """
     if not_in_optimizer:
         return (
-            f"{len(not_in_optimizer)} trainable parameters are not in the optimizer (e.g. {not_in_optimizer[0]})",
+            f"{len(not_in_optimizer)} parameters are unfrozen (requires_grad) but not in the "
+            f"optimizer (e.g. {not_in_optimizer[0]}): they will never update; rebuild the "
+            "optimizer or add a param group",
             {"not_in_optimizer": len(not_in_optimizer), "trainable": total},
         )
     if never:
+        where = "are in the optimizer but " if optimizer_known else ""
         return (
-            f"{len(never)} trainable parameters never received a gradient (e.g. {never[0]})",
+            f"{len(never)} trainable parameters {where}never received a gradient "
+            f"(e.g. {never[0]}): unused in forward() or cut from the graph",
             {"without_gradient": len(never), "trainable": total},
         )
     return None
+
+
+@rule(
+    "GW208",
+    "frozen-by-mistake",
+    "warning",
+    "live",
+    fixes=[
+        "Unfreeze what must learn: module.requires_grad_(True), above all a new head sized for "
+        "your classes (in gradwise: finetune.unfreeze: [head] or the module's path).",
+        'Freeze only what you mean to, by name: finetune.freeze: ["features.*"] in a recipe, or '
+        "tell the doctor what you froze on purpose: Doctor(..., frozen_on_purpose=names).",
+        "If nothing is trainable, check for a leftover requires_grad_(False) on the whole model "
+        "(or a model loaded for inference) and count trainable parameters before training.",
+    ],
+    references=[
+        "Yosinski et al. 2014, How transferable are features in deep neural networks?, arXiv:1411.1792",
+        "PyTorch docs, Module.requires_grad_: https://pytorch.org/docs/stable/generated/torch.nn.Module.html#torch.nn.Module.requires_grad_",
+    ],
+)
+def frozen_by_mistake(
+    total: int, trainable: int, output_layer: str | None, undeclared: list[str]
+) -> Result:
+    """Parameters that should train are frozen: all of them, the output layer, or undeclared parts.
+
+    ## Why it matters
+    A frozen parameter never changes. With every parameter frozen nothing trains (backward()
+    fails or the loss stays where it started); with the output layer frozen, a new head keeps
+    its random initialisation and the rest of the network must learn to serve random outputs;
+    a module frozen by a stray ``requires_grad_(False)`` (a copied fine-tuning snippet, a model
+    loaded for inference) silently trains less than intended.
+
+    ## How it is detected
+    When the Doctor is built, at the first step and whenever the set of trainable parameters
+    changes: no parameter has ``requires_grad``; or the output layer (the last module with
+    parameters to run in the forward pass) has all of its parameters frozen while others train
+    (not reported for models with PEFT adapters, whose frozen head is by design, unless
+    declared otherwise); or, when the caller declared ``frozen_on_purpose`` (parameter names,
+    module paths or globs; gradwise's Trainer passes what the recipe's ``finetune`` section
+    froze), frozen parameters outside it. See also ``gradwise explain freezing-layers``.
+    """
+    if total and not trainable:
+        return (
+            f"every one of the {total:,} parameters is frozen (requires_grad=False): nothing "
+            "will train",
+            {"trainable": 0, "total": total},
+        )
+    if output_layer is not None:
+        return (
+            f"the output layer {output_layer} is frozen while {trainable:,} other parameters "
+            "train: it keeps its initial weights; unfreeze it",
+            {"trainable": trainable, "total": total, "undeclared_frozen": len(undeclared)},
+        )
+    if undeclared:
+        return (
+            f"{len(undeclared)} parameters are frozen but not declared frozen on purpose "
+            f"(e.g. {undeclared[0]}): they will not train",
+            {"trainable": trainable, "total": total, "undeclared_frozen": len(undeclared)},
+        )
+    return None
+
+
+@rule(
+    "GW209",
+    "frozen-batchnorm-drift",
+    "warning",
+    "live",
+    fixes=[
+        "Keep BatchNorm layers of a frozen backbone in eval mode: gradwise does this with "
+        "finetune.freeze_bn: true (the default); in your loop, call module.eval() on them after "
+        "every model.train() (or override train() in your model).",
+        "If the statistics should adapt to the new data (a large domain shift with big batches), "
+        "unfreeze the BatchNorm parameters too and ignore this rule (doctor.ignore: [GW209]).",
+    ],
+    references=[
+        "Ioffe & Szegedy 2015, Batch Normalization, arXiv:1502.03167 (running averages for inference)",
+        "PyTorch docs, BatchNorm2d (running statistics are updated in training mode): https://pytorch.org/docs/stable/generated/torch.nn.BatchNorm2d.html",
+        "Kolesnikov et al. 2020, Big Transfer (BiT): General Visual Representation Learning, arXiv:1912.11370",
+    ],
+)
+def frozen_batchnorm_drift(drifts: dict[str, float]) -> Result:
+    """BatchNorm layers of a frozen backbone run in training mode: their running statistics drift.
+
+    ## Why it matters
+    Freezing a BatchNorm layer's weight and bias does not freeze its running mean and variance:
+    those are buffers that every training-mode forward pass moves toward the current batch's
+    statistics, and in training mode the layer also normalises with the batch's statistics
+    instead of the pretrained ones. The "frozen" backbone changes, most with small batches and a
+    shifted domain, and evaluation (which uses the drifted averages) disagrees with what the head
+    was trained on.
+
+    ## How it is detected
+    At each sampled step, the running mean and variance of every BatchNorm whose affine
+    parameters are all frozen are compared with their values at the previous sampled step;
+    a relative change above ``BN_DRIFT`` means the layer ran in training mode in between. See
+    also ``gradwise explain freezing-layers`` and ``gradwise explain batch-normalization``.
+    """
+    moved = {name: d for name, d in drifts.items() if d > BN_DRIFT}
+    if not moved:
+        return None
+    worst = max(moved, key=moved.__getitem__)
+    return (
+        f"{len(moved)} BatchNorm layers with frozen weights run in training mode (e.g. {worst}): "
+        f"their running statistics moved by {moved[worst]:.1%} since the last sample; keep "
+        "them in eval mode (finetune.freeze_bn: true, or module.eval())",
+        {"drifting_layers": len(moved), "max_relative_drift": moved[worst]},
+    )
