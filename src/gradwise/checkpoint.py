@@ -16,6 +16,13 @@ Disks and copies still damage files, so loading verifies the manifest first (che
 manifests are checked for structure only: a complete safetensors file, the state file's zip CRCs).
 A damaged latest (or best) checkpoint falls back to the newest good one with a warning that names
 it and why; when none is good, one DataError lists what is wrong with each.
+
+A model with peft adapters (gradwise.finetune.adapters) keeps its base as it was loaded, so its
+``model.safetensors`` (and ``ema.safetensors``) holds only what changes: the adapters, the modules
+trained in full, any other trainable parameter and the buffers (BatchNorm statistics train in a
+frozen base too). The file's metadata records the SHA-256 of the frozen base tensors it leaves out
+(names, dtypes, shapes, bytes), and loading checks it against the model it loads into: an adapter
+never lands silently on another base.
 """
 
 from __future__ import annotations
@@ -35,8 +42,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from gradwise.errors import DataError, warn
@@ -52,6 +59,7 @@ WEIGHTS, EMA_WEIGHTS, STATE, META, MANIFEST, BEST = (
     "best.json",
 )
 FORMAT = 2  # meta.json's "format": 2 and later have a manifest; 1 (no key) had none
+ADAPTER = "gradwise.adapter"  # safetensors metadata key of an adapter-only weights file
 DAMAGED = "damaged-"  # prefix of a damaged checkpoint set aside by a resumed run
 
 
@@ -72,17 +80,24 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        # the weights are hashed in a thread while the (larger) state file is written and hashed
+        # the weights (or a peft model's frozen base) are hashed in a thread while the (larger)
+        # state file is written and hashed
         with ThreadPoolExecutor(max_workers=1) as pool:
-            digests = {}
+            digests, adapters = {}, {}
             for name, module in ((WEIGHTS, model), (EMA_WEIGHTS, ema)):
-                if module is not None:
+                if module is not None and _has_adapters(module):
+                    adapters[name] = _AdapterWeights(module, pool)
+                elif module is not None:
                     _save_weights(module, tmp / name)
                     digests[name] = pool.submit(_sha256, tmp / name)
             with open(tmp / STATE, "wb") as f:  # a file object: a full disk is an OSError
                 hashing = _HashingFile(f)
                 torch.save(state, hashing)
+            for name, weights in adapters.items():
+                weights.save(tmp / name)
             meta = {"step": step, **(meta or {}), "format": FORMAT}
+            if adapters:
+                meta["weights"] = "adapter"  # for people: the base is not in this checkpoint
             (tmp / META).write_text(json.dumps(meta, indent=2))
             digests = {name: digest.result() for name, digest in digests.items()}
             write_manifest(tmp, {**digests, STATE: hashing.sha256.hexdigest()})
@@ -99,10 +114,140 @@ def _save_weights(module: nn.Module, path: Path) -> None:
     try:
         save_model(module, str(path))
     except SafetensorError as exc:
-        code = re.search(r"\(os error (\d+)\)", str(exc))
-        if code is None:
-            raise
+        _raise_os_error(exc, path)
+        raise
+
+
+def _raise_os_error(exc: SafetensorError, path: Path) -> None:
+    """Raise safetensors' I/O error (a full disk) as the OSError it wraps; return otherwise."""
+    code = re.search(r"\(os error (\d+)\)", str(exc))
+    if code is not None:
         raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from exc
+
+
+def _has_adapters(module: nn.Module) -> bool:
+    from gradwise.finetune.adapters import is_peft
+
+    return is_peft(module)
+
+
+class _AdapterWeights:
+    """What an adapter-only weights file holds, taken from a peft model (or its EMA), with the
+    fingerprint of the rest (the frozen base) computed in ``pool``."""
+
+    def __init__(self, module: nn.Module, pool: ThreadPoolExecutor) -> None:
+        from gradwise.finetune.adapters import adapter_keys, base_fingerprint, peft_summary
+
+        state = module.state_dict(keep_vars=True)
+        named = list(module.named_parameters(remove_duplicate=False))
+        params = {n for n, _ in named}
+        keep = adapter_keys(module) | {n for n, p in named if p.requires_grad}
+        keep |= {k for k in state if k not in params}  # buffers
+        names_of: dict[int, list[str]] = {}  # tied tensors: one tensor under several names
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                names_of.setdefault(id(value), []).append(key)
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.aliases: dict[str, str] = {}
+        base: dict[str, torch.Tensor] = {}
+        storages: set[int] = set()
+        for names in names_of.values():
+            if any(n in keep for n in names):
+                t = state[names[0]].detach()
+                ptr = t.untyped_storage().data_ptr() if t.numel() else None
+                self.tensors[names[0]] = t.clone() if ptr in storages else t  # no shared memory
+                storages.add(ptr)
+                self.aliases.update({n: names[0] for n in names[1:]})
+            else:
+                base.update({n: state[n] for n in names})
+        self.base_count = len(base)
+        self.base_bytes = sum(t.numel() * t.element_size() for t in base.values())
+        self.fingerprint = pool.submit(base_fingerprint, base)
+        self.summary = peft_summary(module)
+
+    def save(self, path: Path) -> None:
+        info = {
+            "kind": "adapter",
+            "base_sha256": self.fingerprint.result(),
+            "base_tensors": self.base_count,
+            "base_bytes": self.base_bytes,
+            "aliases": self.aliases,
+            "peft": {k: self.summary[k] for k in ("method", "adapter", "adapters")},
+        }
+        try:
+            save_file(self.tensors, str(path), metadata={ADAPTER: json.dumps(info)})
+        except SafetensorError as exc:
+            _raise_os_error(exc, path)
+            raise
+
+
+def adapter_info(path: str | Path) -> dict[str, Any] | None:
+    """What an adapter-only weights file records (the base's fingerprint, the peft method...);
+    None for a file of full weights."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (OSError, SafetensorError) as exc:
+        raise DataError(f"{path} is not a readable safetensors file ({exc})") from None
+    if ADAPTER not in metadata:
+        return None
+    try:
+        info = json.loads(metadata[ADAPTER])
+    except ValueError:
+        info = None
+    if not isinstance(info, dict) or not isinstance(info.get("base_sha256"), str):
+        raise DataError(f"{path}: its {ADAPTER} metadata is damaged")
+    return info
+
+
+def load_weights(
+    module: nn.Module, path: str | Path, device: str = "cpu", *, unwrap: bool = False
+) -> None:
+    """Load a weights file into ``module``: full weights (every tensor must fit), or adapter-only
+    weights over a base whose fingerprint must be the one they were trained over.
+
+    ``unwrap``: the file was written from an EMA (an AveragedModel: ``module.`` prefixes and its
+    ``n_averaged`` counter) and ``module`` is the bare model (adapter-only files).
+    """
+    info = adapter_info(path)
+    if info is None:
+        load_model(module, str(path), device=device)
+        return
+    tensors = load_file(str(path), device=device)
+    aliases = {str(k): str(v) for k, v in dict(info.get("aliases") or {}).items()}
+    if unwrap:
+        tensors = {k.removeprefix("module."): v for k, v in tensors.items() if k != "n_averaged"}
+        aliases = {k.removeprefix("module."): v.removeprefix("module.") for k, v in aliases.items()}
+    peft = info.get("peft") or {}
+    what = f"checkpoint {Path(path).parent} holds only a {peft.get('method', 'peft')} adapter"
+    state = module.state_dict(keep_vars=True)
+    unexpected = [k for k in tensors if k not in state]
+    if unexpected:
+        raise DataError(
+            f"{what}, and the model has no place for {unexpected[:3]}: load it into the same "
+            "model wrapped the same way (recipe finetune.peft, or gradwise.finetune.apply_peft)"
+        )
+    from gradwise.finetune.adapters import base_fingerprint
+
+    base = {
+        k: v
+        for k, v in state.items()
+        if k not in tensors and k not in aliases and isinstance(v, torch.Tensor)
+    }
+    if base_fingerprint(base) != info["base_sha256"]:
+        size = sum(t.numel() * t.element_size() for t in base.values())
+        raise DataError(
+            f"{what}, trained over another base model: the frozen base weights differ (SHA-256 "
+            f"{info['base_sha256'][:12]}... expected; this model's {len(base)} base tensors, "
+            f"{size:,} bytes, against {info.get('base_tensors')} tensors, "
+            f"{info.get('base_bytes', 0):,} bytes then). Load the same pretrained weights "
+            "(finetune.pretrained) before the adapter"
+        )
+    try:
+        with torch.no_grad():
+            module.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:
+        raise DataError(f"{what} that does not fit: {str(exc).splitlines()[-1].strip()}") from None
 
 
 def write_manifest(directory: Path, digests: dict[str, str] | None = None) -> None:
@@ -389,14 +534,15 @@ def load_checkpoint(
 
     ``path`` is a checkpoint directory or a run directory (then its best checkpoint, or the latest
     with ``which="latest"``), verified and with fallbacks as in :func:`resolve_checkpoint`. The
-    state file is read with ``weights_only=True``.
+    state file is read with ``weights_only=True``. An adapter-only checkpoint needs ``model``
+    wrapped as it was trained (its base fingerprint is checked: see :func:`load_weights`).
     """
     ckpt = resolve_checkpoint(path, which, set_aside=set_aside)
     device = str(map_location)
     if model is not None:
-        load_model(model, str(ckpt / WEIGHTS), device=device)
+        load_weights(model, ckpt / WEIGHTS, device)
     if ema is not None:
-        load_model(ema, str(ckpt / EMA_WEIGHTS), device=device)
+        load_weights(ema, ckpt / EMA_WEIGHTS, device)
     state_file = ckpt / STATE
     state = (
         torch.load(state_file, map_location=map_location, weights_only=True)

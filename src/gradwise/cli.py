@@ -510,6 +510,15 @@ def export(
         typer.Option(help="With --register: point this alias (e.g. champion) at the new version."),
     ] = None,
     trust: TrustOption = False,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge/--no-merge",
+            help="A run with finetune.peft: fold the adapter into the weights (default), or export "
+            "the base and write the adapter next to it (peft's adapter_config.json and "
+            "adapter_model.safetensors).",
+        ),
+    ] = True,
 ) -> None:
     """Export a run's best model with a parity check; writes the artifact, model.json, reference.json."""
     from gradwise.deploy.export import export as run_export
@@ -518,10 +527,17 @@ def export(
         raise ConfigError("--alias", alias, "--register NAME as well (an alias names a version)")
 
     artifact = run_export(
-        source, format=format_, out=out_dir, quantize=quantize, tolerance=tolerance, trust=trust
-    )
+        source, format=format_, out=out_dir, quantize=quantize, tolerance=tolerance, trust=trust,
+        merge=merge,
+    )  # fmt: skip
     p = artifact.parity
     out.print(f"{artifact.format}: {artifact.path}", soft_wrap=True)
+    adapter = artifact.card.get("peft")
+    if adapter and adapter["merged"]:
+        out.print(
+            f"{adapter['method']} adapter merged: max abs {adapter['max_abs']:.2e} against the "
+            f"model with its adapter (tolerance {adapter['tolerance']:g})"
+        )
     out.print(
         f"parity: max abs {p['max_abs']:.2e}, max rel {p['max_rel']:.2e} on {p['samples']} "
         f"{p['inputs']} inputs (tolerance {p['tolerance']:g})"

@@ -119,6 +119,12 @@ def card_files(card: dict[str, Any]) -> list[tuple[str, Any, Any]]:
         if not isinstance(quantized, dict):
             raise ConfigError(f"{CARD}: quantized", quantized, "an object with artifact and sha256")
         files.append(("quantized.", quantized.get("artifact"), quantized.get("sha256")))
+    peft = card.get("peft")  # export merge=False: the adapter's files
+    if peft:
+        listed = peft.get("files", []) if isinstance(peft, dict) else None
+        if not isinstance(listed, list) or not all(isinstance(f, dict) for f in listed):
+            raise ConfigError(f"{CARD}: peft.files", listed, "a list of {name, sha256} objects")
+        files += [("peft.", f.get("name"), f.get("sha256")) for f in listed]
     return files
 
 

@@ -62,6 +62,7 @@ PARITY_SAMPLES = 512  # validation inputs the parity check runs
 CALIBRATION_SAMPLES = 256  # training inputs static quantization calibrates on
 REFERENCE_SAMPLES = 20_000  # training inputs the reference statistics come from (at most)
 METRIC_SAMPLES = 10_000  # validation samples the quantized metric delta is measured on (at most)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # export merge=False
 
 
 class ParityError(ExportError):
@@ -111,6 +112,7 @@ def export(
     tolerance: float = DEFAULT_TOLERANCE,
     task: str | None = None,
     trust: bool = False,
+    merge: bool = True,
 ) -> Artifact:
     """Export a run's best model (or ``model``) to ``out`` and return the :class:`Artifact`.
 
@@ -127,6 +129,12 @@ def export(
     task: the task when no run directory says it (binary, multiclass, regression...).
     trust: import the model, data and loss import paths the run's recipe names (a run directory
     may come from anyone; see :mod:`gradwise.trust`). Zoo models and built-in data need no trust.
+    merge: for a model with peft adapters (a run with ``finetune.peft``): fold the adapter into the
+    weights and export that plain model (checked against the model with its adapter on the parity
+    inputs, max abs difference <= 1e-5). False: export the base model without the adapter and
+    write the adapter next to it in peft's layout (adapter_config.json,
+    adapter_model.safetensors: ``peft.PeftModel.from_pretrained(base, out)`` reads it); the card
+    says which.
 
     Exporting again without ``quantize`` keeps the earlier int8 model only when it was quantized
     from the same float artifact (equal sha256); otherwise it is removed. ``Artifact.notes`` says
@@ -164,8 +172,12 @@ def export(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        model, adapter = _peft_export(model, tmp, data, merge)
         card = _build(model, format, tmp, source, data, task, quantize, float(tolerance))
+        card["peft"] = adapter
         notes = [] if quantize else _previous_int8(out, tmp, card)
+        if adapter is not None and not adapter["merged"]:
+            notes.append(adapter["note"])
         atomic_write_json(tmp / CARD, card)
         publish_dir(tmp, out)
     except BaseException:
@@ -180,6 +192,38 @@ def export(
         int8_path=out / quantized["artifact"] if quantized else None,
         notes=notes,
     )
+
+
+def _peft_export(
+    model: nn.Module, tmp: Path, data: _Data, merge: bool
+) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The model to export and the card's ``peft`` entry (None without adapters): the adapter
+    merged into the weights (parity-checked), or the base with the adapter written beside it."""
+    from gradwise.finetune.adapters import is_peft
+
+    if not is_peft(model):
+        return model, None
+    from gradwise.finetune.adapters import base_of, merge_with_report, peft_summary, save_adapter
+
+    if merge:
+        plain, report = merge_with_report(model, data.val_x[:PARITY_SAMPLES])
+        return plain.eval(), {**report, "merged": True, "inputs": data.source}
+    summary = peft_summary(model)
+    written = save_adapter(model, tmp / ".adapter")
+    files = []
+    for name in ADAPTER_FILES:  # peft's layout, in the export directory itself
+        (written / name).rename(tmp / name)
+        files.append({"name": name, "sha256": sha256_file(tmp / name)})
+    shutil.rmtree(written)
+    note = (
+        f"the exported model is the base without the {summary['method']} adapter (and with the "
+        "modules trained in full as they were before training); the fine-tuned model is that "
+        f"base with {' and '.join(ADAPTER_FILES)} in this directory, in peft's layout "
+        "(peft.PeftModel.from_pretrained(base, directory)); the card's metrics are the "
+        "fine-tuned model's"
+    )
+    entry = {**summary, "merged": False, "files": files, "note": note}
+    return base_of(model).eval(), entry
 
 
 def _previous_int8(out: Path, tmp: Path, card: dict[str, Any]) -> list[str]:

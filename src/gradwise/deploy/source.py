@@ -76,18 +76,51 @@ def load_model(source: Source, model: nn.Module | None = None) -> nn.Module:
         model = build_model(name, source.recipe.model.kwargs, trusted=source.trusted)
     model = model.cpu()
     if source.checkpoint is not None:
+        model = _with_adapter(model, source, source.checkpoint)
         source.weights = _load_weights(model, source.checkpoint)
     return model.eval()
+
+
+def _weights_file(ckpt: Path) -> tuple[Path, bool]:
+    """The checkpoint's weights file: the EMA copy when there is one (the run validated it)."""
+    from gradwise.checkpoint import EMA_WEIGHTS, WEIGHTS
+
+    ema = (ckpt / EMA_WEIGHTS).is_file()
+    return ckpt / (EMA_WEIGHTS if ema else WEIGHTS), ema
+
+
+def _with_adapter(model: nn.Module, source: Source, ckpt: Path) -> nn.Module:
+    """For an adapter-only checkpoint (a run with finetune.peft): the model prepared as the run
+    prepared it (its pretrained weights loaded, the adapter wrapped around them); loading the
+    checkpoint then checks that this base is the one the adapter was trained over."""
+    from gradwise.checkpoint import adapter_info
+    from gradwise.finetune import prepare
+    from gradwise.finetune.adapters import is_peft
+
+    info = adapter_info(_weights_file(ckpt)[0])
+    if info is None or is_peft(model):
+        return model
+    spec = source.recipe.finetune if source.recipe is not None else None
+    if spec is None or spec.peft is None:
+        raise DataError(
+            f"checkpoint {ckpt} holds only a {info.get('peft', {}).get('method')} "
+            "adapter but its recipe names no finetune.peft: pass the model wrapped with "
+            "gradwise.finetune.apply_peft"
+        )
+    return prepare(model, spec).model
 
 
 def _load_weights(model: nn.Module, ckpt: Path) -> str:
     """Load the checkpoint's weights: the EMA copy when there is one (the run validated it)."""
     from safetensors.torch import load_file
 
-    from gradwise.checkpoint import EMA_WEIGHTS, WEIGHTS
+    from gradwise.checkpoint import adapter_info, load_weights
 
-    ema = (ckpt / EMA_WEIGHTS).is_file()
-    state = load_file(str(ckpt / (EMA_WEIGHTS if ema else WEIGHTS)))
+    file, ema = _weights_file(ckpt)
+    if adapter_info(file) is not None:  # the base is checked against its fingerprint
+        load_weights(model, file, unwrap=ema)
+        return "ema" if ema else "model"
+    state = load_file(str(file))
     if ema:  # an AveragedModel: "module." prefixes and its n_averaged counter
         state = {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"}
     try:
