@@ -339,6 +339,8 @@ def test_a_peft_run_resumes_exactly_and_exports_merged_or_beside_its_base(
     last = ckpt.list_checkpoints(whole.dir)[-1]
     for name in (ckpt.WEIGHTS, ckpt.EMA_WEIGHTS):
         assert ckpt.adapter_info(last / name)["peft"]["method"] == "lora"
+    with pytest.raises(gw.ConfigError, match="this run trained an adapter"):
+        gw.load_pretrained(gw.build_model("mlp", whole.recipe.model.kwargs), str(whole.dir))
 
     from gradwise.deploy.card import load_card
     from gradwise.deploy.export import export

@@ -159,11 +159,6 @@ def prepare(model: nn.Module, spec: FinetuneSpec) -> Finetuning:
             "no setting by layer group with finetune.peft (the adapter is what trains)",
             "drop one of them",
         )
-    if spec.peft and not spec.freeze_bn:
-        raise ConfigError(
-            "finetune.freeze_bn", False, "true with finetune.peft",
-            "adapter checkpoints hold the adapter only: the base's BatchNorm statistics must not move",
-        )  # fmt: skip
     report = None
     if spec.pretrained:
         from gradwise.finetune.pretrained import load_pretrained

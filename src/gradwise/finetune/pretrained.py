@@ -42,6 +42,7 @@ from gradwise.checkpoint import (
     META,
     STATE,
     WEIGHTS,
+    adapter_info,
     best_checkpoint,
     resolve_checkpoint,
 )
@@ -262,9 +263,17 @@ def _is_gradwise(path: Path) -> bool:
 def _checkpoint(path: Path, which: str) -> Path:
     """The verified checkpoint (resolve_checkpoint: damaged ones skipped with a warning)."""
     try:
-        return resolve_checkpoint(path, "best" if which == "best" else "latest")
+        checkpoint = resolve_checkpoint(path, "best" if which == "best" else "latest")
     except DataError as exc:
         raise DataError(f"{FIELD}: {exc}") from exc
+    if adapter_info(checkpoint / WEIGHTS) is not None:
+        raise ConfigError(
+            FIELD, str(path), "a run that trained full weights",
+            "this run trained an adapter (its checkpoints hold the adapter only): start from its "
+            "base (that run's finetune.pretrained) and load the adapter with "
+            "gradwise.finetune.adapters.load_adapter",
+        )  # fmt: skip
+    return checkpoint
 
 
 def _run_detail(path: Path, checkpoint: Path, which: str) -> str:
