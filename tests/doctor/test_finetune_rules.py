@@ -294,3 +294,28 @@ def test_a_failing_probe_degrades_to_a_warning_and_bad_probes_are_refused():
         Doctor(model, probe=xv)  # no targets
     with pytest.raises(ConfigError, match="probe"):
         Doctor(model, probe=(xv, yv[:10]))  # rows differ
+
+
+# ---------------------------------------------------------------------------- GW307, GW308
+
+
+def test_a_fine_tuned_models_low_noisy_loss_is_neither_plateau_nor_oscillation():
+    """A pretrained classifier starts far below chance: its batch noise is not a swing, and a flat
+    loss there is learned, not stuck (both judged against at least ln C)."""
+    from gradwise.doctor.rules import dynamics
+
+    noisy = [0.05, 0.1, 0.3, 0.1] * 50  # batch noise around 0.14, far below chance (ln 10 = 2.3)
+    flat = [0.1] * 200
+
+    def signals(values, kind):
+        series = Series()
+        for i, v in enumerate(values):
+            series.append(i, v)
+        return Signals(step=200, loss=series, loss_kind=kind, num_classes=10)
+
+    assert dynamics.oscillating(signals(noisy, "mse")) is not None  # no chance level to judge by
+    assert dynamics.oscillating(signals(noisy, "cross_entropy")) is None
+    assert dynamics.plateau(signals(flat, "mse")) is not None
+    assert dynamics.plateau(signals(flat, "cross_entropy")) is None
+    stuck = [math.log(10)] * 200  # at chance: still a plateau
+    assert dynamics.plateau(signals(stuck, "cross_entropy")) is not None

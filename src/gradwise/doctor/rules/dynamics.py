@@ -352,7 +352,9 @@ def plateau(s: Signals) -> Result:
 
     ## How it is detected
     Over the last window of steps the smoothed loss improved by less than 1%, while it is still
-    above 80% of its initial value.
+    above 80% of its initial value. For classification the initial value is at least the
+    chance-level loss ln(C): a fine-tuned model starts far below chance, and a flat loss there
+    has been learned already.
     """
     if s.step < max(T.min_steps, T.plateau_window) or len(s.loss) < T.plateau_window:
         return None
@@ -360,7 +362,7 @@ def plateau(s: Signals) -> Result:
     window = s.smoothed_losses()[-T.plateau_window :]
     if len(window) < T.plateau_window or not first:
         return None
-    initial = statistics.mean(first)
+    initial = _reference(s, statistics.mean(first))
     start, now = window[len(window) // 5], window[-1]  # skip the EMA's start-up
     if initial <= 0 or start <= 0:
         return None
@@ -400,12 +402,14 @@ def oscillating(s: Signals) -> Result:
     ## How it is detected
     Over the recent steps the spread of the loss (10th to 90th percentile) is a large fraction of
     the initial loss, its peaks climb well above the initial loss, and the loss is not falling.
+    For classification the initial loss is at least the chance-level loss ln(C), so the ordinary
+    batch-to-batch noise of a fine-tuned model, which starts far below chance, is not a swing.
     """
     values = [v for v in s.losses()[-T.oscillation_window :] if math.isfinite(v)]
     first = [v for v in s.loss.values[:10] if math.isfinite(v)]
     if len(values) < T.oscillation_window or s.step < T.min_steps or not first:
         return None
-    initial = statistics.mean(first)
+    initial = _reference(s, statistics.mean(first))
     deciles = statistics.quantiles(values, n=10)
     amplitude = (deciles[-1] - deciles[0]) / initial if initial > 0 else 0.0
     third = len(values) // 3
@@ -451,6 +455,14 @@ def saturated(s: Signals) -> Result:
     return f"{worst[1]:.0%} of the outputs of {worst[0]} are saturated", {
         "saturated_fraction": worst[1]
     }
+
+
+def _reference(s: Signals, initial: float) -> float:
+    """The loss scale GW307 and GW308 judge against: the initial loss, and for classification at
+    least the chance-level loss ln(C) (a pretrained model starts far below it)."""
+    if s.loss_kind in ("cross_entropy", "nll") and s.num_classes and s.num_classes >= 2:
+        return max(initial, math.log(s.num_classes))
+    return initial
 
 
 def _worst_sustained(
