@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import gradwise as gw
-from gradwise.advisor import Advice, decide
+from gradwise.advisor import Advice, decide, respect
 from gradwise.facts import Facts, facts
 from gradwise.finetune import layer_groups, prepare
 from gradwise.recipe import FinetuneSpec, Recipe
@@ -252,3 +252,21 @@ def test_without_fine_tuning_the_advice_is_what_it_was():
     inactive = [a.to_dict() for a in decide(facts(model, data, finetune=FinetuneSpec()))]
     assert before == inactive
     assert not any(a["setting"].startswith("finetune.") for a in before)
+
+
+def test_advice_on_the_finetune_section_never_contradicts_the_prepared_model():
+    """The assembly prepares the model (adapter rank, layer groups) before the advice: a different
+    finetune.* value is reported, not written into a recipe the model does not match."""
+    spec = {"peft": "lora"}  # lora_r: the default 8
+    recipe = Recipe(finetune=spec)
+    advice = decide(_prepared(FinetuneSpec(**spec)))  # 300 samples: the advisor would pick 4
+    rank = next(a for a in advice if a.setting == "finetune.lora_r")
+    assert rank.value == 4
+    kept = respect(rank, recipe, {"finetune.peft"})
+    assert kept.value == 8 and kept.why.startswith("kept: the model was prepared with 8")
+    assert "set finetune.lora_r: 4 to follow the advice" in kept.why
+    mine = respect(rank, recipe, {"finetune.peft", "finetune.lora_r"})
+    assert mine.value == 8 and mine.why.startswith("kept your setting")
+    assert respect(rank, recipe, set(), prepared=()).value == 4  # for a caller that re-prepares
+    lr = next(a for a in advice if a.setting == "optim.lr")
+    assert respect(lr, recipe, set()) is lr  # training settings are applied as before

@@ -819,14 +819,33 @@ def zoo_kwargs(name: str) -> set[str]:
     return set(inspect.signature(MODELS[name]).parameters)
 
 
-def respect(advice: Advice, recipe: Recipe, explicit: set[str] | frozenset[str]) -> Advice:
-    """A setting the user chose stays theirs; the advice says what it would have been."""
-    if advice.setting not in explicit:
+PREPARED = ("finetune.",)
+"""Settings the model is already built with when the advisor runs (the assembly loads the weights,
+wraps the adapter and sets the layer groups first, so the facts count the real trainable
+parameters): advice on them is reported, and applied only by the next run that sets it."""
+
+
+def respect(
+    advice: Advice,
+    recipe: Recipe,
+    explicit: set[str] | frozenset[str],
+    prepared: tuple[str, ...] = PREPARED,
+) -> Advice:
+    """A setting the user chose stays theirs; the advice says what it would have been. Settings
+    under ``prepared`` prefixes stay as the recipe has them too (the model was built with them)."""
+    fixed = any(advice.setting.startswith(prefix) for prefix in prepared)
+    if advice.setting not in explicit and not fixed:
         return advice
     value = _get(recipe, advice.setting)
     if value == advice.value:
         return advice
-    why = f"kept your setting; the advisor would choose {_show(advice.value)}: {advice.why}"
+    if advice.setting in explicit:
+        why = f"kept your setting; the advisor would choose {_show(advice.value)}: {advice.why}"
+    else:
+        why = (
+            f"kept: the model was prepared with {_show(value)}; set {advice.setting}: "
+            f"{_show(advice.value)} to follow the advice: {advice.why}"
+        )
     return Advice(advice.setting, value, why, advice.references)
 
 
