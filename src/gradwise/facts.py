@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from gradwise._lazy import callable_as_namesake
 from gradwise.data.bundle import DataInfo
-from gradwise.errors import ConfigError, DataError
+from gradwise.errors import DataError
 
 if TYPE_CHECKING:
     from gradwise.recipe import FinetuneSpec
@@ -255,19 +255,22 @@ def _trains_head_only(model: nn.Module) -> bool:
     """Whether every trainable parameter lies in the head (the top layer group)."""
     from gradwise.finetune.layers import head_names, matches
 
-    head = head_names(model)
+    try:
+        head = head_names(model)
+    except Exception:  # an unusual model: the facts say "not known to be head-only", never fail
+        return False
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     return bool(head and trainable) and all(matches(n, head) for n in trainable)
 
 
 def _layer_groups(model: nn.Module, spec: list[str] | str) -> int | None:
-    """How many layer groups finetune.layer_groups makes of the model (None: the globs do not
-    fit it, which the fine-tuning set-up reports)."""
+    """How many layer groups finetune.layer_groups makes of the model (None: unknown, e.g. globs
+    that do not fit it, which the fine-tuning set-up reports)."""
     from gradwise.finetune.layers import layer_groups
 
     try:
         return len(layer_groups(model, spec))
-    except ConfigError:
+    except Exception:  # globs that do not fit, an unusual model: unknown, never a failure here
         return None
 
 
