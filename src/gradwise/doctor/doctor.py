@@ -548,10 +548,14 @@ class Doctor:
         self._apply("GW202", stale_gradients(self._cosines), step)
         self._apply("GW402", underfitting(s), step)
         if step >= NO_GRAD_STEPS:
-            trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
-            never = [n for n in trainable if n not in self._got_grad]
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            never = [n for n, _ in named if n not in self._got_grad]
             known = self.optimizer is not None
-            self._apply("GW207", params_without_gradients(never, [], len(trainable), known), step)
+            if known and never:  # those missing from the optimizer are the other wording's
+                owned = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+                missing = set(never)
+                never = [n for n, p in named if n in missing and id(p) in owned]
+            self._apply("GW207", params_without_gradients(never, [], len(named), known), step)
 
     # -- fine-tuning: frozen parts, frozen BatchNorm, the original task ----------------------------
 
