@@ -149,6 +149,7 @@ class Doctor:
         self._closed = False
         self._ran: dict[str, None] = {}  # modules owning parameters, in the order they finished
         self._bn_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._failed: set[str] = set()  # checks switched off after an exception
 
         self._layers = _layers(model)
         self._all_params = [p for params in self._layers.values() for p in params]
@@ -199,7 +200,7 @@ class Doctor:
         if self._armed_for(step):
             self.signals.new_values = len(self._pending_loss)
             self._flush_loss(step)
-            self._guarded("GW208", lambda: self._watch_trainability(step))
+            self._guarded("GW208", lambda: self._watch_trainability(step), "trainability")
             self._sample_gradients(step)
             self._guarded("GW209", lambda: self._check_batchnorm(step))
             self._run_live_rules(step)
@@ -702,11 +703,15 @@ class Doctor:
             noise = math.sqrt(var / len(values))
         return mean, noise
 
-    def _guarded(self, code: str, check: Callable[[], None]) -> None:
-        """Run a check; a failure switches its rule off with a warning instead of raising."""
+    def _guarded(self, code: str, check: Callable[[], None], key: str | None = None) -> None:
+        """Run a check; a failure switches it and its rule off with a warning, never raises."""
+        key = key or code
+        if key in self._failed:
+            return
         try:
             check()
         except Exception as exc:
+            self._failed.add(key)
             self.ignore.add(code)
             warnings.warn(
                 f"gradwise doctor: the {code} check failed ({type(exc).__name__}: {exc}) and "
