@@ -293,7 +293,7 @@ def _advise(
     from gradwise.facts import facts as measure
 
     dataset = data.train_dataset
-    f = measure(model, dataset, kind, data.info)
+    f = measure(model, dataset, kind, data.info, finetune=r.finetune)
     zoo = zoo_kwargs(r.model.name) if not r.model.name.startswith(OBJECT) else set()
     epochs = (
         budget if budget is not None else (r.train.epochs if "train.epochs" in explicit else None)

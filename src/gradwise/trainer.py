@@ -106,6 +106,9 @@ class Trainer:
     metrics: more validation metrics by name: torchmetrics metrics (updated with the outputs and
     targets of each batch) or functions ``(outputs, targets) -> float`` called on the whole
     validation set; recorded as ``val_<name>`` and usable as the monitor.
+    forgetting_probe: samples of the task the model was pretrained on ((inputs, targets), a
+    mapping batch or a DataLoader): the doctor reports catastrophic forgetting (GW403) when the
+    model's loss on them climbs while it fine-tunes.
     """
 
     def __init__(
@@ -130,6 +133,7 @@ class Trainer:
         param_groups: list[dict[str, Any]] | Callable[[nn.Module], list] | None = None,
         callbacks: list[Any] | None = None,
         metrics: dict[str, Any] | None = None,
+        forgetting_probe: Any = None,
         **overrides: Any,
     ) -> None:
         if task is not None:
@@ -176,6 +180,7 @@ class Trainer:
             require_object(self.recipe.optim.name, "optimizer")
         self.callbacks = list(callbacks or [])
         self.user_metrics = dict(metrics or {})
+        self.forgetting_probe = forgetting_probe
         self._stop_signal: str | None = None
         self._val_limit: int | None = None  # validation batches per evaluation (quick_check)
 
@@ -816,15 +821,22 @@ class Trainer:
         from gradwise.doctor.findings import check_codes
         from gradwise.doctor.repair import Repairer
 
+        ft = self.finetune
+        ignore = check_codes(spec.ignore, "doctor.ignore")
+        if ft is not None and not ft.spec.freeze_bn:
+            ignore = [*ignore, "GW209"]  # frozen BatchNorm statistics move: as the recipe asks
+
         self.doctor = Doctor(
             self.model,
             self.optimizer,
             task=self.task.kind,
             loss_fn=self.task,
-            ignore=check_codes(spec.ignore, "doctor.ignore"),
+            ignore=ignore,
             sample_every=spec.sample_every,
             on_finding=self._on_finding,
             loss_scaling=self.precision == "fp16",
+            frozen_on_purpose=ft.frozen_on_purpose() if ft is not None else None,
+            probe=self.forgetting_probe,
         )
         if spec.mode == "repair":
             self.repairer = Repairer(

@@ -87,3 +87,41 @@ def test_a_state_dict_file_that_fits_nothing_fails_before_a_run_exists(blobs, tm
             **PLAIN,
         ).fit()
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_doctor_follows_fine_tuning(blobs):
+    """Gradual unfreezing raises no false 'never received a gradient' (GW207) or 'frozen by
+    mistake' (GW208); training on swapped labels forgets the original task: GW403 on its probe."""
+    x, y = blobs
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+        torch.nn.Linear(32, 3),
+    )  # fmt: skip
+    settings = {**QUIET, "recipe": None, "batch_size": 16, "sample_every": 5}
+    trainer = gw.Trainer(
+        model, (x, y), epochs=3, finetune={"unfreeze_every": 1, "lr_decay": 2.6}, **settings
+    )
+    trainer.fit()
+    assert not {"GW207", "GW208"} & {f.code for f in trainer.doctor.findings}
+    swapped = gw.Trainer(
+        model, (x[:200], (y[:200] + 1) % 3), (x[200:], (y[200:] + 1) % 3), epochs=4, lr=1e-2,
+        forgetting_probe=(x[200:], y[200:]), **settings,
+    )  # fmt: skip
+    swapped.fit()
+    assert "GW403" in {f.code for f in swapped.doctor.findings}
+
+
+def test_layer_groups_of_a_model_with_its_own_parameter():
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(1))
+            self.body, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+    groups = gw.finetune.layer_groups(Scaled())
+    assert [(g.name, g.params) for g in groups] == [
+        ("(root)", ["scale"]),
+        ("body", ["body.weight", "body.bias"]),
+        ("head", ["head.weight", "head.bias"]),
+    ]

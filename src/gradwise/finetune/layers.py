@@ -117,10 +117,11 @@ def layer_groups(model: nn.Module, spec: list[str] | str = "auto") -> list[Layer
         return _groups_from_globs(names, list(spec))
     found = _block_list(model)
     if found is None:
-        groups = [LayerGroup(child) for child in _top_paths(model)]
+        root = LayerGroup("(root)")  # parameters registered on the model itself
+        groups = [root, *(LayerGroup(child) for child in _top_paths(model))]
         for n in names:
-            next(g for g in groups if matches(n, [g.name])).params.append(n)
-        return [g for g in groups if g.params] or [LayerGroup("model", names)]
+            next((g for g in groups[1:] if matches(n, [g.name])), root).params.append(n)
+        return [g for g in groups if g.params]
     path, blocks = found
     prefix = f"{path}." if path else ""
     stem, head = LayerGroup("stem"), LayerGroup("head")
