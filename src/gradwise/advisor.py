@@ -105,6 +105,18 @@ ULMFIT_DECAY = 2.6  # each layer group's rate is the next higher one's / 2.6 (Ho
 ULMFIT_SPREAD_GROUPS = 4  # ULMFiT's spread: 2.6**4 (~46x) from the top group to the bottom one
 PROMPT_TUNING_SCALE = 1e9  # below this, prompt tuning trails model tuning (Lester et al. 2021)
 
+# distributed training (recipe section distributed; facts.world_size, device_count, device_memory_gb)
+WEIGHT_BYTES, GRAD_BYTES = 4, 4
+"""fp32 weights and gradients per parameter: gradwise's mixed precision autocasts the compute and
+keeps the weights, and so their gradients, in fp32 (ZeRO's 16 bytes per parameter for mixed-precision
+Adam count the same state as fp16 copies plus fp32 master weights, Rajbhandari et al. 2020)."""
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "lion": 4, "sgd": 4}
+"""fp32 optimizer state per trainable parameter: Adam and AdamW keep two moments, Lion one, SGD
+with momentum its velocity; an optimizer not listed is counted as Adam."""
+OPTIMIZER_LABEL = {"adamw": "AdamW", "adam": "Adam", "lion": "Lion", "sgd": "SGD momentum"}
+# DDP keeps the whole training state on every rank and must leave MEMORY_FRACTION of a device for
+# activations; FSDP divides it by the number of ranks (plus one layer's weights gathered at a time).
+
 REFS = {
     "adamw": "Loshchilov & Hutter 2019, Decoupled Weight Decay Regularization, arXiv:1711.05101",
     "sgd": "Sutskever et al. 2013, On the importance of initialization and momentum in deep learning",
@@ -143,6 +155,9 @@ REFS = {
     "peft": "Hugging Face peft examples: prompt and prefix tuning with AdamW at 1e-2..3e-2, https://github.com/huggingface/peft/tree/main/examples",
     "biderman": "Biderman et al. 2024, LoRA Learns Less and Forgets Less, arXiv:2405.09673",
     "sun": "Sun et al. 2019, How to Fine-Tune BERT for Text Classification?, arXiv:1905.05583 (layer-wise decay over 12 layers)",
+    "ddp": "Li et al. 2020, PyTorch Distributed: Experiences on Accelerating Data Parallel Training, arXiv:2006.15704",
+    "fsdp": "Zhao et al. 2023, PyTorch FSDP: Experiences on Scaling Fully Sharded Data Parallel, arXiv:2304.11277",
+    "zero": "Rajbhandari et al. 2020, ZeRO: Memory Optimizations Toward Training Trillion Parameter Models, arXiv:1910.02054",
 }
 
 
@@ -705,6 +720,110 @@ def lr_decay(c: _Context) -> Decision:
     )
 
 
+def strategy(c: _Context) -> Decision:
+    """DDP where every rank holds the whole training state with room to spare; FSDP where it does
+    not; none for one process. The memory arithmetic is in the reason."""
+    f = c.f
+    need, formula = _training_state(f, c.chosen.get("optim.name", "adamw"))
+    if f.world_size <= 1:
+        why = f"one process (world size 1): nothing to distribute; the training state is {formula}"
+        if f.device_count > 1 and f.device != "cpu":
+            choice, reason = _sharding(f, need, f.device_count, f.device_count)
+            why += (
+                f". This machine has {f.device_count} GPUs: gradwise train --nproc "
+                f"{f.device_count} would train on all of them with {choice.upper()}: {reason}"
+            )
+            return "none", why, ["ddp", "fsdp", "zero"]
+        if f.device == "cpu":
+            why += (
+                "; on the CPU, more processes (gradwise train --nproc N) would share the same cores"
+            )
+        return "none", why, []
+    choice, reason = _sharding(f, need, f.world_size, f.local_world_size)
+    return (
+        choice,
+        f"{f.world_size} processes: {formula} per rank with DDP; {reason}",
+        [
+            "ddp",
+            "fsdp",
+            "zero",
+        ],
+    )
+
+
+def _training_state(f: Facts, optimizer: str) -> tuple[float, str]:
+    """Bytes of weights, gradients and optimizer state of one full copy, and the arithmetic."""
+    state = OPTIMIZER_STATE_BYTES.get(optimizer, OPTIMIZER_STATE_BYTES["adam"])
+    label = OPTIMIZER_LABEL.get(optimizer, f"{optimizer} (as Adam)")
+    total, trainable = f.params, f.trainable_params
+    need = WEIGHT_BYTES * total + (GRAD_BYTES + state) * trainable
+    if trainable == total:
+        formula = (
+            f"{_count(total)} params x ({WEIGHT_BYTES} weights + {GRAD_BYTES} grads + "
+            f"{state} {label}) = {_bytes(need)}"
+        )
+    else:
+        formula = (
+            f"{_count(total)} params x {WEIGHT_BYTES} weights + {_count(trainable)} trainable x "
+            f"({GRAD_BYTES} grads + {state} {label}) = {_bytes(need)}"
+        )
+    return need, formula
+
+
+def _sharding(f: Facts, need: float, ranks: int, local: int) -> tuple[str, str]:
+    """("ddp" | "fsdp", why) for ``ranks`` processes, ``local`` of them on this machine."""
+    if f.device != "cpu" and f.device_memory_gb:
+        per_device = max(1, math.ceil(local / max(f.device_count, 1)))
+        memory = f.device_memory_gb / per_device
+        where = f"{f.device_memory_gb:g} GiB of one GPU" + (
+            f" shared by {per_device} ranks" if per_device > 1 else ""
+        )
+    elif f.memory_gb:
+        memory = f.memory_gb / max(local, 1)
+        where = f"{f.memory_gb:g} GiB of free RAM" + (
+            f" shared by {local} ranks" if local > 1 else ""
+        )
+    else:
+        return "ddp", (
+            "the device memory is unknown: DDP, the simpler and faster; choose fsdp if it runs "
+            "out of memory (Li et al. 2020; Zhao et al. 2023)"
+        )
+    room = MEMORY_FRACTION * memory * 2**30
+    half = f"half of {where} ({_bytes(room)}; the rest for activations)"
+    sharded = need / ranks
+    if need <= room:
+        return "ddp", (
+            f"fits in {half}: DDP, which only all-reduces gradients (Li et al. 2020); FSDP would "
+            f"shard it to {_bytes(sharded)} per rank over {ranks} ranks, at the cost of gathering "
+            "the weights in every forward and backward pass (Zhao et al. 2023)"
+        )
+    fits = (
+        "which fits"
+        if sharded <= room
+        else f"still more than {_bytes(room)}: add ranks, set train.activation_checkpointing "
+        "or train a smaller model"
+    )
+    return "fsdp", (
+        f"more than {half}: FSDP shards weights, gradients and optimizer state to "
+        f"{_bytes(sharded)} per rank over {ranks} ranks, {fits} (Zhao et al. 2023)"
+    )
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            value = n / size
+            return f"{value:.3g} {unit}" if value < 1000 else f"{value:,.0f} {unit}"
+    return f"{n:.0f} bytes"
+
+
 def _short_finetune(f: Facts) -> bool:
     """Fine-tuning a Transformer that needs only a few epochs (not prompt/prefix tuning, which
     learn slowly, nor gradual unfreezing, which needs an epoch per layer group)."""
@@ -764,6 +883,7 @@ RULES: list[Rule] = [
     ("finetune.target_modules", target_modules),
     ("finetune.lora_r", lora_rank),
     ("finetune.lr_decay", lr_decay),
+    ("distributed.strategy", strategy),
 ]
 
 
@@ -825,6 +945,11 @@ wraps the adapter and sets the layer groups first, so the facts count the real t
 parameters): advice on them is reported, and applied only by the next run that sets it."""
 
 
+RECOMMENDED = ("distributed.strategy",)
+"""Settings the advisor recommends and never writes into the recipe: how the run is launched decides
+them (``auto``: DDP under torchrun with more than one process, else none)."""
+
+
 def respect(
     advice: Advice,
     recipe: Recipe,
@@ -832,7 +957,24 @@ def respect(
     prepared: tuple[str, ...] = PREPARED,
 ) -> Advice:
     """A setting the user chose stays theirs; the advice says what it would have been. Settings
-    under ``prepared`` prefixes stay as the recipe has them too (the model was built with them)."""
+    under ``prepared`` prefixes stay as the recipe has them too (the model was built with them),
+    and so do the ``RECOMMENDED`` ones (advice only)."""
+    if advice.setting in RECOMMENDED and advice.setting not in explicit:
+        value = _get(recipe, advice.setting)
+        if value == advice.value:
+            return advice
+        if value == "auto" and advice.value in ("ddp", "none"):  # what auto resolves to here
+            return Advice(
+                advice.setting,
+                value,
+                f"auto chooses {advice.value}: {advice.why}",
+                advice.references,
+            )
+        why = (
+            f"recommended, not applied: the recipe keeps {_show(value)}; set {advice.setting}: "
+            f"{_show(advice.value)} to follow it: {advice.why}"
+        )
+        return Advice(advice.setting, value, why, advice.references)
     fixed = any(advice.setting.startswith(prefix) for prefix in prepared)
     if advice.setting not in explicit and not fixed:
         return advice

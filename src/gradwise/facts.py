@@ -2,6 +2,7 @@
 
     f = gradwise.facts(model, train_data)
     f.architecture, f.params, f.modality, f.n_samples, f.num_classes, f.imbalance, f.bf16
+    f.world_size, f.device_count, f.device_memory_gb
 
     f = gradwise.facts(model, train_data, finetune=recipe.finetune)  # after loading and wrapping
     f.finetune, f.peft, f.trainable_params, f.adapter_params, f.head_only, f.layer_groups
@@ -78,6 +79,11 @@ class Facts:
     bf16: bool
     memory_gb: float | None  # available memory for training (GPU memory on CUDA, RAM otherwise)
     cpu_count: int
+    # distributed (torchrun): how many processes train together, and the accelerators they share
+    world_size: int = 1  # processes in the run: torch.distributed's group, else WORLD_SIZE, else 1
+    local_world_size: int = 1  # of them on this machine (LOCAL_WORLD_SIZE; they share its RAM)
+    device_count: int = 0  # accelerators (CUDA devices) on this machine; 0 on the CPU
+    device_memory_gb: float | None = None  # total memory of one accelerator (GiB); None on the CPU
     # fine-tuning (the recipe's finetune section, measured after loading, wrapping and freezing)
     finetune: str = "scratch"  # scratch | full | partial (frozen parts, unfreezing) | peft
     peft: str | None = None  # lora | dora | ia3 | prefix | prompt: chosen, or adapters found
@@ -122,6 +128,8 @@ def facts(
     x, y = _sample(dataset)
     counts = _class_counts(y, kind, info.num_classes)
     device, bf16, memory = _hardware()
+    world, local = world_size(), local_world_size()
+    count, device_memory = _devices()
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tuning = _finetune_facts(model, finetune, params, trainable)
@@ -146,6 +154,10 @@ def facts(
         bf16=bf16,
         memory_gb=memory,
         cpu_count=os.cpu_count() or 1,
+        world_size=world,
+        local_world_size=local,
+        device_count=count,
+        device_memory_gb=device_memory,
         **tuning,
         notes=list(info.notes),
     )
@@ -373,6 +385,41 @@ def _heavy_tail(y: torch.Tensor | None) -> float | None:
         return None
     z = (y.float() - y.float().mean()) / y.float().std().clamp(min=1e-12)
     return float((z.abs() > 4).float().mean())
+
+
+def world_size() -> int:
+    """Processes training together: torch.distributed's group when one is initialised, else the
+    ``WORLD_SIZE`` torchrun sets, else 1."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return _env_count("WORLD_SIZE", 1)
+
+
+def local_world_size() -> int:
+    """Processes of the run on this machine: torchrun's ``LOCAL_WORLD_SIZE``, else the world size
+    (one machine)."""
+    return _env_count("LOCAL_WORLD_SIZE", world_size())
+
+
+def _env_count(name: str, default: int) -> int:
+    try:
+        value = int(os.environ.get(name, ""))
+    except ValueError:
+        return default
+    return value if value >= 1 else default
+
+
+def _devices() -> tuple[int, float | None]:
+    """(CUDA devices on this machine, total memory of one in GiB, None without CUDA)."""
+    if not torch.cuda.is_available():
+        return 0, None
+    try:
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    except (RuntimeError, AssertionError):
+        return torch.cuda.device_count(), None
+    return torch.cuda.device_count(), math.floor(total / 2**30 * 10) / 10
 
 
 def _hardware() -> tuple[str, bool, float | None]:
