@@ -87,6 +87,7 @@ class Assembly:
     model_loss: bool = False  # train on the loss the model computes from the labels (Hugging Face)
     eval_steps: int | None = None  # validate every N optimizer steps as well (streams: always)
     finetune: Finetuning | None = None  # pretrained weights, adapter, frozen parts, layer groups
+    checkpointed: list[str] | None = None  # modules whose activations are recomputed in backward
 
     @property
     def train_dataset(self) -> Dataset:
@@ -149,6 +150,11 @@ def assemble(
 
         finetune = prepare(model, r.finetune)
         model = finetune.model
+    checkpointed = []
+    if r.train.activation_checkpointing:  # recompute the blocks' activations in backward
+        from gradwise.memory import apply_activation_checkpointing
+
+        checkpointed = apply_activation_checkpointing(model, r.train.activation_checkpointing)
     device = resolve_device(r.train.device)
     model = model.to(device)
 
@@ -196,6 +202,7 @@ def assemble(
         model_loss=model_loss,
         eval_steps=eval_steps,
         finetune=finetune,
+        checkpointed=checkpointed,
     )
 
 
@@ -439,16 +446,20 @@ def _probe_loss(
 def _loaders(r: Recipe, data: Data, device: torch.device) -> tuple[DataLoader, DataLoader | None]:
     """gradwise's resumable loaders over the datasets (a plain one over a stream); the user's own
     loaders as they are."""
+    from gradwise.distributed import from_env
+
     settings = {
         "seed": r.seed,
         "num_workers": r.data.num_workers,
         "pin_memory": r.data.pin_memory,
         "device": device,
     }
+    rank, world, _ = from_env()  # under torchrun each rank takes its slice of the training data
     bs = r.data.batch_size
     train = data.train_loader or make_loader(
-        data.train, bs, shuffle=True, drop_last=r.data.drop_last, **settings
-    )
+        data.train, bs, shuffle=True, drop_last=r.data.drop_last, rank=rank, world=world,
+        **settings,
+    )  # fmt: skip
     val = data.val_loader
     if val is None and data.val is not None:
         val = make_loader(

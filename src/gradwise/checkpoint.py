@@ -50,6 +50,7 @@ from gradwise.errors import DataError, warn
 from gradwise.tracking.files import atomic_write_json, naming, publish_dir
 
 CHECKPOINTS = "checkpoints"
+DCP = "dcp"  # FSDP2 checkpoints: torch.distributed.checkpoint's shards, instead of WEIGHTS
 WEIGHTS, EMA_WEIGHTS, STATE, META, MANIFEST, BEST = (
     "model.safetensors",
     "ema.safetensors",
@@ -67,12 +68,16 @@ def save_checkpoint(
     run_dir: Path,
     step: int,
     *,
-    model: nn.Module,
+    model: nn.Module | None,
     state: dict[str, Any],
     ema: nn.Module | None = None,
     meta: dict[str, Any] | None = None,
+    sharded: Path | None = None,
 ) -> Path:
-    """Write a checkpoint atomically and return its directory (replacing one of the same step)."""
+    """Write a checkpoint atomically and return its directory (replacing one of the same step).
+
+    sharded: a torch.distributed.checkpoint directory the ranks wrote (FSDP2: weights and
+    optimizer state in shards), moved in as ``dcp/`` in place of the safetensors weights."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -80,6 +85,8 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        if sharded is not None:
+            os.replace(sharded, tmp / DCP)
         # the weights (or a peft model's frozen base) are hashed in a thread while the (larger)
         # state file is written and hashed
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -254,10 +261,11 @@ def write_manifest(directory: Path, digests: dict[str, str] | None = None) -> No
     """Record the size and SHA-256 of every file in ``directory`` in its manifest.json
     (``digests``: those already computed, by file name)."""
     files = {}
-    for file in sorted(directory.iterdir()):
-        if file.name != MANIFEST and file.is_file():
-            digest = (digests or {}).get(file.name) or _sha256(file)
-            files[file.name] = {"bytes": file.stat().st_size, "sha256": digest}
+    for file in sorted(directory.rglob("*")):
+        name = file.relative_to(directory).as_posix()
+        if name != MANIFEST and file.is_file():
+            digest = (digests or {}).get(name) or _sha256(file)
+            files[name] = {"bytes": file.stat().st_size, "sha256": digest}
     (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
 
 
@@ -307,7 +315,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step-*") if (p / WEIGHTS).is_file())
+    return sorted(p for p in root.glob("step-*") if has_weights(p))
+
+
+def has_weights(checkpoint: Path) -> bool:
+    """Whether a directory holds a checkpoint's weights: safetensors, or FSDP2's shards."""
+    return (checkpoint / WEIGHTS).is_file() or (checkpoint / DCP / ".metadata").is_file()
 
 
 def mark_best(run_dir: Path, checkpoint: Path, metric: str, value: float) -> None:
@@ -320,7 +333,7 @@ def best_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint best.json points at, if it exists (not verified: see resolve_checkpoint)."""
     name = _best_pointer(run_dir).get("checkpoint")
     path = Path(run_dir) / CHECKPOINTS / name if isinstance(name, str) else None
-    return path if path is not None and (path / WEIGHTS).is_file() else None
+    return path if path is not None and has_weights(path) else None
 
 
 def _best_pointer(run_dir: Path) -> dict[str, Any]:
@@ -354,7 +367,7 @@ def resolve_checkpoint(path: str | Path, which: str = "best", *, set_aside: bool
     ``damaged-step-...`` so that the continued run neither keeps them nor prunes good ones for them.
     """
     path = Path(path)
-    if (path / WEIGHTS).is_file():
+    if has_weights(path):
         damage = verify_checkpoint(path)
         if damage:
             raise DataError(f"checkpoint {path} is damaged: {damage}")
@@ -417,7 +430,7 @@ def verify_checkpoint(path: Path) -> str:
         entries = [(name, int(e["bytes"]), str(e["sha256"])) for name, e in files.items()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"{MANIFEST} is damaged ({type(exc).__name__})"
-    if WEIGHTS not in files:
+    if WEIGHTS not in files and f"{DCP}/.metadata" not in files:
         return f"{MANIFEST} does not list {WEIGHTS}"
     for name, size, digest in entries:
         file = path / name
@@ -539,7 +552,11 @@ def load_checkpoint(
     """
     ckpt = resolve_checkpoint(path, which, set_aside=set_aside)
     device = str(map_location)
-    if model is not None:
+    if model is not None and (ckpt / DCP).is_dir():  # FSDP2's shards, on any number of ranks
+        from gradwise.distributed import load_sharded
+
+        load_sharded(ckpt / DCP, model)
+    elif model is not None:
         load_weights(model, ckpt / WEIGHTS, device)
     if ema is not None:
         load_weights(ema, ckpt / EMA_WEIGHTS, device)

@@ -43,6 +43,24 @@ SetOption = Annotated[
 QuietOption = Annotated[
     bool, typer.Option("--quiet", "-q", help="Plain progress lines instead of a live progress bar.")
 ]
+NprocOption = Annotated[
+    int | None,
+    typer.Option(
+        "--nproc",
+        min=1,
+        help="Processes per machine, launched by torchrun's elastic launcher (distributed: DDP by "
+        "default, or distributed.strategy=fsdp).",
+    ),
+]
+NnodesOption = Annotated[
+    int, typer.Option("--nnodes", min=1, help="Machines taking part (with --rdzv-endpoint).")
+]
+RdzvOption = Annotated[
+    str | None,
+    typer.Option(
+        "--rdzv-endpoint", help="HOST:PORT where the machines meet (the same on every machine)."
+    ),
+]
 TrustOption = Annotated[
     bool,
     typer.Option(
@@ -92,11 +110,15 @@ def train(
         ),
     ] = None,
     quiet: QuietOption = False,
+    nproc: NprocOption = None,
+    nnodes: NnodesOption = 1,
+    rdzv_endpoint: RdzvOption = None,
 ) -> None:
     """Train the model and data a recipe names; writes runs/<name>/."""
     from gradwise.recipe import load_recipe, parse_assignment
 
     r = load_recipe(recipe)
+    _launch(nproc, nnodes, rdzv_endpoint)
     overrides = dict(parse_assignment(item) for item in set_ or [])
     if name:
         overrides["name"] = name
@@ -113,6 +135,9 @@ def resume(
     set_: SetOption = None,
     quiet: QuietOption = False,
     trust: TrustOption = False,
+    nproc: NprocOption = None,
+    nnodes: NnodesOption = 1,
+    rdzv_endpoint: RdzvOption = None,
 ) -> None:
     """Continue a run from its latest checkpoint, exactly where it stopped.
 
@@ -122,6 +147,7 @@ def resume(
     from gradwise.recipe import parse_assignment
     from gradwise.trainer import Trainer
 
+    _launch(nproc, nnodes, rdzv_endpoint)
     overrides = dict(parse_assignment(item) for item in set_ or [])
     progress = "lines" if quiet else "auto"
     _report(Trainer.resume(run_dir, progress=progress, trust=trust, **overrides).fit())
@@ -805,7 +831,37 @@ def _fit(recipe, quiet: bool, advise: bool = False, quick_check: int | None = No
     )
 
 
+def _launch(nproc: int | None, nnodes: int, endpoint: str | None) -> None:
+    """With --nproc, run this same command in ``nproc`` processes per machine under torchrun's
+    elastic launcher (it restarts nothing: a failed rank ends the job, every rank stops) and exit
+    with its status; without, or when already a torchrun worker, return and train here."""
+    if nproc is None or "LOCAL_RANK" in os.environ:
+        return
+    if nnodes > 1 and not endpoint:
+        raise ConfigError("--rdzv-endpoint", None, "HOST:PORT with --nnodes > 1")
+    import subprocess
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:  # the same command, without the launcher's options
+        if skip:
+            skip = False
+        elif arg in ("--nproc", "--nnodes", "--rdzv-endpoint"):
+            skip = True
+        elif not arg.startswith(("--nproc=", "--nnodes=", "--rdzv-endpoint=")):
+            args.append(arg)
+    where = (
+        ["--standalone"]
+        if nnodes == 1 and not endpoint
+        else ["--rdzv-backend", "c10d", "--rdzv-endpoint", str(endpoint)]
+    )
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    launcher += [f"--nnodes={nnodes}", *where, "-m", "gradwise", *args]
+    raise typer.Exit(subprocess.call(launcher))
+
+
 def _report(run) -> None:
+    if int(os.environ.get("RANK", 0)) != 0:
+        return  # rank 0 reports for all
     best = "n/a" if run.best_metric is None else f"{run.best_metric:.4f}"
     out.print(f"{run.state}: best {run.monitor} {best} after {run.steps} steps")
     out.print(f"run directory: {run.dir}")

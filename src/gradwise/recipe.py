@@ -185,6 +185,10 @@ class TrainSpec(_Section):
     only; for data without a length (streams), 10 times in the run."""
     log_every: int = Field(10, gt=0)
     """Record training loss and learning rate every N optimizer steps."""
+    activation_checkpointing: bool | list[str] = False
+    """Recompute activations in the backward pass instead of keeping them: less memory for ~30%
+    more compute. true: every block of the zoo's Transformer, GPT and ResNet; or a list of module
+    type names or module-path globs, e.g. [BertLayer] or ["encoder.layer.*"]."""
 
 
 class EarlyStoppingSpec(_Section):
@@ -335,6 +339,18 @@ class FinetuneSpec(_Section):
         )
 
 
+class DistributedSpec(_Section):
+    """Several processes (torchrun): data parallel (DDP) or sharded (FSDP2)."""
+
+    strategy: Literal["auto", "ddp", "fsdp", "none"] = "auto"
+    """auto: DDP when started with more than one process (torchrun), else none. fsdp: parameters,
+    gradients and optimizer state sharded across ranks (torch FSDP2, fully_shard)."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """auto: NCCL on CUDA, gloo on the CPU."""
+    timeout_s: int = Field(600, gt=0)
+    """How long a collective may wait for the other ranks before the run fails (a dead rank)."""
+
+
 class Recipe(_Section):
     """Every decision of a training run. YAML round-trips; unknown keys are errors."""
 
@@ -354,6 +370,7 @@ class Recipe(_Section):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     doctor: DoctorSpec = Field(default_factory=DoctorSpec)
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
 
     # -- construction -------------------------------------------------------------------------
 

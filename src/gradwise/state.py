@@ -52,6 +52,7 @@ class TrainState:
     loss_count: torch.Tensor = field(default=None)  # type: ignore[assignment]
     log_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
     log_count: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    sharded: bool = False  # FSDP2: the optimizer's state goes to the sharded checkpoint instead
 
     def __post_init__(self) -> None:
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
@@ -67,7 +68,7 @@ class TrainState:
         """Everything but the weights, as tensors and plain values (and every RNG's state)."""
         return {
             "position": asdict(self.position),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": None if self.sharded else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": ckpt.rng_state(),
@@ -82,7 +83,8 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The inverse of :meth:`state_dict` (the weights are loaded with the checkpoint)."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.position = Position(**state["position"])

@@ -13,6 +13,7 @@ import copy
 import itertools
 import json
 import math
+import shutil
 import signal
 import sys
 import tempfile
@@ -26,8 +27,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from gradwise import checkpoint as ckpt
+from gradwise import distributed
 from gradwise.assemble import (
     OBJECT,
     DataLike,
@@ -54,6 +57,7 @@ from gradwise.tracking import (
     write_status,
 )
 from gradwise.tracking.files import Heartbeat, try_write_status
+from gradwise.tracking.system import SystemMetrics
 
 
 @dataclass
@@ -181,6 +185,7 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         self.user_metrics = dict(metrics or {})
         self.forgetting_probe = forgetting_probe
+        self.dist = distributed.SINGLE  # fit() joins the ranks torchrun started
         self._stop_signal: str | None = None
         self._val_limit: int | None = None  # validation batches per evaluation (quick_check)
 
@@ -250,6 +255,8 @@ class Trainer:
         self.model_loss, self.eval_steps = a.model_loss, a.eval_steps
         self.label_key = self.recipe.data.label_key
         r = self.recipe
+        self._check_distributed()
+        self.engine = distributed.wrap(self.model, self.dist, self.device, self.precision)
         self.optimizer = self._build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, r.schedule, self.total_steps, self.mode)
         self.per_step_schedule = r.schedule.name != "plateau"
@@ -268,9 +275,32 @@ class Trainer:
         )
         self.mixing = r.train.mixup > 0 or r.train.cutmix > 0
         self.guard = FiniteGuard(self.device, r.train.log_every)
+        self.system = SystemMetrics(self.device)  # memory, utilisation, samples/s per rank
+        self._logged_at = time.perf_counter()
         self.finetune = a.finetune
         self.unfreezer = a.finetune.unfreezer if a.finetune is not None else None
         self.params = self._clipped()
+
+    def _check_distributed(self) -> None:
+        """What does not combine with several ranks fails here, before anything is written."""
+        d, r = self.dist, self.recipe
+        if not d.active:
+            return
+        if self._train_data is not None and isinstance(self._train_data, DataLoader):
+            raise ConfigError(
+                "train_data", "a DataLoader", "a Dataset or arrays under torchrun",
+                "gradwise shards a Dataset by rank; a DataLoader of yours would give every rank "
+                "all the data",
+            )  # fmt: skip
+        if r.doctor.mode == "repair":
+            raise ConfigError(
+                "doctor.mode", "repair", "watch or off with several ranks",
+                "a repair rolls one process back; the ranks must move together",
+            )  # fmt: skip
+        if d.strategy == "fsdp" and (r.train.ema_decay or r.finetune.peft):
+            field = "train.ema_decay" if r.train.ema_decay else "finetune.peft"
+            raise ConfigError(field, getattr(r.train, "ema_decay", None) or r.finetune.peft,
+                              "not set with distributed.strategy: fsdp", "use ddp")  # fmt: skip
 
     def _clipped(self) -> list[nn.Parameter]:
         """The parameters whose gradients are clipped: every trainable one (with gradual
@@ -341,40 +371,65 @@ class Trainer:
 
     def fit(self) -> Run:
         """Train, validate, checkpoint and track; returns the :class:`Run`."""
+        self.dist = distributed.start(self.recipe.distributed, self.recipe.train.device)
+        scratch = None if self.dist.main else tempfile.TemporaryDirectory(prefix="gradwise-rank-")
+        try:
+            return self._fit(scratch)
+        finally:
+            if scratch is not None:
+                scratch.cleanup()
+            distributed.stop(self.dist)
+
+    def _fit(self, scratch: tempfile.TemporaryDirectory | None) -> Run:
         self._setup()
         r = self.recipe
         self.state = TrainState(
             self.model, self.optimizer, self.scheduler, self.scaler, self.ema, r.train.grad_clip
         )
+        self.state.sharded = self.dist.strategy == "fsdp"
+        self.run_dir = None
         if self.resume_from is not None:
-            self.dir = self.resume_from
-            self._restore()
-        else:
-            self.dir = new_run_dir(r.tracking.root, r.name or self._default_name())
-            atomic_write_text(self.dir / "recipe.yaml", r.to_yaml())
-            write_environment(self.dir, r.seed)
+            self.run_dir = self.resume_from
+        elif self.dist.main:
+            self.run_dir = new_run_dir(r.tracking.root, r.name or self._default_name())
+            atomic_write_text(self.run_dir / "recipe.yaml", r.to_yaml())
+            write_environment(self.run_dir, r.seed)
             if self.advice is not None:
                 advice = [a.to_dict() for a in self.advice]
-                atomic_write_text(self.dir / "advice.json", json.dumps(advice, indent=2))
+                atomic_write_text(self.run_dir / "advice.json", json.dumps(advice, indent=2))
+        self.run_dir = distributed.broadcast(self.run_dir, self.dist)
+        # rank 0 writes the run directory; the other ranks write their logs to a scratch one
+        self.dir = self.run_dir if scratch is None else Path(scratch.name)
+        if self.resume_from is not None:
+            self._restore()
         pos = self.state.position
         write_status(self.dir, "running", monitor=self.monitor, step=pos.step, epoch=pos.epoch)
+        main = self.dist.main
         self.tracker = Tracker(
             self.dir,
             params=r.flat(),
-            tensorboard=r.tracking.tensorboard,
-            mlflow=r.tracking.mlflow,
-            wandb=r.tracking.wandb,
+            tensorboard=r.tracking.tensorboard if main else False,
+            mlflow=r.tracking.mlflow if main else False,
+            wandb=r.tracking.wandb if main else False,
             experiment="gradwise",
             mlflow_uri=self.mlflow_uri,
             tags=self.tags,
         )
-        self.progress = Progress(self.total_steps, mode=self._progress_mode, start_step=pos.step)
+        mode = self._progress_mode if main else "off"
+        self.progress = Progress(self.total_steps, mode=mode, start_step=pos.step)
         if self.resume_from is not None:
             self.progress.line(f"resuming {self.dir} at step {pos.step}")
         else:
             self.progress.line(self._settings_note())
             for line in self.finetune.lines() if self.finetune is not None else ():
                 self.progress.line(f"fine-tuning: {line}")
+            if self.assembly.checkpointed:
+                n = len(self.assembly.checkpointed)
+                self.progress.line(f"activation checkpointing: {n} blocks recompute in backward")
+            if self.dist.active:
+                self.progress.line(
+                    f"distributed: {self.dist.strategy} over {self.dist.world} ranks"
+                )
         self._start_doctor()
         state = "failed"
         previous_handlers = self._install_signal_handlers()
@@ -461,11 +516,18 @@ class Trainer:
         while pos.step < self.total_steps:
             if self.unfreezer is not None:
                 self._unfreeze()
-            window = list(itertools.islice(batches, k))
+            window = [split_batch(raw, self.label_key) for raw in itertools.islice(batches, k)]
+            counts = [self.task.count(b.target) for b in window]
+            total = sum(counts)
+            if self.dist.active:  # the ranks agree: end of data, a stop signal, the window's size
+                ended, stop, total = self._agree(not window, total)
+                if stop and not self._stop_signal:
+                    self._stop_signal = "a signal on another rank"
+                window = [] if ended else window
             if not window:  # before validating, read the guard on accelerators too
                 unseen = self.guard.poll(pos.step, force=True) is not None
                 return "diverged" if unseen and self._respond([], pos.step, force=True) else "end"
-            fired = self._step(window)
+            fired = self._step(window, counts, total)
             pos.step += 1
             pos.batch += len(window)
             self.progress.advance(pos.step)
@@ -486,18 +548,26 @@ class Trainer:
                 return "eval"
         return "budget"
 
-    def _step(self, window: list) -> list:
+    def _agree(self, ended: bool, total: float) -> tuple[bool, bool, float]:
+        """One small all-reduce per step: whether any rank's data ran out or any rank was asked
+        to stop, and the samples (tokens) of the global window."""
+        flags = torch.tensor([float(ended), float(bool(self._stop_signal)), float(total)])
+        flags = distributed.all_sum(flags, self.dist)
+        return bool(flags[0]), bool(flags[1]), float(flags[2])
+
+    def _step(self, window: list, counts: list, total: float) -> list:
         """One optimizer step over the micro-batches of ``window`` (gradient accumulation).
 
         Each micro-batch's mean loss is weighted by its share of the window's samples (tokens for
         lm), so the step equals one step on the concatenated batch, whatever the micro-batch sizes.
+        Over W ranks the share is of the global window and times W (the all-reduce averages), so
+        the step equals one process's on the global batch; no all-reduce before the last
+        micro-batch.
         """
-        s = self.state
-        window = [split_batch(raw, self.label_key) for raw in window]
-        counts = [self.task.count(b.target) for b in window]
-        total = sum(counts)
+        s, d = self.state, self.dist
         window_loss = 0.0
-        for batch, n in zip(window, counts, strict=True):
+        scale = d.world if d.active else 1
+        for i, (batch, n) in enumerate(zip(window, counts, strict=True)):
             if self.check_batch_labels:
                 check_batch_labels(batch.target, self.task, s.position.step + 1)
             batch = batch.to(self.device)
@@ -508,28 +578,33 @@ class Trainer:
                     x, y, mixup=self.recipe.train.mixup, cutmix=self.recipe.train.cutmix
                 )
                 batch = batch.with_inputs(x)
-            with self.autocast():
-                out, own = outputs_of(run_model(self.model, batch, with_labels=self.model_loss))
-                loss = own if self.model_loss else self.task.loss(out, y)
-            scaled = loss if len(window) == 1 else loss * (n / total)
-            self.scaler.scale(scaled).backward()
+            with distributed.sync_off(self.engine, d, last=i == len(window) - 1):
+                with self.autocast():
+                    out, own = outputs_of(
+                        run_model(self.engine, batch, with_labels=self.model_loss)
+                    )
+                    loss = own if self.model_loss else self.task.loss(out, y)
+                scaled = loss if len(window) == 1 and scale == 1 else loss * (n * scale / total)
+                self.scaler.scale(scaled).backward()
             s.loss_sum += loss.detach() * n
             s.loss_count += n
             window_loss = window_loss + scaled.detach()
         self.scaler.unscale_(self.optimizer)  # a no-op without fp16 loss scaling
         norm = _total_norm(self.params) if s.grad_clip is not None else None
+        full = distributed.full_norm(norm)  # FSDP2: a DTensor over the shards
         fired = []
         if self.doctor is not None:  # sees the gradients before clipping
             targets = None if self.mixing else y  # mixed targets are probabilities, not labels
             fired = self.doctor.step(
-                window_loss, inputs=x, outputs=out.detach(), targets=targets, grad_norm=norm
+                window_loss, inputs=x, outputs=out.detach(), targets=targets, grad_norm=full
             )
         # fp16 loss scaling overflows the gradients now and then by design (the step is skipped)
         self.guard.record(
-            s.position.step + 1, window_loss, None if self.scaler.is_enabled() else norm
+            s.position.step + 1, window_loss, None if self.scaler.is_enabled() else full
         )
         if s.grad_clip is not None:
-            self.grad_norm = _clip(self.params, s.grad_clip, norm)
+            _clip(self.params, s.grad_clip, norm)
+            self.grad_norm = full
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -559,6 +634,8 @@ class Trainer:
             return
         if self.unfreezer.second_phase(before):
             scale_lr(self.optimizer, self.scheduler, 0.5)
+        if self.dist.strategy == "ddp" and self.dist.active:  # DDP syncs what trained when built
+            self.engine = distributed.wrap(self.model, self.dist, self.device, self.precision)
         self._train_mode()  # the unfrozen BatchNorm layers learn their statistics again
         n = len(self.unfreezer.groups)
         self.progress.line(
@@ -627,7 +704,8 @@ class Trainer:
         s = self.state
         pos = s.position
         results = self.evaluate()
-        train_loss = (s.loss_sum / s.loss_count.clamp(min=1)).item()
+        total, count = distributed.all_sum(torch.stack([s.loss_sum, s.loss_count]), self.dist)
+        train_loss = (total / count.clamp(min=1)).item()
         # the log interval's marks move with the epoch's sums, so the next logged loss stays right
         s.log_sum -= s.loss_sum
         s.log_count -= s.loss_count
@@ -674,12 +752,19 @@ class Trainer:
 
     def _log_train(self) -> None:
         s = self.state
-        loss = ((s.loss_sum - s.log_sum) / (s.loss_count - s.log_count).clamp(min=1)).item()
+        total, count = distributed.all_sum(
+            torch.stack([s.loss_sum - s.log_sum, s.loss_count - s.log_count]), self.dist
+        )
+        loss = (total / count.clamp(min=1)).item()
+        local = int(s.loss_count - s.log_count)
         s.log_sum.copy_(s.loss_sum)
         s.log_count.copy_(s.loss_count)
         metrics = {"loss": loss, "lr": self._lr()}
         if s.grad_clip is not None:
             metrics["grad_norm"] = float(self.grad_norm)
+        now = time.perf_counter()
+        metrics |= self.system.sample(local, now - self._logged_at)  # this rank's samples/s
+        self._logged_at = now
         self.tracker.log(s.position.step, metrics, split="train", epoch=s.position.epoch)
         self.progress.update(loss=loss, lr=metrics["lr"])
 
@@ -687,31 +772,59 @@ class Trainer:
         """The learning rate logged: the highest group's (with discriminative rates, the top's)."""
         return max(float(g["lr"]) for g in self.optimizer.param_groups)
 
-    def _save(self, best: bool = False) -> Path:
+    def _save(self, best: bool = False) -> Path | None:
         s = self.state
         pos = s.position
+        totals = distributed.all_sum(torch.stack(s.totals).cpu(), self.dist)  # every rank's loss
+        shards = self._save_shards(pos.step) if s.sharded else None
+        if not self.dist.main:
+            return None  # rank 0 writes the checkpoint: the ranks hold the same weights
         meta = {"epoch": pos.epoch, "batch": pos.batch, **(s.history[-1] if s.history else {})}
         self.tracker.sync()  # the metrics up to this step survive a kill after the checkpoint
+        state = {**s.state_dict(), "loss_sums": totals}
         path = ckpt.save_checkpoint(
-            self.dir, pos.step, model=self.model, state=s.state_dict(), ema=self.ema, meta=meta
-        )
+            self.dir, pos.step, model=None if s.sharded else self.model, state=state,
+            ema=self.ema, meta=meta, sharded=shards,
+        )  # fmt: skip
         if best:
             ckpt.mark_best(self.dir, path, self.monitor, s.best)
         ckpt.prune(self.dir, self.recipe.checkpoint.keep_last)
         return path
 
+    def _save_shards(self, step: int) -> Path:
+        """FSDP2: every rank writes its shard of weights and optimizer state into a staging
+        directory that rank 0's checkpoint then takes in whole."""
+        staging = self.run_dir / ckpt.CHECKPOINTS / f".shards-{step:08d}"
+        if self.dist.main:
+            shutil.rmtree(staging, ignore_errors=True)
+        distributed.barrier(self.dist)
+        distributed.save_sharded(staging, self.model, self.optimizer)
+        distributed.barrier(self.dist)
+        return staging
+
     def _restore(self) -> None:
-        """Load the latest checkpoint of ``self.dir`` into the training state."""
+        """Load the latest checkpoint of the run directory into the training state (rank 0 first:
+        it sets damaged checkpoints aside; then the other ranks read the one it chose)."""
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        if not self.dist.main:
+            distributed.barrier(self.dist)
         state = ckpt.load_checkpoint(  # the newest good one: damaged newer ones are set aside
-            self.dir, self.model, ema=self.ema, which="latest", map_location=self.device,
-            set_aside=True,
+            self.run_dir, None if self.state.sharded else self.model, ema=self.ema,
+            which="latest", map_location=self.device, set_aside=self.dist.main,
         )  # fmt: skip
+        if self.dist.main:
+            distributed.barrier(self.dist)
+        if self.state.sharded:  # weights and optimizer from the shards, on any number of ranks
+            distributed.load_sharded(Path(state["path"]) / ckpt.DCP, self.model, self.optimizer)
         self.state.load_state_dict(state)
+        if not self.dist.main:  # the checkpoint's loss totals are all ranks': rank 0 holds them
+            for total in self.state.totals:
+                total.zero_()
         self._apply_optim_overrides(fresh)
         if self.unfreezer is not None:
             self._unfreeze(resumed=True)
-        _truncate_metrics(self.dir, self.state.position.step)
+        if self.dist.main:
+            _truncate_metrics(self.dir, self.state.position.step)
 
     def _apply_optim_overrides(self, fresh: list[dict[str, Any]]) -> None:
         """Optimizer settings given explicitly when resuming win over the checkpoint's.
@@ -778,7 +891,7 @@ class Trainer:
     def _result(self, state: str) -> Run:
         s = self.state
         pos = s.position
-        best = ckpt.best_checkpoint(self.dir)
+        best = ckpt.best_checkpoint(self.run_dir)
         if state != "interrupted":
             write_status(
                 self.dir,
@@ -790,7 +903,7 @@ class Trainer:
                 message=self.divergence if state == "diverged" else state,
             )
         return Run(
-            dir=self.dir,
+            dir=self.run_dir,
             history=s.history,
             monitor=self.monitor,
             best_metric=s.best,

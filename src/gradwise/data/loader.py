@@ -8,6 +8,7 @@ In-memory tensors are gathered a whole batch at a time (one indexing op per tens
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Iterator
@@ -17,13 +18,26 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Tens
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
-    """Batches of indices in an order fixed by (seed, epoch); :meth:`set_epoch` can skip batches."""
+    """Batches of indices in an order fixed by (seed, epoch); :meth:`set_epoch` can skip batches.
+
+    Over ``world`` ranks, batches are global (``batch_size`` per rank) and rank ``rank`` takes its
+    slice of each, so the ranks together walk one process's order on the global batch.
+    """
 
     def __init__(
-        self, n: int, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
-        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.drop_last = drop_last
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.batch_size = batch_size * world  # the global batch
+        self.drop_last, self.rank, self.world = drop_last, rank, world
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -38,14 +52,31 @@ class ResumableBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         order = self.order()
         for b in range(self.skip, self.num_batches()):
-            yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            if self.world > 1:
+                batch = batch.tensor_split(self.world)[self.rank]
+            yield batch.tolist()
 
     def num_batches(self) -> int:
         full, rest = divmod(self.n, self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
+        return full + (1 if rest and not self.drop_last and rest >= self.world else 0)
 
     def __len__(self) -> int:
         return self.num_batches() - self.skip
+
+
+class RankShard(IterableDataset):
+    """Every ``world``-th sample of a stream, from ``rank`` on (the stream's set_epoch passes on)."""
+
+    def __init__(self, stream: IterableDataset, rank: int, world: int) -> None:
+        self.stream, self.rank, self.world = stream, rank, world
+
+    def __iter__(self) -> Iterator:
+        return itertools.islice(iter(self.stream), self.rank, None, self.world)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.stream, "set_epoch"):
+            self.stream.set_epoch(epoch)
 
 
 class _BatchedTensors(Dataset):
@@ -84,19 +115,24 @@ def make_loader(
     num_workers: int | str = "auto",
     pin_memory: bool | str = "auto",
     device: torch.device | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> DataLoader:
     """A DataLoader over ``dataset`` with a :class:`ResumableBatchSampler` and expert defaults.
 
     drop_last="auto" drops the last batch only when it would hold a single sample (that breaks
     BatchNorm and gives a very noisy step). An IterableDataset (a stream) gets a plain DataLoader in
     its own order, in the main process unless ``num_workers`` is given (the stream must then
-    shard itself by worker). num_workers="auto" is 0 for in-memory data, else
+    shard itself by worker; over ``world`` ranks, rank ``rank`` reads every world-th sample).
+    ``batch_size`` is per rank. num_workers="auto" is 0 for in-memory data, else
     min(8, CPUs - 1) with persistent workers. pin_memory="auto" is on for CUDA.
     """
     if pin_memory == "auto":
         pin_memory = device is not None and device.type == "cuda"
     if isinstance(dataset, IterableDataset):  # a stream: its own order; workers would repeat it
         workers = 0 if num_workers == "auto" else int(num_workers)
+        if world > 1:
+            dataset = RankShard(dataset, rank, world)
         return DataLoader(
             dataset, batch_size=batch_size, num_workers=workers, pin_memory=bool(pin_memory)
         )
@@ -106,7 +142,7 @@ def make_loader(
     if num_workers == "auto":
         num_workers = 0 if in_memory(dataset) else max(0, min(8, (os.cpu_count() or 1) - 1))
     sampler = ResumableBatchSampler(
-        n, batch_size, shuffle=shuffle, seed=seed, drop_last=bool(drop_last)
+        n, batch_size, shuffle=shuffle, seed=seed, drop_last=bool(drop_last), rank=rank, world=world
     )
     batched = isinstance(dataset, TensorDataset) and num_workers == 0
     return DataLoader(

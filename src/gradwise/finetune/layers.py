@@ -24,6 +24,7 @@ from gradwise.errors import ConfigError
 __all__ = [
     "LayerGroup",
     "Unfreezer",
+    "blocks",
     "discriminative_rates",
     "freeze",
     "head_names",
@@ -102,6 +103,16 @@ def _block_list(model: nn.Module) -> tuple[str, list[str]] | None:
         if len(children) >= 2 and size > best_size:
             best, best_size = (path, [n for n, _ in children]), size
     return best
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of the model's main stack (see :func:`layer_groups`); [] when it has none."""
+    found = _block_list(model)
+    if found is None:
+        return []
+    path, names = found
+    stack = model.get_submodule(path) if path else model
+    return [stack.get_submodule(n) for n in names]
 
 
 def layer_groups(model: nn.Module, spec: list[str] | str = "auto") -> list[LayerGroup]:

@@ -81,9 +81,12 @@ def publish_dir(tmp: Path, final: Path) -> Path:
     directory, rename it over ``final`` (an older one there is moved aside, then removed) and fsync
     the parent, so readers see the old directory or the complete new one, never a part."""
     root = final.parent
-    for file in tmp.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
+    for path in sorted(tmp.rglob("*"), reverse=True):  # files, then their directories
+        if path.is_dir():
+            fsync_dir(path)
+        else:
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
     fsync_dir(tmp)
     old = None
     if final.exists():
