@@ -12,6 +12,12 @@ checks each one.
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradwise.doctor.doctor import Doctor
+from gradwise.doctor.findings import Finding
 
 
 @dataclass(frozen=True)
@@ -560,6 +567,98 @@ def forgetting() -> Doctor:
         model, x, remapped, F.cross_entropy, steps=150, lr=3e-3, val=(xv, (yv + 1) % 4),
         eval_every=50, probe=(xv, yv),
     )  # fmt: skip
+
+
+@case(
+    "GW210-rank-desync",
+    "GW210",
+    "2 processes (gloo) under DDP; rank 1 re-initialises the head after DDP was built",
+)
+def rank_desync() -> RankFindings:
+    return two_ranks("desync")
+
+
+@dataclass
+class RankFindings:
+    """What rank 0's Doctor found in a run of two processes (their Doctors die with them)."""
+
+    findings: list[Finding]
+
+
+def two_ranks(scenario: str, timeout: float = 120.0) -> RankFindings:
+    """Run ``scenario`` of :func:`_rank_main` on 2 processes, as torchrun starts them (gloo on
+    the CPU); rank 0's findings."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="gradwise-ranks-") as out:
+        code = "from gradwise.doctor.cases import _rank_main; _rank_main()"
+        procs = []
+        for rank in range(2):
+            env = {
+                **os.environ,
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": "2",
+                "OMP_NUM_THREADS": "1",
+                "GRADWISE_CASE": scenario,
+                "GRADWISE_CASE_OUT": out,
+            }
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True
+                )
+            )
+        try:
+            errors = [p.communicate(timeout=timeout)[1] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        for p, err in zip(procs, errors, strict=True):
+            if p.returncode:
+                raise RuntimeError(f"a rank failed ({p.returncode}):\n{err[-2000:]}")
+        with open(os.path.join(out, "findings.json"), encoding="utf-8") as fh:
+            return RankFindings([Finding(**d) for d in json.load(fh)])
+
+
+def _rank_main() -> None:
+    """One rank of :func:`two_ranks`: an MLP on blobs under DDP with a Doctor on every rank."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    try:
+        torch.manual_seed(0)
+        x, y = _blobs(n=512)
+        model = _mlp(20, 4)
+        ddp = DistributedDataParallel(model)
+        if os.environ["GRADWISE_CASE"] == "desync" and rank == 1:
+            torch.manual_seed(1)  # a rank-dependent re-initialisation after DDP's broadcast
+            model[-1].reset_parameters()
+        opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
+        doctor = Doctor(ddp, opt, loss_fn=F.cross_entropy, on_finding=None)
+        for step in range(40):
+            lo = (step * 32 + rank * 16) % len(x)
+            xb, yb = x[lo : lo + 16], y[lo : lo + 16]
+            opt.zero_grad()
+            out = ddp(xb)
+            loss = F.cross_entropy(out, yb)
+            loss.backward()
+            doctor.step(loss, inputs=xb, outputs=out, targets=yb)
+            opt.step()
+        doctor.sync()
+        doctor.close()
+        if rank == 0:
+            path = os.path.join(os.environ["GRADWISE_CASE_OUT"], "findings.json")
+            with open(path, "w", encoding="utf-8") as fh:
+                json.dump([finding.to_dict() for finding in doctor.findings], fh)
+    finally:
+        dist.destroy_process_group()
 
 
 # -- faulty recipes that doctor.mode: repair fixes (benchmarks/doctor_repair.py, tests) ---------

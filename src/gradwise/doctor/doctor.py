@@ -15,6 +15,12 @@ Fine-tuning: ``Doctor(model, optimizer, frozen_on_purpose=names, probe=(x_old, y
 checks for parameters frozen by mistake (GW208), frozen BatchNorm layers whose statistics drift
 (GW209) and the loss on a probe set from the original task at every validate() (GW403).
 
+Under torch.distributed (DDP, or FSDP2's fully_shard) every rank builds its own Doctor on the model
+it trains (the DDP wrapper or the module inside it) and calls ``step`` at every step: the ranks
+combine their statistics at the sampled steps (the loss is the mean over ranks, the gradient norm
+that of the averaged or sharded gradient), rank 0 alone reports, and ranks whose weights, steps or
+losses disagree are GW210.
+
 Hooks collect cheap signals; the expensive ones (per-layer gradient and weight norms, activation
 statistics) only every ``sample_every`` steps. Rules are pure functions over those signals. The
 Doctor never raises into the training loop: a check that fails is switched off with a warning.
@@ -22,12 +28,13 @@ Doctor never raises into the training loop: a check that fails is switched off w
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import sys
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradwise.doctor import ranks
 from gradwise.doctor import rules as _rules  # noqa: F401  (registers every rule)
 from gradwise.doctor.findings import RULES, Finding, check_codes, sort_findings
 from gradwise.doctor.rules import data as data_rules
@@ -46,6 +54,7 @@ from gradwise.doctor.rules.setup import (
     frozen_batchnorm_drift,
     frozen_by_mistake,
     params_without_gradients,
+    ranks_out_of_sync,
     stale_gradients,
 )
 from gradwise.doctor.signals import Activation, Series, Signals
@@ -80,6 +89,9 @@ PROBE_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = 
 }  # the probe's loss by loss kind, when no loss function is given
 
 
+_NO_GUARD = contextlib.nullcontext()
+
+
 class Doctor:
     """Diagnose a training run live; see the module docstring for the loop it expects.
 
@@ -99,6 +111,12 @@ class Doctor:
         a DataLoader: its loss (``loss_fn``, else the loss of the task's kind, else the model's
         own) is measured before the first update and at every ``validate()``; a clear rise is
         GW403 catastrophic forgetting.
+    process_group: under torch.distributed, the ranks whose statistics are combined. "auto" (the
+        default): the default group when one is initialised with more than one rank. Every rank
+        of the group must then build a Doctor and call ``step`` at every step (the sampled steps
+        exchange statistics in two small collectives) and ``sync`` where it is called; rank 0
+        alone reports findings (``on_finding``, ``report``). None: this process alone, no
+        collectives (under DDP the gradient-accumulation check GW202 is then off).
     """
 
     def __init__(
@@ -115,10 +133,26 @@ class Doctor:
         loss_scaling: bool = False,
         frozen_on_purpose: Iterable[str] | None = None,
         probe: Any = None,
+        process_group: Any = "auto",
     ) -> None:
         if sample_every < 1:
             raise ValueError("sample_every must be >= 1")
+        model, wrapper = ranks.unwrap(model)  # hooks and names on the module DDP trains
+        # (build the Doctor after DDP or fully_shard: fully_shard replaces the parameters)
         self.model, self.optimizer, self.task = model, optimizer, task
+        self._group, self.rank, self.world_size = ranks.resolve_group(process_group)
+        self._exchange = ranks.Exchange(self._group, self.world_size) if self._group else None
+        self._sharded = ranks.sharded(model)  # FSDP2: parameters and gradients are DTensors
+        # parameters compared across ranks (GW210): under DDP yes; else decided at the first sample
+        self._replicated: bool | None = True if wrapper == "ddp" else None
+        self._buffer_prints: torch.Tensor | None = None  # taken before the sampled forward pass
+        # under DDP without exchanges the fresh gradient is this rank's, .grad everyone's mean
+        self._local_gradient_ok = self._group is not None or ranks.outside_world() == 1
+        self._pending_local: list[bool] = []  # per pending grad norm: a shard's sum of squares
+        self._pre_snapshot: dict[str, list[torch.Tensor]] | None = None  # FSDP2 update ratios
+        self._local_codes: dict[str, int] = {}  # fired on this rank since the last exchange
+        self._remote: list[tuple[int, str, int]] = []  # (rank, code, step) seen on another rank
+        self._rebase_pending: int | None = None
         self.loss_fn = loss_fn
         if isinstance(frozen_on_purpose, str):
             frozen_on_purpose = [frozen_on_purpose]
@@ -175,7 +209,10 @@ class Doctor:
         """Record one training step; call after backward() and before the next zero_grad().
 
         grad_norm: the global gradient norm if you have already computed it (e.g. for clipping),
-        which saves the Doctor a pass over the gradients.
+        which saves the Doctor a pass over the gradients (under FSDP2 the DTensor that
+        ``clip_grad_norm_``/``get_total_norm`` return is taken as it is).
+        Under several ranks every rank calls this at every step; loss: this rank's loss (the
+        Doctor records the mean over ranks).
 
         Returns the findings that fired at this step (new ones, and known ones firing again).
         """
@@ -184,34 +221,57 @@ class Doctor:
         self._fired_now: list[Finding] = []
         loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         self._pending_loss.append(loss)
-        if grad_norm is None:
-            grad_norm = self._grad_norm()
-        elif not isinstance(grad_norm, torch.Tensor):
-            grad_norm = torch.tensor(float(grad_norm))
-        self._pending_grad.append(grad_norm.detach())
-        if step < EARLY_BATCHES or self._armed_for(step):
-            self._check_batch(step, inputs, outputs, targets)
-        if step < IMBALANCE_BATCHES and targets is not None:
-            self._pool_targets(step, targets, outputs)
-        if self._snapshot is not None:  # the optimizer step after the last sample has happened
-            self._update_ratios(step)
-        if step == 0 and self.probe is not None and not len(s.probe_loss):
-            self._measure_probe(step)  # the original task's loss before any update
+        shard, norm = False, torch.tensor(float("nan"))
+        with self._contained("the gradient norm"):  # under ranks: nothing skips the exchange
+            if grad_norm is None:
+                norm, shard = self._grad_norm()
+            elif ranks.is_dtensor(grad_norm):
+                norm = grad_norm.full_tensor()  # get_total_norm's is replicated: no collective
+            elif not isinstance(grad_norm, torch.Tensor):
+                norm = torch.tensor(float(grad_norm))
+            else:
+                norm = grad_norm
+        self._pending_grad.append(norm.detach())
+        self._pending_local.append(shard)
+        with self._contained("the batch checks"):
+            if step < EARLY_BATCHES or self._armed_for(step):
+                self._check_batch(step, inputs, outputs, targets)
+            if step < IMBALANCE_BATCHES and targets is not None:
+                self._pool_targets(step, targets, outputs)
+            if self._snapshot is not None:  # the optimizer step after the last sample happened
+                self._update_ratios(step)
+            if step == 0 and self.probe is not None and not len(s.probe_loss):
+                self._measure_probe(step)  # the original task's loss before any update
         if self._armed_for(step):
             self.signals.new_values = len(self._pending_loss)
-            self._flush_loss(step)
-            self._guarded("GW208", lambda: self._watch_trainability(step), "trainability")
-            self._sample_gradients(step)
-            self._guarded("GW209", lambda: self._check_batchnorm(step))
-            self._run_live_rules(step)
-        elif loss.device.type == "cpu" and not bool(torch.isfinite(loss).all()):
-            self._check_finite(step)  # free on the CPU: report GW301 at the step it appears
+            reduced = self._share(step, full=True) if self._exchange else None
+            with self._contained("the sampled checks"):
+                self._flush_loss(step)
+                self._guarded("GW208", lambda: self._watch_trainability(step), "trainability")
+                self._sample_gradients(step, reduced)
+                self._guarded("GW209", lambda: self._check_batchnorm(step))
+                self._run_live_rules(step)
+                self._merge_remote()
+        elif (
+            self._exchange is None
+            and loss.device.type == "cpu"
+            and not bool(torch.isfinite(loss).all())
+        ):  # free on the CPU: report GW301 at the step it appears (with ranks: at the sample)
+            self._check_finite(step)
+        if self._exchange is not None and self._sharded and self._armed_for(step + 1):
+            with self._contained("the shards' weights"):
+                self._take_pre_snapshot()
         s.step += 1
         self._armed = self._armed_for(s.step)
         return self._fired_now
 
     def validate(self, loss: float | None = None, metric: float | None = None) -> list[Finding]:
-        """Record an evaluation (validation loss and/or your metric); enables GW401/GW402."""
+        """Record an evaluation (validation loss and/or your metric); enables GW401/GW402.
+
+        Under several ranks it communicates nothing (it may be called on rank 0 alone), and the
+        training loss it compares with is the ranks' mean up to the last sampled step or ``sync``;
+        only a probe set (GW403) under FSDP2 runs the model, which every rank must then do too.
+        """
         self._flush_loss(self.signals.step - 1)
         recent = self._train_losses_since_val
         train = sum(recent) / len(recent) if recent else None
@@ -235,10 +295,27 @@ class Doctor:
 
         The loss of each step stays on its device until a sampled step, so that watching costs no
         synchronisation; a caller that has seen a non-finite loss (the Trainer checks on the host)
-        calls this to get GW301 with the step the value first appeared.
+        calls this to get GW301 with the step the value first appeared. Under several ranks it
+        communicates nothing and judges this rank's own losses (the ranks' combined view comes
+        at the next sampled step).
         """
         self._fired_now = []
-        self._check_finite(self.signals.step - 1)
+        if self._exchange is not None:
+            self._check_finite_here()
+        else:
+            self._check_finite(self.signals.step - 1)
+        return self._fired_now
+
+    def sync(self) -> list[Finding]:
+        """Combine the ranks' statistics now rather than at the next sampled step (e.g. before
+        ``telemetry()`` at the end of a run): a collective that every rank must call at the same
+        point. Returns the findings it fired (GW210, GW301). A no-op in a single process."""
+        self._fired_now = []
+        if self._exchange is None:
+            self._flush_loss(self.signals.step - 1)
+            return []
+        self._share(self.signals.step - 1, full=False)
+        self._merge_remote()
         return self._fired_now
 
     @property
@@ -257,8 +334,12 @@ class Doctor:
         return {"sample_every": self.sample_every, **self.signals.to_dict()}
 
     def report(self, path: str | Path, **kwargs: Any) -> Path:
-        """Write the self-contained HTML report of this run."""
+        """Write the self-contained HTML report of this run (under several ranks: rank 0 writes,
+        the others only return the path)."""
         from gradwise.doctor.report import write_report
+
+        if self.rank != 0:
+            return Path(path)
 
         return write_report(
             path,
@@ -275,6 +356,9 @@ class Doctor:
     def rebaseline(self) -> None:
         """Judge the per-step signals afresh from here on (after a rollback: the old spikes and
         losses belong to a state that no longer exists)."""
+        if self._exchange is not None and self._pending_loss:  # the rest comes at the exchange
+            self._rebase_pending = len(self._pending_loss)
+            return
         self._flush_loss(self.signals.step - 1)
         self.signals.since = len(self.signals.loss)
 
@@ -322,6 +406,11 @@ class Doctor:
             self._handles.append(watched.register_hook(self._fresh_gradient_hook))
 
     def _root_pre_hook(self, module: nn.Module, args: Any) -> None:
+        if self._exchange is not None and self._armed and torch.is_grad_enabled():
+            try:  # buffers before this forward pass changes them (after DDP broadcast them)
+                self._buffer_prints = self._fingerprints(self._compared_buffer_items())
+            except Exception:
+                self._buffer_prints = None  # the exchange sends none; GW210 judges the weights
         if not torch.is_grad_enabled() and module.training and "GW203" not in self.ignore:
             stochastic = [
                 n for n, m in module.named_modules() if isinstance(m, STOCHASTIC) and m.training
@@ -384,23 +473,36 @@ class Doctor:
     def _armed_for(self, step: int) -> bool:
         return step % self.sample_every == 0
 
-    def _grad_norm(self) -> torch.Tensor:
-        """The global gradient norm as a device tensor (no synchronisation until the next flush)."""
+    def _grad_norm(self) -> tuple[torch.Tensor, bool]:
+        """The global gradient norm as a device tensor (no synchronisation until the next flush),
+        and False; for FSDP2's sharded gradients under exchanges: the sum of squares of this
+        rank's shards (the ranks add them up at the next exchange), and True."""
         grads = [p.grad for p in self._all_params if p.grad is not None]
         if not grads:
-            return torch.tensor(0.0)
+            return torch.tensor(0.0), False
+        if self._sharded:
+            if self._exchange is not None:
+                return ranks.local_squares(grads, self.world_size), True
+            return ranks.local_squares(grads).sqrt(), False  # this process's shards alone
         norms = torch._foreach_norm(
             grads
         )  # one fused kernel per device and dtype, as clipping does
-        return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+        return torch.linalg.vector_norm(torch.stack([n.float() for n in norms])), False
 
     def _flush_loss(self, last_step: int) -> None:
-        """Move the pending per-step losses and gradient norms into their series (one copy)."""
-        if not self._pending_loss:
+        """Move the pending per-step losses and gradient norms into their series (one copy).
+
+        Under exchanges the pending values wait for the next exchange (the ranks' mean), which
+        moves them itself."""
+        if not self._pending_loss or self._exchange is not None:
             return
         pending = self._pending_loss + self._pending_grad
         values = torch.stack([v.float().reshape(()).cpu() for v in pending]).tolist()
-        losses, grads = values[: len(self._pending_loss)], values[len(self._pending_loss) :]
+        n = len(self._pending_loss)
+        self._append_losses(last_step, values[:n], values[n:])
+
+    def _append_losses(self, last_step: int, losses: list[float], grads: list[float]) -> None:
+        """Append the per-step values of the steps up to ``last_step``; clear the pending ones."""
         first = last_step - len(losses) + 1
         for i, (loss, grad) in enumerate(zip(losses, grads, strict=True)):
             self.signals.loss.append(first + i, loss)
@@ -408,36 +510,68 @@ class Doctor:
         self._train_losses_since_val += [v for v in losses if math.isfinite(v)]
         self._pending_loss.clear()
         self._pending_grad.clear()
+        self._pending_local.clear()
 
-    def _sample_gradients(self, step: int) -> None:
-        """Per-layer relative gradient norms, the global norm, and a weight snapshot (one sync)."""
+    def _sample_gradients(self, step: int, reduced: dict | None = None) -> None:
+        """Per-layer relative gradient norms, the global norm, and a weight snapshot (one sync).
+
+        reduced: what the exchange combined over the ranks: for FSDP2's shards, the per-layer
+        sums of squares of gradients and weights (``layers``) and of the last update (``ratios``).
+        """
         s = self.signals
+        reduced = reduced or {}
         if self._order:
             s.layers = list(self._order)
-        owners = [
-            (name, p) for name, params in self._layers.items() for p in params if p.grad is not None
-        ]
         for name, p in self.model.named_parameters():  # also those unfrozen since the start
             if p.grad is not None:
                 self._got_grad.add(name)
-        if owners:
-            grads = _norms([self._probe(p.grad, p) for _, p in owners])
-            weights = _norms([self._probe(p) for _, p in owners])
-            g2: dict[str, float] = {}
-            w2: dict[str, float] = {}
-            for (name, p), g, w in zip(owners, grads, weights, strict=True):
-                g2[name] = g2.get(name, 0.0) + g * g * self._scale(p)
-                w2[name] = w2.get(name, 0.0) + w * w * self._scale(p)
-            for name in g2:
-                relative = math.sqrt(g2[name]) / max(math.sqrt(w2[name]), 1e-12)
+        if self._sharded and self._exchange is not None:
+            for name, (g2, w2) in (reduced.get("layers") or {}).items():
+                relative = math.sqrt(g2) / max(math.sqrt(w2), 1e-12)
                 s.layer_grad_norm.setdefault(name, Series()).append(step, relative)
-            with torch.no_grad():
-                self._snapshot = {name: [self._probe(p) for p in self._layers[name]] for name in g2}
+            for name, (d2, w2) in (reduced.get("ratios") or {}).items():
+                ratio = math.sqrt(d2) / max(math.sqrt(w2), 1e-12)
+                s.update_ratio.setdefault(name, Series()).append(step, ratio)
+        else:
+            sums = self._layer_squares()
+            for name, (g2, w2) in sums.items():
+                relative = math.sqrt(g2) / max(math.sqrt(w2), 1e-12)
+                s.layer_grad_norm.setdefault(name, Series()).append(step, relative)
+            if sums:
+                with torch.no_grad():
+                    self._snapshot = {
+                        name: [self._probe(p) for p in self._layers[name]] for name in sums
+                    }
         if self.optimizer is not None:
             s.lr.append(step, float(self.optimizer.param_groups[0]["lr"]))
-        if self._fresh is not None and self._watched.grad is not None:
+        if "cosine" in reduced:
+            self._cosines.append(reduced["cosine"])
+        elif (
+            self._exchange is None
+            and self._local_gradient_ok  # under DDP .grad is the ranks' mean, not this rank's
+            and self._fresh is not None
+            and self._watched.grad is not None
+        ):
             self._cosines.append(_agreement(self._watched.grad, self._fresh))
         self._fresh = None
+
+    def _layer_squares(self) -> dict[str, tuple[float, float]]:
+        """Per layer with gradients: estimated sums of squares of its gradients and its weights
+        (of this rank's shards under FSDP2)."""
+        owners = [
+            (name, p) for name, params in self._layers.items() for p in params if p.grad is not None
+        ]
+        if not owners:
+            return {}
+        grads = _norms([self._probe(p.grad, p) for _, p in owners])
+        weights = _norms([self._probe(p) for _, p in owners])
+        world = self.world_size if self._sharded and self._exchange is not None else 1
+        sums: dict[str, tuple[float, float]] = {}
+        for (name, p), g, w in zip(owners, grads, weights, strict=True):
+            g2, w2 = sums.get(name, (0.0, 0.0))
+            factor = self._scale(p) / ranks.replicas(p, world)
+            sums[name] = (g2 + g * g * factor, w2 + w * w * factor)
+        return sums
 
     def _probe(self, t: torch.Tensor, owner: torch.Tensor | None = None) -> torch.Tensor:
         """A fixed random sample of the entries of ``t`` (a parameter or its gradient), copied.
@@ -445,7 +579,7 @@ class Doctor:
         Norms and update-to-weight ratios of a large tensor are estimated from PROBE_SAMPLE
         entries: accurate to a few percent, and far cheaper than reading or copying the whole model.
         """
-        flat = t.detach().reshape(-1)
+        flat = ranks.local(t).detach().reshape(-1)
         if flat.numel() <= PROBE_SAMPLE:
             return flat.clone()
         key = id(t if owner is None else owner)
@@ -458,8 +592,9 @@ class Doctor:
 
     @staticmethod
     def _scale(p: torch.Tensor) -> float:
-        """Factor that turns a probe's sum of squares into an estimate of the whole tensor's."""
-        return max(p.numel() / PROBE_SAMPLE, 1.0)
+        """Factor that turns a probe's sum of squares into an estimate of the whole tensor's (of
+        this rank's shard of a DTensor)."""
+        return max(ranks.local(p).numel() / PROBE_SAMPLE, 1.0)
 
     def _update_ratios(self, step: int) -> None:
         """||w_now - w_sampled|| / ||w_sampled|| per layer: the size of the optimizer's last step."""
@@ -557,6 +692,279 @@ class Doctor:
                 missing = set(never)
                 never = [n for n, p in named if n in missing and id(p) in owned]
             self._apply("GW207", params_without_gradients(never, [], len(named), known), step)
+
+    # -- several ranks: one exchange per sampled step ------------------------------------------------
+
+    def _share(self, last_step: int, full: bool) -> dict[str, Any]:
+        """Exchange this rank's measurements with the other ranks and combine them.
+
+        The per-step losses (the ranks' mean) and gradient norms (the norm of the averaged or
+        sharded gradient) of the pending steps go into their series; GW210 compares the ranks.
+        full (at sampled steps): also FSDP2's per-layer sums over shards and DDP's fresh gradient
+        for GW202; returns those, combined, for :meth:`_sample_gradients`. Every rank sends every
+        segment, empty when its measurement failed, so the collectives are always the same.
+        """
+        assert self._exchange is not None
+        segments: dict[str, torch.Tensor | None] = {}
+        local: dict[str, Any] = {}
+
+        def build(name: str, fn: Callable[[], torch.Tensor | None]) -> None:
+            try:
+                segments[name] = fn()
+            except Exception as exc:  # sent empty: the other ranks still get their exchange
+                segments[name] = None
+                self._warn_once(f"exchange {name}", f"its {name} could not be measured", exc)
+
+        device = self._exchange.device
+        n = len(self._pending_loss)
+
+        def stacked(values: list[torch.Tensor]) -> torch.Tensor | None:
+            if not values:
+                return None
+            return torch.stack([v.float().reshape(()).to(device) for v in values])
+
+        build("loss", lambda: stacked(self._pending_loss))
+        build("grad", lambda: stacked(self._pending_grad))
+        build("grad_local", lambda: torch.tensor(self._pending_local, dtype=torch.float64))
+        param_items = [
+            (name, p) for name, p in self.model.named_parameters() if not ranks.is_dtensor(p)
+        ]
+        buffer_items = self._compared_buffer_items()
+        build("fingerprint", lambda: self._fingerprints(param_items))
+        prints, self._buffer_prints = self._buffer_prints, None
+        build("buffers", lambda: prints if prints is not None else self._fingerprints(buffer_items))
+        codes = sorted(RULES)
+        mine, self._local_codes = self._local_codes, {}
+        build("codes", lambda: torch.tensor([float(mine.get(c, -1)) for c in codes]))
+        if full and self._sharded:
+            build("layers", lambda: self._shard_layer_sums(local))
+            build("ratios", lambda: self._shard_ratio_sums(local))
+        if full and not self._sharded:
+            build("fresh", lambda: self._fresh_sample(local))
+        try:
+            steps, got = self._exchange.gather(self.signals.step, segments)
+        except Exception as exc:  # a broken process group: go on with this rank's own view
+            self._exchange = None
+            self._local_gradient_ok = ranks.outside_world() == 1
+            self._warn_once(
+                "exchange", "the ranks could not exchange statistics; this rank goes on alone", exc
+            )
+            return {}
+        reduced: dict[str, Any] = {}
+        loss_finite = None
+        with self._contained("combining the losses"):
+            loss_finite = self._combine_losses(last_step, n, got)
+        if self._pending_loss:  # combining failed: those steps' values are lost
+            self._pending_loss.clear()
+            self._pending_grad.clear()
+            self._pending_local.clear()
+        with self._contained("comparing the ranks (GW210)"):
+            fingerprints, names = self._comparable(param_items, buffer_items, got)
+            self._apply("GW210", ranks_out_of_sync(steps, names, fingerprints, loss_finite))
+        with self._contained("combining the gradients"):
+            if ranks.agreed(got["layers"]) and "layers" in local:
+                reduced["layers"] = _summed(local["layers"], got["layers"])
+            if ranks.agreed(got["ratios"]) and "ratios" in local:
+                reduced["ratios"] = _summed(local["ratios"], got["ratios"])
+            if ranks.agreed(got["fresh"]) and "fresh" in local:
+                grad, fresh = local["fresh"]
+                mean = torch.stack(got["fresh"]).mean(0)
+                reduced["cosine"] = max(_agreement(grad, mean), _agreement(grad, fresh))
+        for r, row in enumerate(got["codes"]):
+            if r == self.rank or row.numel() != len(codes):
+                continue
+            for code, first in zip(codes, row.tolist(), strict=True):
+                if first >= 0:
+                    self._remote.append((r, code, int(first)))
+        return reduced
+
+    def _combine_losses(
+        self, last_step: int, n: int, got: dict[str, list[torch.Tensor]]
+    ) -> list[bool] | None:
+        """The pending steps' losses as the ranks' mean and gradient norms over the ranks, into
+        the series; returns whether each rank's losses were all finite (None: not comparable)."""
+        if n == 0:
+            return None
+        own_loss, own_grad = got["loss"][self.rank], got["grad"][self.rank]
+        shards = got["grad_local"][self.rank]
+        if len(own_loss) != n or len(own_grad) != n or len(shards) != n:
+            # this rank's own values failed to go out: keep them from the pending tensors
+            own_loss = torch.stack([v.double().reshape(()).cpu() for v in self._pending_loss])
+            own_grad = torch.stack([v.double().reshape(()).cpu() for v in self._pending_grad])
+            shards = torch.tensor(self._pending_local, dtype=torch.float64)
+        shard = shards.bool()
+        finite = None
+        if ranks.agreed(got["loss"]) and len(got["loss"][0]) == n:
+            table = torch.stack(got["loss"])
+            finite = [bool(row.isfinite().all()) for row in table]
+            losses = table.mean(0)
+        else:
+            losses = own_loss
+        if ranks.agreed(got["grad"]) and len(got["grad"][0]) == n:
+            table = torch.stack(got["grad"])
+            grads = torch.where(shard, table.sum(0).sqrt(), table.mean(0))
+        else:
+            grads = torch.where(shard, own_grad.sqrt(), own_grad)
+        before = len(self.signals.loss)
+        self._append_losses(last_step, losses.tolist(), grads.tolist())
+        if self._rebase_pending is not None:  # a rebaseline() came while these were pending
+            self.signals.since = before + self._rebase_pending
+            self._rebase_pending = None
+        return finite
+
+    def _comparable(
+        self,
+        param_items: list[tuple[str, torch.Tensor]],
+        buffer_items: list[tuple[str, torch.Tensor]],
+        got: dict[str, list[torch.Tensor]],
+    ) -> tuple[list[list[float]] | None, list[str] | None]:
+        """The fingerprints GW210 compares, per rank, and the tensors' names; (None, None) when the
+        ranks are not replicas (decided at the first comparison unless the model is DDP's)."""
+        params = got["fingerprint"] if ranks.agreed(got["fingerprint"]) else None
+        buffers = got["buffers"] if ranks.agreed(got["buffers"]) else None
+        if self._replicated is None:
+            first = params if params is not None else buffers
+            if first is None:
+                return None, None
+            rows = [row.tolist() for row in first]
+            names = [n for n, _ in (param_items if params is not None else buffer_items)]
+            self._replicated = not ranks_out_of_sync([0] * len(rows), names, rows)
+        if not self._replicated:
+            return None, None
+        names: list[str] = []
+        parts: list[list[torch.Tensor]] = []
+        if params is not None:
+            names += [n for n, _ in param_items]
+            parts.append(params)
+        if buffers is not None:
+            names += [n for n, _ in buffer_items]
+            parts.append(buffers)
+        if not parts:
+            return None, None
+        rows = [torch.cat([part[r] for part in parts]).tolist() for r in range(self.world_size)]
+        return rows, names
+
+    def _compared_buffer_items(self) -> list[tuple[str, torch.Tensor]]:
+        """Floating-point buffers that replicas must share (BatchNorm's running statistics are
+        per-rank by design without SyncBatchNorm, and DTensor shards differ)."""
+        items = []
+        for prefix, module in self.model.named_modules():
+            batchnorm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+            for name, b in module.named_buffers(recurse=False):
+                if b is None or not b.is_floating_point() or ranks.is_dtensor(b):
+                    continue
+                if batchnorm and name in ("running_mean", "running_var"):
+                    continue
+                items.append((f"{prefix}.{name}" if prefix else name, b))
+        return items
+
+    @staticmethod
+    def _fingerprints(items: list[tuple[str, torch.Tensor]]) -> torch.Tensor | None:
+        """(entries, sum, sum of squares) of a fixed sample of each tensor, in float64."""
+        rows = []
+        with torch.no_grad():
+            for name, t in items:
+                flat = t.detach().reshape(-1)
+                index = ranks.sample_index(name, flat.numel(), flat.device)
+                x = (flat if index is None else flat[index]).double()
+                count = torch.full((), float(x.numel()), dtype=torch.float64, device=x.device)
+                rows.append(torch.stack([count, x.sum(), x.square().sum()]))
+        return torch.cat(rows) if rows else None
+
+    def _fresh_sample(self, local: dict[str, Any]) -> torch.Tensor | None:
+        """GW202 under DDP: a fixed sample of this step's fresh gradient of the watched weight (its
+        mean over the ranks is what DDP's all-reduce puts in .grad)."""
+        fresh, self._fresh = self._fresh, None
+        watched = getattr(self, "_watched", None)
+        if fresh is None or watched is None or watched.grad is None or not self._local_gradient_ok:
+            return None
+        name = self._names.get(id(watched), "watched")
+        index = ranks.sample_index(name, fresh.numel(), fresh.device)
+        pick = (lambda t: t.reshape(-1)) if index is None else (lambda t: t.reshape(-1)[index])
+        grad, mine = pick(watched.grad.detach()).double(), pick(fresh).double()
+        local["fresh"] = (grad.cpu(), mine.cpu())
+        return mine
+
+    def _shard_layer_sums(self, local: dict[str, Any]) -> torch.Tensor | None:
+        """FSDP2: per layer, this rank's sums of squares of gradient and weight shards."""
+        sums = self._layer_squares()
+        names = list(self._layers)
+        local["layers"] = [n for n in names if n in sums]
+        values = [v for n in local["layers"] for v in sums[n]]
+        return torch.tensor(values, dtype=torch.float64) if values else None
+
+    def _take_pre_snapshot(self) -> None:
+        """FSDP2: this rank's shards of the weights one step before a sampled step, so that the
+        update ratio travels in that step's exchange."""
+        with torch.no_grad():
+            self._pre_snapshot = {
+                name: [self._probe(p) for p in params] for name, params in self._layers.items()
+            }
+
+    def _shard_ratio_sums(self, local: dict[str, Any]) -> torch.Tensor | None:
+        """FSDP2: per layer, this rank's sums of squares of the last update and of the weights."""
+        snapshot, self._pre_snapshot = self._pre_snapshot, None
+        if not snapshot or any(name not in self._layers for name in snapshot):
+            return None
+        params = [(name, p) for name in snapshot for p in self._layers[name]]
+        old = [o for olds in snapshot.values() for o in olds]
+        if len(old) != len(params):
+            return None
+        with torch.no_grad():
+            new = [self._probe(p) for _, p in params]
+            deltas = _norms([a - b for a, b in zip(new, old, strict=True)])
+            norms = _norms(old)
+        sums: dict[str, tuple[float, float]] = {}
+        for (name, p), d, w in zip(params, deltas, norms, strict=True):
+            d2, w2 = sums.get(name, (0.0, 0.0))
+            factor = self._scale(p) / ranks.replicas(p, self.world_size)
+            sums[name] = (d2 + d * d * factor, w2 + w * w * factor)
+        local["ratios"] = list(sums)
+        return torch.tensor([v for n in sums for v in sums[n]], dtype=torch.float64)
+
+    def _merge_remote(self) -> None:
+        """Findings another rank made alone (its own batches, its own activations), once."""
+        remote, self._remote = self._remote, []
+        for r, code, step in remote:
+            if code in self._findings or code in self.ignore or code not in RULES:
+                continue
+            rule = RULES[code]
+            self._apply(code, (f"on rank {r}: {rule.summary}", {"rank": r}), step)
+
+    def _check_finite_here(self) -> None:
+        """GW301 from this rank's own pending losses, without communicating."""
+        if not self._pending_loss or "GW301" in self.ignore:
+            return
+        values = torch.stack([v.float().reshape(()).cpu() for v in self._pending_loss]).tolist()
+        first = self.signals.step - len(values)
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                message = f"the loss is {value} at step {first + i} on rank {self.rank}"
+                evidence = {"loss": value, "step_first_seen": first + i, "rank": self.rank}
+                self._apply("GW301", (message, evidence), first + i)
+                return
+
+    def _contained(self, what: str) -> contextlib.AbstractContextManager:
+        """Under several ranks, a failure of this rank's own checks is a warning, never a skipped
+        exchange or step count (the other ranks would wait for it); alone, it propagates."""
+        return _NO_GUARD if self._exchange is None else self._catching(what)
+
+    @contextlib.contextmanager
+    def _catching(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            self._warn_once(f"step: {what}", f"{what} failed and will be skipped", exc)
+
+    def _warn_once(self, key: str, what: str, exc: Exception) -> None:
+        if key in self._failed:
+            return
+        self._failed.add(key)
+        warnings.warn(
+            f"gradwise doctor (rank {self.rank}): {what} ({type(exc).__name__}: {exc})",
+            GradwiseWarning,
+            stacklevel=4,
+        )
 
     # -- fine-tuning: frozen parts, frozen BatchNorm, the original task ----------------------------
 
@@ -738,7 +1146,8 @@ class Doctor:
             known.last_step = finding.step
             return
         self._findings[finding.code] = finding
-        if self.on_finding is not None:
+        self._local_codes.setdefault(finding.code, finding.step)
+        if self.on_finding is not None and self.rank == 0:  # under several ranks rank 0 reports
             self.on_finding(finding)
 
 
@@ -815,6 +1224,12 @@ def _agreement(grad: torch.Tensor, fresh: torch.Tensor) -> float:
     if na == 0.0 or nb == 0.0:
         return 1.0 if na == nb else 0.0
     return float(a @ b) / (na * nb)
+
+
+def _summed(names: list[str], rows: list[torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """Pairs of per-name values summed over the ranks."""
+    total = torch.stack(rows).sum(0).tolist()
+    return {name: (total[2 * i], total[2 * i + 1]) for i, name in enumerate(names)}
 
 
 def _norms(tensors: list[torch.Tensor]) -> list[float]:

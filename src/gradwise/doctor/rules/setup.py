@@ -1,6 +1,8 @@
-"""Set-up faults the live Doctor sees through hooks (GW202, GW203, GW207, GW208, GW209)."""
+"""Set-up faults the live Doctor sees through hooks (GW202, GW203, GW207-GW210)."""
 
 from __future__ import annotations
+
+import math
 
 from gradwise.doctor.findings import rule
 from gradwise.doctor.rules._types import Result
@@ -15,6 +17,10 @@ BN_DRIFT = 1e-4
 """GW209: relative change of a frozen BatchNorm's running mean or variance between two sampled
 steps above which it counts as moving (float rounding stays far below; one training-mode batch at
 momentum 0.1 moves them by a tenth of the gap to the batch's statistics)."""
+SYNC_RTOL = 1e-6
+"""GW210: relative difference between two ranks' fingerprints of a tensor above which they differ
+(replicas that DDP keeps in step are bitwise equal; this only forgives rounding in the last bits on
+mixed hardware)."""
 
 
 @rule(
@@ -42,6 +48,9 @@ def stale_gradients(cosines: list[float]) -> Result:
     A tensor hook on one weight records the gradient each backward pass computes; at
     ``doctor.step`` .grad is compared (by cosine, so clipping and loss scaling do not matter) with
     the sum of this step's backward passes. They differ when old gradients were not cleared.
+    Under DDP, whose all-reduce replaces .grad with the mean over the ranks, the ranks exchange
+    a fixed sample of their fresh gradients at each sampled step and .grad is compared with their
+    mean; under FSDP2 (sharded gradients) the check is off.
     """
     recent = cosines[-STALE_CHECKS:]
     if len(recent) == STALE_CHECKS and max(recent) < STALE_COSINE:
@@ -247,3 +256,113 @@ def frozen_batchnorm_drift(drifts: dict[str, float]) -> Result:
         "them in eval mode (finetune.freeze_bn: true, or module.eval())",
         {"drifting_layers": len(moved), "max_relative_drift": moved[worst]},
     )
+
+
+@rule(
+    "GW210",
+    "ranks-out-of-sync",
+    "error",
+    "live",
+    fixes=[
+        "Build the model identically on every rank: seed every rank with the same seed before "
+        "creating it (not seed + rank), and wrap it in DDP before training (DDP broadcasts rank "
+        "0's parameters and buffers when it is built).",
+        "Change parameters only through DDP's backward and the optimizer: an in-place edit on "
+        "one rank (under torch.no_grad(), .data, a rank-dependent re-initialisation, weight tying "
+        "redone after wrapping) is never undone; do it on every rank, or before wrapping.",
+        "Keep buffers in step: leave DistributedDataParallel(broadcast_buffers=True) (the "
+        "default), or use SyncBatchNorm; a rank-dependent buffer (a mask, a cache) must be built "
+        "from the same seed on every rank.",
+        "Parameters used on some steps only: DistributedDataParallel(find_unused_parameters=True), "
+        "or remove them; a parameter without a gradient on one rank is not averaged.",
+        "Ranks at different steps: give every rank the same number of batches (DistributedSampler "
+        "pads or drop_last=True), or use torch.distributed.algorithms.Join for uneven inputs.",
+        "A non-finite loss on one rank only: look at that rank's shard of the data (gradwise "
+        "explain GW101) and at non-deterministic or rank-dependent operations; with a NaN on one "
+        "rank the all-reduced gradients are NaN everywhere.",
+    ],
+    references=[
+        "PyTorch docs, DistributedDataParallel: https://pytorch.org/docs/stable/generated/torch.nn.parallel.DistributedDataParallel.html",
+        "Li et al. 2020, PyTorch Distributed: Experiences on Accelerating Data Parallel Training, arXiv:2006.15704",
+        "PyTorch docs, Join (uneven inputs): https://pytorch.org/docs/stable/distributed.algorithms.join.html",
+    ],
+)
+def ranks_out_of_sync(
+    steps: list[int],
+    names: list[str] | None = None,
+    fingerprints: list[list[float]] | None = None,
+    loss_finite: list[bool] | None = None,
+) -> Result:
+    """The ranks of a data-parallel run disagree: different parameters, steps or a non-finite loss.
+
+    ## Why it matters
+    Data parallelism is only correct while every rank holds the same model: DDP averages the
+    gradients but never compares the weights, so replicas that drift apart (a rank-dependent seed,
+    a parameter changed on one rank outside DDP, a buffer that is not broadcast) keep training
+    different models, silently; the checkpoint is rank 0's, and the others' work is partly lost.
+    Ranks that call the training step a different number of times pair the wrong collectives and
+    hang; a non-finite loss on one rank turns every rank's averaged gradient into NaN.
+
+    ## How it is detected
+    At every sampled step each rank sums a fixed sample of the entries of every parameter (and of
+    every floating-point buffer other than BatchNorm's running statistics, which are per-rank by
+    design without SyncBatchNorm) and their squares, in float64; the ranks exchange these
+    fingerprints with their step counts and whether their losses were finite, and compare them with
+    rank 0's. Parameters are compared when the model is wrapped in DDP, or when every rank held
+    the same parameters at the first sampled step (the ranks are replicas); FSDP2's shards differ
+    by design and are not compared. See also ``gradwise explain ddp`` and ``gradwise explain fsdp``.
+    """
+    world = len(steps)
+    behind = [r for r in range(1, world) if steps[r] != steps[0]]
+    if behind:
+        r = behind[0]
+        return (
+            f"rank {r} is at step {steps[r]} while rank 0 is at step {steps[0]}: the ranks call "
+            "the training step a different number of times (uneven data?)",
+            {"rank": r, "step_difference": steps[r] - steps[0], "world_size": world},
+        )
+    if names and fingerprints:
+        differ = _differing(names, fingerprints)
+        if differ:
+            r, index, gap = differ[0]
+            which = (
+                f"rank {r}" if len(differ) == 1 else "ranks " + ", ".join(str(d[0]) for d in differ)
+            )
+            verb = "holds" if len(differ) == 1 else "hold"
+            return (
+                f"{which} {verb} a different model from rank 0, first at {names[index]} (relative "
+                f"difference {gap:.2g}): the replicas have drifted apart",
+                {"rank": r, "ranks_out_of_sync": len(differ), "relative_difference": gap,
+                 "world_size": world},
+            )  # fmt: skip
+    if loss_finite and not all(loss_finite) and any(loss_finite):
+        bad = [r for r, ok in enumerate(loss_finite) if not ok]
+        which = f"rank {bad[0]}" if len(bad) == 1 else "ranks " + ", ".join(map(str, bad))
+        return (
+            f"the loss is not finite on {which} while it is finite on the other ranks",
+            {"rank": bad[0], "nonfinite_ranks": len(bad), "world_size": world},
+        )
+    return None
+
+
+def _differing(names: list[str], fingerprints: list[list[float]]) -> list[tuple[int, int, float]]:
+    """(rank, index of the first differing tensor, relative difference) for each rank whose
+    fingerprints differ from rank 0's; a fingerprint is (entries, sum, sum of squares) per tensor."""
+    ref = fingerprints[0]
+    out = []
+    for r, fp in enumerate(fingerprints[1:], 1):
+        for i in range(len(names)):
+            n, s0, q0 = ref[3 * i : 3 * i + 3]
+            _, s1, q1 = fp[3 * i : 3 * i + 3]
+            if _same(s0, s1) and _same(q0, q1):  # equal, or non-finite alike (both diverged)
+                continue
+            scale = max(math.sqrt(n * max(q0, q1)), 1e-30)  # bounds the sum of |x|
+            gap = max(abs(s1 - s0) / scale, abs(q1 - q0) / max(q0, q1, 1e-30))
+            if not gap <= SYNC_RTOL:  # NaN differs too
+                out.append((r, i, gap))
+                break
+    return out
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
