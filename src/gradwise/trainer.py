@@ -436,6 +436,8 @@ class Trainer:
         heartbeat = Heartbeat(self.dir)  # gradwise runs tells a dead run by it (or its pid)
         try:
             state = self._loop()
+            if self.doctor is not None and self.dist.active:
+                self.doctor.sync()  # every rank: the last steps' statistics, combined
             return self._result(state)
         # best effort: on a full disk status.json stays "running", and the pid shows it dead
         except GradwiseError as exc:

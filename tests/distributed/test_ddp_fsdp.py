@@ -63,8 +63,9 @@ SETTINGS = {"epochs": 2, "doctor": {"mode": "off"}}
 
 def test_ddp_equals_one_process_on_the_global_batch_and_writes_one_run(tmp_path):
     # 200 samples, global batch 26 with accumulation 2: a short last window, split 9/9 and 4/4
+    doctor = {"doctor": {"mode": "watch", "sample_every": 3}}  # watching, on every rank
     one = alone(tmp_path / "one", {**SETTINGS, "batch_size": 26, "accumulate": 2})
-    two = torchrun(tmp_path / "two", {**SETTINGS, "batch_size": 13, "accumulate": 2})
+    two = torchrun(tmp_path / "two", {**SETTINGS, **doctor, "batch_size": 13, "accumulate": 2})
     assert_close(weights(one["dir"]), weights(two["dir"]))
     losses = [h["train_loss"] for h in two["history"]]
     assert losses == pytest.approx([h["train_loss"] for h in one["history"]], rel=1e-5)
@@ -72,6 +73,7 @@ def test_ddp_equals_one_process_on_the_global_batch_and_writes_one_run(tmp_path)
     assert [p.name for p in runs] == ["run"]  # one run directory, rank 0's
     assert len((runs[0] / "metrics.jsonl").read_text().splitlines()) > 0
     assert json.loads((runs[0] / "status.json").read_text())["state"] == "finished"
+    assert json.loads((runs[0] / "doctor" / "findings.json").read_text()) == []  # no false alarm
 
 
 def test_fsdp_equals_ddp_and_its_shards_resume_on_one_rank_and_back(tmp_path):
