@@ -305,7 +305,7 @@ def _report(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
-# each setting is also tried with 10**30 (the value that found most bugs) and two of the others, in
+# each setting is also tried with 10**30 (the value that found most bugs) and one of the others, in
 # turn, so every value meets every kind of setting across the fields while CI stays short
 EDGES = [10**30, -1, 0, "", None, "y" * 300]
 
@@ -332,7 +332,7 @@ def _cases() -> list[tuple[str, str]]:
     edges = [
         (f"edge-{field}-{j}", edge_case(field, EDGES[j], EXAMPLES[(i + j) % len(EXAMPLES)]))
         for i, field in enumerate(FIELDS)
-        for j in (0, 1 + i % rest, 1 + (i + 2) % rest)
+        for j in (0, 1 + i % rest)
     ]
     return random_cases + edges
 

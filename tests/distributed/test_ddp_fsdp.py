@@ -40,7 +40,11 @@ def torchrun(root: Path, settings: dict, nproc: int = 2, check: bool = True) -> 
 
 
 def alone(root: Path, settings: dict) -> dict:
-    return torchrun(root, settings, nproc=1)
+    """One process, this one: the reference, and FSDP2's shards resumed on one rank."""
+    from tests.distributed.train_blobs import run
+
+    root.mkdir(parents=True, exist_ok=True)
+    return run(str(root), settings)
 
 
 def weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -77,7 +81,8 @@ def test_ddp_equals_one_process_on_the_global_batch_and_writes_one_run(tmp_path)
 
 
 def test_fsdp_equals_ddp_and_its_shards_resume_on_one_rank_and_back(tmp_path):
-    ddp = torchrun(tmp_path / "ddp", {**SETTINGS, "batch_size": 16, "epochs": 3})
+    # one process on the global batch stands for DDP, which equals it (the test above)
+    ddp = alone(tmp_path / "ddp", {**SETTINGS, "batch_size": 32, "epochs": 3})
     fsdp = torchrun(
         tmp_path / "fsdp", {**SETTINGS, "batch_size": 16, "epochs": 3, "strategy": "fsdp"}
     )
@@ -105,7 +110,7 @@ def test_fsdp_equals_ddp_and_its_shards_resume_on_one_rank_and_back(tmp_path):
 def test_a_killed_rank_then_resume_equals_the_uninterrupted_run(tmp_path):
     settings = {**SETTINGS, "batch_size": 16, "epochs": 3, "checkpoint": {"every_steps": 2}}
     settings["distributed"] = {"timeout_s": 60}
-    whole = torchrun(tmp_path / "whole", settings)
+    whole = alone(tmp_path / "whole", {**settings, "batch_size": 32})  # = 2 ranks of 16
     assert torchrun(tmp_path / "killed", {**settings, "kill": [1, 9]}, check=False) is None
     run_dir = tmp_path / "killed" / "runs" / "run"
     assert list_checkpoints(run_dir)[-1].name == "step-00000008"

@@ -38,8 +38,9 @@ class KillRank:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def main() -> None:
-    root, settings = sys.argv[1], json.loads(sys.argv[2])
+def run(root: str, settings: dict) -> dict:
+    """Train (or resume) as the settings say; rank 0's summary of the run."""
+    settings = dict(settings)
     kill = settings.pop("kill", None)
     resume = settings.pop("resume", None)
     stop_after = settings.pop("on_evaluate_stop", None)
@@ -51,13 +52,19 @@ def main() -> None:
     else:
         callbacks = [KillRank(*kill)] if kill else []
         trainer = gw.Trainer(
-            model(), data, val, recipe=None, root=os.path.join(root, "runs"), name="run", callbacks=callbacks,
+            model(), data, val, recipe=None, root=os.path.join(root, "runs"), name="run",
+            callbacks=callbacks,
             on_evaluate=(lambda e: e["epoch"] == stop_after) if stop_after else None,
             **quiet, **settings,
         )  # fmt: skip
-    run = trainer.fit()
-    if trainer.dist.main:
-        print(json.dumps({"dir": str(run.dir), "history": run.history, "state": run.state}))
+    result = trainer.fit()
+    return {"dir": str(result.dir), "history": result.history, "state": result.state}
+
+
+def main() -> None:
+    summary = run(sys.argv[1], json.loads(sys.argv[2]))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(summary))
 
 
 if __name__ == "__main__":
