@@ -151,9 +151,12 @@ def all_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
     """The sum of ``value`` over the ranks (``value`` itself on one)."""
     if not d.active:
         return value
+    home = value.device
+    if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+        value = value.to(torch.device("cuda", torch.cuda.current_device()))
     value = value.clone()
     dist.all_reduce(value)
-    return value
+    return value.to(home)
 
 
 def all_mean(value: float, d: Dist) -> float:
