@@ -106,6 +106,27 @@ def test_every_entry_parses_and_has_every_section():
         assert all(r in ENTRIES for r in entry.related), (entry.id, entry.related)
 
 
+def test_every_recipe_snippet_in_an_entry_is_a_valid_recipe():
+    """An entry's ```yaml blocks show gradwise settings: each must load as a Recipe."""
+    import re
+
+    import yaml
+
+    from gradwise.recipe import Recipe
+
+    snippets = [
+        (entry.id, block)
+        for entry in ENTRIES.values()
+        for block in re.findall(r"```yaml\n(.*?)```", entry.path.read_text(), re.S)
+    ]
+    assert len(snippets) >= 10
+    for entry_id, block in snippets:
+        try:
+            Recipe.parse(yaml.safe_load(block))
+        except Exception as exc:
+            pytest.fail(f"{entry_id}: {exc}")
+
+
 def test_names_are_unambiguous():
     seen: dict[str, str] = {}
     for entry in ENTRIES.values():
