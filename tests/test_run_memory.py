@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from conftest import QUIET
 
 import gradwise as gw
 from gradwise.tracking.files import read_metrics
-from tests.conftest import QUIET
 
 GPT = {
     "task": "lm",

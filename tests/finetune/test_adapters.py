@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import QUIET, gradwise_main
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -29,7 +30,6 @@ from gradwise.finetune.adapters import (
     trainable_counts,
 )
 from gradwise.recipe import FinetuneSpec, load_recipe
-from tests.conftest import QUIET, gradwise_main
 
 adapters._peft()
 transformers = pytest.importorskip("transformers")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import QUIET
 from torch import nn
 
 import gradwise as gw
 from gradwise.finetune import discriminative_rates, head_names, layer_groups
-from tests.conftest import QUIET
 
 PLAIN = {**QUIET, "recipe": None, "doctor": {"mode": "off"}, "batch_size": 16}
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import QUIET
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
@@ -18,7 +19,6 @@ from gradwise.checkpoint import WEIGHTS, save_checkpoint
 from gradwise.errors import ConfigError, DataError, GradwiseWarning
 from gradwise.finetune.pretrained import KeyReport, load_pretrained
 from gradwise.models.mlp import mlp
-from tests.conftest import QUIET
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

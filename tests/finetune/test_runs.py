@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import QUIET, gradwise_main
 from safetensors.torch import save_file
 
 import gradwise as gw
-from tests.conftest import QUIET, gradwise_main
 
 PLAIN = {**QUIET, "doctor": {"mode": "off"}}
 

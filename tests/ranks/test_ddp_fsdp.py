@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import gradwise_cli
 
 import gradwise as gw
 from gradwise.checkpoint import list_checkpoints
-from tests.conftest import gradwise_cli
 
 SCRIPT = Path(__file__).with_name("train_blobs.py")
 REPO = Path(__file__).parents[2]
@@ -41,7 +41,7 @@ def torchrun(root: Path, settings: dict, nproc: int = 2, check: bool = True) -> 
 
 def alone(root: Path, settings: dict) -> dict:
     """One process, this one: the reference, and FSDP2's shards resumed on one rank."""
-    from tests.distributed.train_blobs import run
+    from ranks.train_blobs import run
 
     root.mkdir(parents=True, exist_ok=True)
     return run(str(root), settings)
@@ -49,7 +49,7 @@ def alone(root: Path, settings: dict) -> dict:
 
 def weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
     """The last checkpoint's weights, loaded in this process (FSDP2's shards read whole)."""
-    from tests.distributed.train_blobs import model
+    from ranks.train_blobs import model
 
     m = model()
     gw.load_checkpoint(run_dir, m, which="latest")
