@@ -199,13 +199,16 @@ def test_two_machines_share_one_study_and_its_cap(database, slow_model):
 
 
 def test_a_study_killed_mid_trial_resumes_to_its_cap(database, slow_model):
-    _recipe_file(slow_model, delay=0.3)
+    # 2 s of training per trial: on a loaded machine a 3-trial study at 0.3 s a step could end
+    # between two looks at the database, and the test would never see a trial under way
+    _recipe_file(slow_model, delay=1.0)
+    log = slow_model / "worker.log"
     worker = subprocess.Popen(
         _tune_command(database, "killed", "--trials", "3"),
         cwd=slow_model,
         env={**os.environ, "GRADWISE_DEBUG": "0"},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=log.open("w"),
     )
     try:
         deadline = time.monotonic() + 120
@@ -218,7 +221,9 @@ def test_a_study_killed_mid_trial_resumes_to_its_cap(database, slow_model):
                     for t in _trials(database, "killed")
                     if t.state.name == "RUNNING" and WORKER in t.user_attrs  # really under way
                 ]
-        assert running, "the worker never started a trial"
+        assert running, (
+            f"the worker never started a trial (exit {worker.poll()}): {log.read_text()[-2000:]}"
+        )
     finally:
         worker.send_signal(signal.SIGKILL)  # a machine that dies: no clean-up at all
         worker.wait()
