@@ -175,6 +175,7 @@ class Doctor:
         self._cosines: list[float] = []
         self._fresh: torch.Tensor | None = None
         self._dead_masks: dict[str, deque] = {}
+        self._widths: dict[str, int] = {}  # the first width each activation module was seen at
         self._order: list[str] = []
         self._eval_in_train: list[str] = []
         self._got_grad: set[str] = set()
@@ -369,7 +370,8 @@ class Doctor:
         self._handles.clear()
         modules = dict(self.model.named_modules())
         for name in list(self.signals.activations):
-            if type(modules.get(name)).__name__ != self.signals.activations[name].kind:
+            module = modules.get(name.split("@")[0])  # "act@16": act, called at width 16
+            if type(module).__name__ != self.signals.activations[name].kind:
                 del self.signals.activations[name]
                 self._dead_masks.pop(name, None)
         self._attach()
@@ -423,8 +425,14 @@ class Doctor:
         s = self.signals
 
         def hook(mod: nn.Module, args: Any, out: Any) -> None:
-            if not self._armed or not torch.is_grad_enabled():
+            if not self._armed or not torch.is_grad_enabled() or name in self._failed:
                 return
+            try:
+                observe(mod, out)
+            except Exception as exc:  # a statistic never breaks the user's forward pass
+                self._warn_once(name, f"watching {name} failed; it is no longer watched", exc)
+
+        def observe(mod: nn.Module, out: Any) -> None:
             if s.step == 0 and name in self._owners:  # the output layer finishes last (GW208)
                 self._ran.pop(name, None)
                 self._ran[name] = None
@@ -442,13 +450,17 @@ class Doctor:
                 if not isinstance(mod, ACTIVATIONS):
                     return
                 s.output_module = name
-                stats = s.activations.setdefault(name, Activation(kind))
+                # one module called at several widths (an nn.ReLU reused after layers of different
+                # sizes) is watched per width: "act", then "act@16"
+                width = x.shape[1 if x.ndim == 4 else -1] if x.ndim else 1
+                key = name if self._widths.setdefault(name, width) == width else f"{name}@{width}"
+                stats = s.activations.setdefault(key, Activation(kind))
                 stats.mean.append(s.step, float(x.mean()))
                 stats.std.append(s.step, std)
                 if isinstance(mod, RECTIFIERS):
                     unit_dim = 1 if x.ndim == 4 else x.ndim - 1
                     active = (x > 0).transpose(unit_dim, -1).reshape(-1, x.shape[unit_dim]).any(0)
-                    window = self._dead_masks.setdefault(name, deque(maxlen=DEAD_WINDOW))
+                    window = self._dead_masks.setdefault(key, deque(maxlen=DEAD_WINDOW))
                     window.append(active)
                     if len(window) == DEAD_WINDOW:
                         ever = torch.stack(list(window)).any(0)
