@@ -8,7 +8,6 @@ test gets a database of its own, dropped afterwards, so reruns never meet an old
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -41,10 +40,12 @@ RECIPE = {
 }
 SPACE = {"optim.lr": {"type": "log_uniform", "low": 1.0e-3, "high": 0.3}}
 QUIET = {"plots": False, "verbose": False}
-# A model that takes its time in training, so that a worker can be caught in the middle of a trial
-# and two processes that start a second apart both get trials.
+# A model that takes its time in training, so that two processes that start a second apart both
+# get trials; while a file "hold" exists in the working directory, its training step says it is
+# under way (the file "under_way") and waits, so a worker is caught in the middle of a trial.
 SLOW = textwrap.dedent(
     """
+    import os
     import time
 
     import torch
@@ -58,6 +59,11 @@ SLOW = textwrap.dedent(
         def forward(self, x):
             if self.training:
                 time.sleep(self.delay)
+                if os.path.exists("hold"):
+                    open("under_way", "w").close()
+                    started = time.monotonic()
+                    while os.path.exists("hold") and time.monotonic() - started < 120:
+                        time.sleep(0.05)
             return self.layer(x)
 
     def slow(in_features, num_outputs, delay=0.0):
@@ -199,9 +205,9 @@ def test_two_machines_share_one_study_and_its_cap(database, slow_model):
 
 
 def test_a_study_killed_mid_trial_resumes_to_its_cap(database, slow_model):
-    # 2 s of training per trial: on a loaded machine a 3-trial study at 0.3 s a step could end
-    # between two looks at the database, and the test would never see a trial under way
-    _recipe_file(slow_model, delay=1.0)
+    _recipe_file(slow_model, delay=0.3)
+    hold, under_way = slow_model / "hold", slow_model / "under_way"
+    hold.touch()  # the worker's first training step waits: it is killed mid-trial, not by luck
     log = slow_model / "worker.log"
     worker = subprocess.Popen(
         _tune_command(database, "killed", "--trials", "3"),
@@ -212,21 +218,21 @@ def test_a_study_killed_mid_trial_resumes_to_its_cap(database, slow_model):
     )
     try:
         deadline = time.monotonic() + 120
-        running: list = []
-        while not running and worker.poll() is None and time.monotonic() < deadline:
+        while not under_way.exists() and worker.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-            with contextlib.suppress(KeyError):  # the study is not there yet
-                running = [
-                    t
-                    for t in _trials(database, "killed")
-                    if t.state.name == "RUNNING" and WORKER in t.user_attrs  # really under way
-                ]
-        assert running, (
+        assert under_way.exists(), (
             f"the worker never started a trial (exit {worker.poll()}): {log.read_text()[-2000:]}"
         )
     finally:
         worker.send_signal(signal.SIGKILL)  # a machine that dies: no clean-up at all
         worker.wait()
+        hold.unlink()
+    running = [
+        t
+        for t in _trials(database, "killed")
+        if t.state.name == "RUNNING" and WORKER in t.user_attrs  # it had recorded itself
+    ]
+    assert len(running) == 1
 
     result = tune(
         "recipe.yaml", "space.yaml", trials=3, pruner="none", storage=database,
