@@ -438,7 +438,9 @@ class Trainer:
             state = self._loop()
             if self.doctor is not None and self.dist.active:
                 self.doctor.sync()  # every rank: the last steps' statistics, combined
-            return self._result(state)
+            result = self._result(state)
+            distributed.barrier(self.dist)  # every rank done before the group is torn down
+            return result
         # best effort: on a full disk status.json stays "running", and the pid shows it dead
         except GradwiseError as exc:
             try_write_status(self.dir, "failed", message=str(exc))

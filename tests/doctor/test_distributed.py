@@ -203,6 +203,7 @@ def _worker(scenario: str, out_dir: str) -> None:
     dist.init_process_group("gloo")
     try:
         result = _ddp_phases(rank) if scenario == "ddp" else _fsdp_phases(rank)
+        dist.barrier()  # both ranks done before either tears gloo down (else an abort at exit)
     finally:
         dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))

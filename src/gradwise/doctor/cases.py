@@ -657,6 +657,7 @@ def _rank_main() -> None:
             path = os.path.join(os.environ["GRADWISE_CASE_OUT"], "findings.json")
             with open(path, "w", encoding="utf-8") as fh:
                 json.dump([finding.to_dict() for finding in doctor.findings], fh)
+        dist.barrier()  # both ranks done before either tears gloo down
     finally:
         dist.destroy_process_group()
 
