@@ -31,7 +31,6 @@ from gradwise.errors import ConfigError
 
 __all__ = [
     "Dist",
-    "all_mean",
     "all_sum",
     "barrier",
     "broadcast",
@@ -157,13 +156,6 @@ def all_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
     value = value.clone()
     dist.all_reduce(value)
     return value.to(home)
-
-
-def all_mean(value: float, d: Dist) -> float:
-    """The mean of a number over the ranks."""
-    if not d.active:
-        return value
-    return float(all_sum(torch.tensor([float(value)], dtype=torch.float64), d)) / d.world
 
 
 def broadcast(obj: Any, d: Dist) -> Any:
