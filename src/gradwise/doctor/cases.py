@@ -34,9 +34,8 @@ class Case:
     name: str
     expect: str | None  # the rule code the fault must trigger; None: healthy, no warnings or errors
     description: str
-    build: Callable[
-        [], Doctor
-    ]  # a Doctor after the run (or a preflight report: both have .findings)
+    build: Callable[[], Doctor]  # a Doctor after the run (or a preflight report: .findings)
+    source: str | None = None  # where a bug ported from a public report was reported
 
     def run(self) -> Doctor:
         torch.manual_seed(0)
@@ -47,10 +46,14 @@ CASES: dict[str, Case] = {}
 
 
 def case(
-    name: str, expect: str | None, description: str
+    name: str, expect: str | None, description: str, source: str | None = None
 ) -> Callable[[Callable[[], Doctor]], Callable]:
+    """Register a case; ``source``: the public report a ported bug comes from (its address)."""
+
     def register(fn: Callable[[], Doctor]) -> Callable[[], Doctor]:
-        CASES[name] = Case(name, expect, description, fn)
+        if name in CASES:
+            raise ValueError(f"case {name} is already registered")
+        CASES[name] = Case(name, expect, description, fn, source)
         return fn
 
     return register
