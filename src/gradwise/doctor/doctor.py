@@ -42,12 +42,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradwise.doctor import ranks
+from gradwise.doctor import dispatch, probes, ranks
 from gradwise.doctor import rules as _rules  # noqa: F401  (registers every rule)
-from gradwise.doctor.findings import RULES, Finding, check_codes, sort_findings
+from gradwise.doctor.findings import (
+    RULES,
+    Finding,
+    Rule,
+    When,
+    check_codes,
+    link_causes,
+    sort_findings,
+)
+from gradwise.doctor.graph import kind_from_value, read_graph
 from gradwise.doctor.rules import data as data_rules
 from gradwise.doctor.rules import model as model_rules
-from gradwise.doctor.rules.generalisation import forgetting, overfitting, underfitting
+from gradwise.doctor.rules.dynamics import nonfinite
+from gradwise.doctor.rules.generalisation import forgetting
 from gradwise.doctor.rules.setup import (
     NO_GRAD_STEPS,
     eval_in_train_mode,
@@ -55,7 +65,7 @@ from gradwise.doctor.rules.setup import (
     frozen_by_mistake,
     params_without_gradients,
     ranks_out_of_sync,
-    stale_gradients,
+    stochastic_evaluation,
 )
 from gradwise.doctor.signals import Activation, Series, Signals
 from gradwise.errors import ConfigError, GradwiseWarning
@@ -72,9 +82,12 @@ STOCHASTIC = (
     nn.AlphaDropout,
     nn.modules.batchnorm._BatchNorm,
 )
+STATEFUL = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 EARLY_BATCHES = 3  # steps whose inputs, outputs and targets get the data and set-up checks
 IMBALANCE_BATCHES = 20  # steps whose targets are pooled before judging class balance (GW103)
-DEAD_WINDOW = 5  # sampled batches over which a ReLU unit must stay silent to count as dead
+DEAD_WINDOW = 5  # batches over which a ReLU unit must stay silent to count as dead (the first
+# DEAD_WINDOW steps are all watched, so that a layer dead from the start is named at once)
+ACCUMULATION_WINDOWS = 4  # accumulation windows whose micro-batches are checked for resets (GW216)
 SATURATION_MARGIN = 0.01  # within 1% of the bounds counts as saturated
 PROBE_SAMPLE = 4096  # entries per tensor that estimate its norm and update-to-weight ratio
 PROBE_CHUNK = 64  # rows per batch when the forgetting probe is given as tensors (GW403)
@@ -87,9 +100,6 @@ PROBE_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = 
     "l1": lambda out, y: F.l1_loss(out, y.to(out.dtype)),
     "huber": lambda out, y: F.huber_loss(out, y.to(out.dtype)),
 }  # the probe's loss by loss kind, when no loss function is given
-
-
-_NO_GUARD = contextlib.nullcontext()
 
 
 class Doctor:
@@ -154,6 +164,7 @@ class Doctor:
         self._remote: list[tuple[int, str, int]] = []  # (rank, code, step) seen on another rank
         self._rebase_pending: int | None = None
         self.loss_fn = loss_fn
+        self._loss_declared = loss_fn is not None or task is not None  # else read from the loss
         if isinstance(frozen_on_purpose, str):
             frozen_on_purpose = [frozen_on_purpose]
         self.frozen_on_purpose = None if frozen_on_purpose is None else set(frozen_on_purpose)
@@ -185,6 +196,13 @@ class Doctor:
         self._ran: dict[str, None] = {}  # modules owning parameters, in the order they finished
         self._bn_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._failed: set[str] = set()  # checks switched off after an exception
+        self._broken: set[str] = set()  # rules switched off after their check raised
+        self._watch_acts = True  # activation statistics: the first DEAD_WINDOW steps, and samples
+        self._probing = False  # a probe is running the model: the hooks stay out of it
+        self._calls: dict[str, int] = {}  # forward calls at step 0 of stateful modules (GW212)
+        self._micro: torch.Tensor | None = None  # the latest micro-batch's gradient (GW216)
+        self._accumulation: list[tuple[int, float, float]] = []
+        self._repeat_done = False  # the stochastic-evaluation probe ran (GW213)
 
         self._layers = _layers(model)
         self._all_params = [p for params in self._layers.values() for p in params]
@@ -220,6 +238,7 @@ class Doctor:
         s = self.signals
         step = s.step
         self._fired_now: list[Finding] = []
+        graph_loss = loss if isinstance(loss, torch.Tensor) and step == 0 else None
         loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         self._pending_loss.append(loss)
         shard, norm = False, torch.tensor(float("nan"))
@@ -235,8 +254,10 @@ class Doctor:
         self._pending_grad.append(norm.detach())
         self._pending_local.append(shard)
         with self._contained("the batch checks"):
+            if self.accumulation_steps > 1:
+                self._note_accumulation(step)
             if step < EARLY_BATCHES or self._armed_for(step):
-                self._check_batch(step, inputs, outputs, targets)
+                self._check_batch(step, graph_loss, loss, inputs, outputs, targets)
             if step < IMBALANCE_BATCHES and targets is not None:
                 self._pool_targets(step, targets, outputs)
             if self._snapshot is not None:  # the optimizer step after the last sample happened
@@ -253,6 +274,9 @@ class Doctor:
                 self._guarded("GW209", lambda: self._check_batchnorm(step))
                 self._run_live_rules(step)
                 self._merge_remote()
+        elif step == DEAD_WINDOW - 1:  # the first window of activations is complete
+            with self._contained("the activation checks"):
+                self._dispatch("activations", self._context(step), step)
         elif (
             self._exchange is None
             and loss.device.type == "cpu"
@@ -264,6 +288,7 @@ class Doctor:
                 self._take_pre_snapshot()
         s.step += 1
         self._armed = self._armed_for(s.step)
+        self._watch_acts = self._armed or s.step < DEAD_WINDOW
         return self._fired_now
 
     def validate(self, loss: float | None = None, metric: float | None = None) -> list[Finding]:
@@ -285,10 +310,10 @@ class Doctor:
         }
         self.signals.val.append(entry)
         before = set(self._findings)
-        self._apply("GW401", overfitting(self.signals))
-        self._apply("GW402", underfitting(self.signals))
+        self._fired_now = []
+        self._dispatch("validate", self._context(self.signals.step), self.signals.step)
         if self.probe is not None and self._measure_probe(self.signals.step):
-            self._apply("GW403", forgetting(self.signals))
+            self._judge(forgetting, self.signals)
         return [self._findings[c] for c in self._findings if c not in before]
 
     def check_finite(self) -> list[Finding]:
@@ -393,6 +418,17 @@ class Doctor:
 
     def _attach(self) -> None:
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
+        self._handles.append(self.model.register_forward_hook(self._root_hook, with_kwargs=True))
+        stateful = [
+            n
+            for n, m in self.model.named_modules()
+            if isinstance(m, STATEFUL) and getattr(m, "track_running_stats", False)
+        ]
+        self._stateful = stateful
+        counted = {prefix for n in stateful for prefix in _prefixes(n)}
+        for name, module in self.model.named_modules():
+            if name in counted:
+                self._handles.append(module.register_forward_pre_hook(self._make_counter(name)))
         for name, module in self.model.named_modules():
             if (
                 isinstance(module, (*WEIGHTED, *ACTIVATIONS))
@@ -403,9 +439,10 @@ class Doctor:
                     module.register_forward_hook(self._make_forward_hook(name, module))
                 )
         watched = _last_matrix(self.model, self.optimizer)
-        if watched is not None and self.accumulation_steps == 1:
+        if watched is not None:
             self._watched = watched
-            self._handles.append(watched.register_hook(self._fresh_gradient_hook))
+            hook = self._fresh_gradient_hook if self.accumulation_steps == 1 else self._micro_hook
+            self._handles.append(watched.register_hook(hook))
 
     def _root_pre_hook(self, module: nn.Module, args: Any) -> None:
         if self._exchange is not None and self._armed and torch.is_grad_enabled():
@@ -418,14 +455,46 @@ class Doctor:
                 n for n, m in module.named_modules() if isinstance(m, STOCHASTIC) and m.training
             ]
             if stochastic:
-                self._apply("GW203", eval_in_train_mode(stochastic))
+                self._judge(eval_in_train_mode, stochastic)
+
+    def _root_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        """GW213: the first eval-mode pass without gradients runs again; the outputs must agree."""
+        if (
+            self._repeat_done
+            or self._probing
+            or torch.is_grad_enabled()
+            or module.training
+            or self._sharded  # a second pass would be a collective on this rank alone
+            or {"GW213"} & (self.ignore | self._broken)
+        ):
+            return
+        self._repeat_done = True
+        self._probing = True
+        try:
+            repeat = probes.repeat_forward(module, lambda: module(*args, **kwargs), output)
+        except Exception as exc:  # the doctor's failure, never the user's evaluation's
+            self._rule_failed(stochastic_evaluation.rule, exc, self.signals.step)
+            return
+        finally:
+            self._probing = False
+        if repeat is not None:
+            self._judge(stochastic_evaluation, repeat)
+
+    def _make_counter(self, name: str) -> Callable:
+        def count(module: nn.Module, args: Any) -> None:
+            if self.signals.step == 0 and not self._probing and torch.is_grad_enabled():
+                self._calls[name] = self._calls.get(name, 0) + 1
+
+        return count
 
     def _make_forward_hook(self, name: str, module: nn.Module) -> Callable:
         kind = type(module).__name__
         s = self.signals
 
         def hook(mod: nn.Module, args: Any, out: Any) -> None:
-            if not self._armed or not torch.is_grad_enabled() or name in self._failed:
+            if not self._watch_acts or not torch.is_grad_enabled() or name in self._failed:
+                return
+            if self._probing:
                 return
             try:
                 observe(mod, out)
@@ -479,6 +548,24 @@ class Doctor:
         if self._armed:
             fresh = grad.detach()
             self._fresh = fresh.clone() if self._fresh is None else self._fresh + fresh
+
+    def _micro_hook(self, grad: torch.Tensor) -> None:
+        if self.signals.step < ACCUMULATION_WINDOWS * self.accumulation_steps:
+            self._micro = grad.detach().clone()
+
+    def _note_accumulation(self, step: int) -> None:
+        """GW216: at a micro-batch past the first of its window, .grad against its own gradient."""
+        micro, self._micro = self._micro, None
+        watched = getattr(self, "_watched", None)
+        position = step % self.accumulation_steps
+        if micro is None or watched is None or watched.grad is None or position == 0:
+            return
+        grad = watched.grad.detach()
+        fresh = float(micro.float().norm())
+        if fresh == 0.0:
+            return
+        ratio = float(grad.float().norm()) / fresh
+        self._accumulation.append((position, ratio, _agreement(grad, micro)))
 
     # -- collection ------------------------------------------------------------------------------
 
@@ -626,41 +713,98 @@ class Doctor:
             ratio = math.sqrt(d2[name]) / max(math.sqrt(w2[name]), 1e-12)
             self.signals.update_ratio.setdefault(name, Series()).append(step, ratio)
 
-    def _check_batch(self, step: int, inputs: Any, outputs: Any, targets: Any) -> None:
+    def _context(self, step: int, **values: Any) -> dispatch.Context:
+        return dispatch.Context(
+            step=step,
+            signals=self.signals,
+            model=self.model,
+            optimizer=self.optimizer,
+            loss_kind=self.signals.loss_kind,
+            task=self.task,
+            cosines=self._cosines,
+            accumulation=self._accumulation or None,
+            **values,
+        )
+
+    def _check_batch(
+        self,
+        step: int,
+        graph_loss: torch.Tensor | None,
+        loss: torch.Tensor,
+        raw_inputs: Any,
+        outputs: Any,
+        targets: Any,
+    ) -> None:
         """Data and set-up rules on one batch (the first few steps, then at sampled steps)."""
-        kind = self.signals.loss_kind
-        inputs = inputs if isinstance(inputs, torch.Tensor) else None
-        outputs = outputs if isinstance(outputs, torch.Tensor) else None
+        inputs = _main_tensor(raw_inputs)
+        outputs = _main_tensor(outputs)
         targets = targets if isinstance(targets, torch.Tensor) else None
-        self._apply("GW101", data_rules.nonfinite_data(inputs, targets), step)
-        if step >= EARLY_BATCHES:
-            return
-        if inputs is not None:
-            self._apply("GW102", data_rules.unnormalised_inputs(inputs), step)
-            self._apply(
-                "GW206", model_rules.batchnorm_tiny_batch(self.model, inputs.shape[0]), step
-            )
-        if outputs is not None:
-            self._apply(
-                "GW201", model_rules.probabilities_to_logits_loss(outputs, kind, self.model), step
-            )
-            if kind in ("cross_entropy", "nll") and outputs.ndim >= 2:
-                self.signals.num_classes = outputs.shape[1]
-        if outputs is not None and targets is not None:
-            self._apply("GW105", data_rules.targets_out_of_range(outputs, targets, kind), step)
-            self._apply(
-                "GW205", model_rules.loss_task_mismatch(kind, targets, outputs, self.task), step
-            )
+        early = step < EARLY_BATCHES
+        providers: dict[str, Callable[[], Any]] = {}
+        values: dict[str, Any] = {"inputs": inputs, "outputs": outputs, "targets": targets}
+        if early:
+            providers["loss_value"] = lambda: float(loss.float().reshape(()).cpu())
+            if inputs is not None:
+                values["batch_size"] = inputs.shape[0] if inputs.ndim else None
         if step == 0:
-            self._apply(
-                "GW204", model_rules.poor_initialisation(self.signals.init_activation_stds), step
-            )
+            graph = read_graph(graph_loss) if graph_loss is not None else None
+            values["loss_graph"] = graph
+            if not self._loss_declared:
+                self._infer_loss_kind(graph, loss, outputs, targets)
+            values["activation_stds"] = self.signals.init_activation_stds or None
+            values["reused"] = self._reused()
+            if raw_inputs is not None and not self._sharded:
+                providers["mixing"] = lambda: self._probe_mixing(raw_inputs)
+        context = self._context(step, providers=providers, **values)
+        for when in ("first", "batch", "early") if step == 0 else ("batch", "early"):
+            if when != "early" or early:
+                self._dispatch(when, context, step)
+        kind = self.signals.loss_kind
+        if early and outputs is not None and kind in ("cross_entropy", "nll") and outputs.ndim >= 2:
+            self.signals.num_classes = outputs.shape[1]
+        if step == 0:
             self._check_optimizer(step)
             self._guarded("GW208", lambda: self._check_frozen(step))
 
+    def _reused(self) -> dict[str, int]:
+        """Stateful modules called more often at step 0 than the nearest enclosing module that
+        ran (a ModuleList holding them never runs itself)."""
+        reused = {}
+        for name in self._stateful:
+            calls = self._calls.get(name, 0)
+            outer = [self._calls.get(p, 0) for p in _prefixes(name)[1:]]
+            enclosing = next((c for c in outer if c), 0)
+            if enclosing and calls > enclosing:
+                reused[name] = calls
+        return reused
+
+    def _infer_loss_kind(
+        self, graph: Any, loss: torch.Tensor, outputs: Any, targets: Any
+    ) -> None:
+        """Without loss_fn or task: the loss's kind from its autograd graph, else from its value."""
+        kind = graph.kind if graph is not None else "other"
+        if kind == "other":
+            value = float(loss.float().reshape(()).cpu())
+            kind = kind_from_value(value, outputs, targets) or "other"
+        self.signals.loss_kind = kind
+
+    def _probe_mixing(self, inputs: Any) -> dict[str, float] | None:
+        """GW211's probe with the doctor's own hooks idle."""
+        self._probing = True
+        try:
+            return probes.batch_mixing(self.model, inputs)
+        finally:
+            self._probing = False
+
     def _pool_targets(self, step: int, targets: torch.Tensor, outputs: Any) -> None:
-        """GW103 needs more than one batch: a single batch is imbalanced by chance."""
+        """GW103 needs more than one batch: a single batch is imbalanced by chance. Float targets
+        (regression) give the targets' variance instead, the chance level of GW404."""
         if targets.is_floating_point() and targets.ndim < 2:
+            self._targets_seen.append(targets.detach().float().cpu())
+            if step == IMBALANCE_BATCHES - 1:
+                pooled = torch.cat(self._targets_seen)
+                self.signals.target_var = float(pooled.var()) if pooled.numel() > 1 else None
+                self._targets_seen.clear()
             return
         self._targets_seen.append(targets.detach().cpu())
         if step == IMBALANCE_BATCHES - 1:
@@ -670,7 +814,7 @@ class Doctor:
                 if isinstance(outputs, torch.Tensor) and outputs.ndim == 2
                 else None
             )
-            self._apply("GW103", data_rules.class_imbalance(pooled, classes), step)
+            self._judge(data_rules.class_imbalance, pooled, classes, step=step)
             self._targets_seen.clear()
 
     def _check_optimizer(self, step: int) -> None:
@@ -682,19 +826,16 @@ class Doctor:
             for n, p in self.model.named_parameters()
             if p.requires_grad and id(p) not in in_optimizer
         ]
-        self._apply("GW207", params_without_gradients([], missing, len(self._names), True), step)
+        self._judge(params_without_gradients, [], missing, len(self._names), True, step=step)
 
     def _check_finite(self, step: int) -> None:
         self._flush_loss(step)
-        self._apply("GW301", RULES["GW301"].check(self.signals), step)
+        self._judge(nonfinite, self.signals, step=step)
 
     def _run_live_rules(self, step: int) -> None:
-        s = self.signals
-        for code, rule in RULES.items():
-            if rule.stage == "live" and code.startswith("GW3"):
-                self._apply(code, rule.check(s), step)
-        self._apply("GW202", stale_gradients(self._cosines), step)
-        self._apply("GW402", underfitting(s), step)
+        context = self._context(step)
+        self._dispatch("sample", context, step)
+        self._dispatch("activations", context, step)
         if step >= NO_GRAD_STEPS:
             named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
             never = [n for n, _ in named if n not in self._got_grad]
@@ -703,7 +844,7 @@ class Doctor:
                 owned = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
                 missing = set(never)
                 never = [n for n, p in named if n in missing and id(p) in owned]
-            self._apply("GW207", params_without_gradients(never, [], len(named), known), step)
+            self._judge(params_without_gradients, never, [], len(named), known, step=step)
 
     # -- several ranks: one exchange per sampled step ------------------------------------------------
 
@@ -772,7 +913,7 @@ class Doctor:
             self._pending_local.clear()
         with self._contained("comparing the ranks (GW210)"):
             fingerprints, names = self._comparable(param_items, buffer_items, got)
-            self._apply("GW210", ranks_out_of_sync(steps, names, fingerprints, loss_finite))
+            self._judge(ranks_out_of_sync, steps, names, fingerprints, loss_finite)
         with self._contained("combining the gradients"):
             if ranks.agreed(got["layers"]) and "layers" in local:
                 reduced["layers"] = _summed(local["layers"], got["layers"])
@@ -957,9 +1098,9 @@ class Doctor:
                 return
 
     def _contained(self, what: str) -> contextlib.AbstractContextManager:
-        """Under several ranks, a failure of this rank's own checks is a warning, never a skipped
-        exchange or step count (the other ranks would wait for it); alone, it propagates."""
-        return _NO_GUARD if self._exchange is None else self._catching(what)
+        """A failure of the doctor's own measurements is a warning, never an exception in the
+        user's loop (and under several ranks never a skipped exchange or step count)."""
+        return self._catching(what)
 
     @contextlib.contextmanager
     def _catching(self, what: str) -> Iterator[None]:
@@ -1020,7 +1161,7 @@ class Doctor:
                     frozen_output = output
             elif not all(_covered(n, declared) for n in names):
                 frozen_output = output
-        self._apply("GW208", frozen_by_mistake(total, trainable, frozen_output, undeclared), step)
+        self._judge(frozen_by_mistake, total, trainable, frozen_output, undeclared, step=step)
 
     def _output_layer(self) -> str | None:
         """The module with parameters that finished last in the first forward pass (without one
@@ -1055,7 +1196,7 @@ class Doctor:
             drifts.append(torch.maximum(shift, spread).cpu())
         values = torch.stack(drifts).tolist()
         drift = {name: v for (name, _, _), v in zip(pairs, values, strict=True)}
-        self._apply("GW209", frozen_batchnorm_drift(drift), step)
+        self._judge(frozen_batchnorm_drift, drift, step=step)
 
     def _measure_probe(self, step: int) -> bool:
         """The loss on the probe set, appended to ``signals.probe_loss``; False when the probe
@@ -1124,7 +1265,7 @@ class Doctor:
         return mean, noise
 
     def _guarded(self, code: str, check: Callable[[], None], key: str | None = None) -> None:
-        """Run a check; a failure switches it and its rule off with a warning, never raises."""
+        """Run a check that feeds rule ``code``; a failure switches the rule off, never raises."""
         key = key or code
         if key in self._failed:
             return
@@ -1132,13 +1273,48 @@ class Doctor:
             check()
         except Exception as exc:
             self._failed.add(key)
-            self.ignore.add(code)
-            warnings.warn(
-                f"gradwise doctor: the {code} check failed ({type(exc).__name__}: {exc}) and "
-                "is off for this run",
-                GradwiseWarning,
-                stacklevel=3,
+            self._rule_failed(RULES[code], exc, self.signals.step)
+
+    def _dispatch(self, when: When, context: dispatch.Context, step: int) -> None:
+        dispatch.run(
+            when,
+            context,
+            skip=self.ignore | self._broken,
+            on_result=lambda rule, result: self._apply(rule.code, result, step),
+            on_failure=lambda rule, exc: self._rule_failed(rule, exc, step),
+        )
+
+    def _judge(self, check: Callable, *args: Any, step: int | None = None) -> None:
+        """Call one rule's check on measurements made here (a rule dispatched by hand: GW203,
+        GW207-GW210, GW213, GW403, GW103), guarded like every dispatch."""
+        rule: Rule = check.rule
+        step = self.signals.step if step is None else step
+        if rule.code in self.ignore or rule.code in self._broken:
+            return
+        try:
+            result = check(*args)
+        except Exception as exc:
+            self._rule_failed(rule, exc, step)
+            return
+        self._apply(rule.code, result, step)
+
+    def _rule_failed(self, rule: Rule, exc: Exception, step: int) -> None:
+        """A rule's check raised: the rule is off for this run, reported once as an info finding
+        under its own code; the user's loop never sees the exception."""
+        self._broken.add(rule.code)
+        if rule.code in self.ignore or rule.code in self._findings:
+            return
+        self._record(
+            Finding(
+                code=rule.code,
+                name=rule.name,
+                severity="info",
+                step=step,
+                message=f"the doctor's {rule.code} check failed on this run and is off "
+                f"({type(exc).__name__}: {exc}); training is not affected",
+                last_step=step,
             )
+        )
 
     # -- findings --------------------------------------------------------------------------------
 
@@ -1158,9 +1334,30 @@ class Doctor:
             known.last_step = finding.step
             return
         self._findings[finding.code] = finding
+        link_causes(self._findings)
         self._local_codes.setdefault(finding.code, finding.step)
         if self.on_finding is not None and self.rank == 0:  # under several ranks rank 0 reports
             self.on_finding(finding)
+
+
+def _prefixes(name: str) -> list[str]:
+    """A module path and its ancestors' paths, innermost first: "a.b.c", "a.b", "a", ""."""
+    parts = name.split(".") if name else []
+    return [".".join(parts[:i]) for i in range(len(parts), -1, -1)]
+
+
+def _main_tensor(value: Any) -> torch.Tensor | None:
+    """The tensor the data rules judge: a tensor as it is; of a tuple, dict or ModelOutput, its
+    logits or first tensor (see gradwise.batch.outputs_of)."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    from gradwise.batch import outputs_of
+
+    try:
+        main, _ = outputs_of(value)
+    except Exception:
+        return None
+    return main if isinstance(main, torch.Tensor) else None
 
 
 def _covered(name: str, declared: set[str]) -> bool:

@@ -74,6 +74,7 @@ class Signals:
     probe_loss: Series = field(default_factory=Series)
     probe_noise: float = 0.0
     num_classes: int | None = None  # from the outputs, for chance-level checks
+    target_var: float | None = None  # variance of the first steps' float targets (regression)
     loss_kind: str = "other"
     loss_scaling: bool = False  # fp16 GradScaler: overflowing gradients are expected and skipped
     _ema: dict | None = field(default=None, repr=False)  # state of smoothed_losses()

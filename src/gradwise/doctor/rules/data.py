@@ -89,6 +89,7 @@ THRESHOLDS = DataThresholds()
     "nonfinite-data",
     "error",
     "preflight",
+    when="batch",
     fixes=[
         "Find where the NaN/Inf values come from (missing values in a CSV, a division by zero or a "
         "log of zero in preprocessing) and fix them at the source.",
@@ -304,6 +305,7 @@ def _class_targets(targets: torch.Tensor) -> torch.Tensor | None:
     "class-imbalance",
     "warning",
     "preflight",
+    when="manual",  # judged on the first steps' targets pooled, never on one batch
     fixes=[
         "Weight the loss by inverse class frequency (CrossEntropyLoss(weight=...), or "
         "BCEWithLogitsLoss(pos_weight=negatives/positives) for binary and multilabel targets).",

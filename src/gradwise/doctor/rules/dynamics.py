@@ -34,6 +34,10 @@ class Thresholds:
     dead_fraction: float = 0.5
     """GW304: fraction of a ReLU layer's units never active over the activation window."""
     dead_samples: int = 2
+    dead_at_once: float = 0.9
+    """GW304: a layer this dead in its first full window (the first steps) is reported at once:
+    healthy initialisations leave almost no unit silent for 5 batches, so this is a dead start
+    (a negative bias shift, a bad initialisation), not noise."""
     lr_high_update_ratio: float = 0.05
     """GW305: median update-to-weight ratio far above the ~1e-3 of healthy training (Karpathy 2019)."""
     lr_high_divergence: float = 1.5
@@ -221,6 +225,8 @@ def vanishing_gradients(s: Signals) -> Result:
         "Use LeakyReLU/GELU/SiLU, which keep a gradient for negative inputs.",
         "Use He initialisation and zero (not negative) biases; add normalisation before the ReLU.",
     ],
+    when="activations",
+    explains=("GW303", "GW306", "GW307", "GW402"),
     references=[
         "Lu et al. 2019, Dying ReLU and Initialization: Theory and Numerical Examples",
         "Maas, Hannun & Ng 2013, Rectifier Nonlinearities Improve Neural Network Acoustic Models (LeakyReLU)",
@@ -235,13 +241,24 @@ def dying_relu(s: Signals) -> Result:
 
     ## How it is detected
     Forward hooks on ``nn.ReLU`` modules record, per unit (channel), whether it was active for any
-    input over a window of sampled batches; the fraction never active is compared with a threshold
-    over consecutive samples.
+    input over a window of 5 batches (the first 5 steps, then sampled steps); the fraction never
+    active is compared with a threshold over consecutive samples, or, for a layer almost entirely
+    dead in its first window, at once: a dead start is the cause that vanishing gradients, a
+    too-low learning rate and a plateau then show as symptoms, and it is reported as such.
     """
     dead = {name: a.dead for name, a in s.activations.items()}
     worst = _worst_sustained(dead, T.dead_samples, T.dead_fraction)
     if worst is None:
-        return None
+        start = [(n, v.values[0]) for n, v in dead.items() if len(v) and v.values[0] >= T.dead_at_once]
+        if not start:
+            return None
+        name, fraction = max(start, key=lambda hit: hit[1])
+        return (
+            f"{fraction:.0%} of the units of {name} never activated from the first steps: they "
+            "were dead from the start (a negative bias or a bad initialisation), so the layers "
+            "below get no gradient",
+            {"dead_fraction": fraction, "from_start": 1.0},
+        )
     name, fraction = worst
     return f"{fraction:.0%} of the units of {name} never activate", {"dead_fraction": fraction}
 
@@ -251,6 +268,7 @@ def dying_relu(s: Signals) -> Result:
     "learning-rate-too-high",
     "error",
     "live",
+    explains=("GW301", "GW304", "GW308"),
     fixes=[
         "Lower the learning rate 3-10x (gradwise check runs a learning-rate range test).",
         "Use warmup (schedule.warmup: 0.05) and clip the gradient norm.",
@@ -428,6 +446,7 @@ def oscillating(s: Signals) -> Result:
     "saturated-activations",
     "warning",
     "live",
+    explains=("GW303",),
     fixes=[
         "Use ReLU-family activations in hidden layers, or normalise before sigmoid/tanh.",
         "Use Xavier/Glorot initialisation for tanh/sigmoid layers and standardise the inputs.",

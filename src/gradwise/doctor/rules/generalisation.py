@@ -12,7 +12,20 @@ from gradwise.doctor.signals import Signals
 OVERFIT_EVALS = 3
 """GW401: consecutive evaluations with rising validation loss."""
 OVERFIT_GAP = 0.05
-"""GW401: validation loss this fraction above its best."""
+"""GW401: validation loss this fraction above its best ..."""
+OVERFIT_TRAIN_GAP = 0.1
+"""GW401: ... and this fraction above the training loss: without a train/validation gap a rising
+validation loss is the data's noise or a shift the training loss shares, not memorisation."""
+OVERFIT_NOISE = 2.0
+"""GW401: the rise above the best must also exceed this many times the typical change between
+consecutive evaluations before the rise (their median absolute change): noise is not a trend."""
+CHANCE_FRACTION = 0.95
+"""GW404: every validation loss at or above this fraction of the chance-level loss ..."""
+LEARNED_FRACTION = 0.7
+"""GW404: ... while the training loss fell below this fraction of it (the model fits the
+training labels, and nothing of it carries over)."""
+CHANCE_EVALS = 2
+"""GW404: evaluations needed."""
 UNDERFIT_STEPS = 200
 """GW402: steps before judging a loss stuck at chance level."""
 UNDERFIT_CHANCE = 0.95
@@ -50,8 +63,9 @@ def overfitting(s: Signals) -> Result:
     """Training loss keeps falling while validation loss rises: the model memorises the training set.
 
     ## How it is detected
-    The validation loss rose at each of the last evaluations, is clearly above its best, and the mean
-    training loss between those evaluations fell.
+    The validation loss rose at each of the last evaluations, is clearly above its best (beyond the
+    epoch-to-epoch noise of the evaluations before) and clearly above the training loss, and the
+    mean training loss between those evaluations fell.
     """
     evals = [v for v in s.val if v.get("loss") is not None]
     if len(evals) < OVERFIT_EVALS + 1:
@@ -62,11 +76,76 @@ def overfitting(s: Signals) -> Result:
     best = min(v["loss"] for v in evals)
     rising = all(b > a for a, b in itertools.pairwise(val))
     train_falling = None not in train and train[-1] < train[0]
-    if rising and train_falling and val[-1] > (1 + OVERFIT_GAP) * best:
+    earlier = [v["loss"] for v in evals[: -OVERFIT_EVALS - 1]]
+    steps = [abs(b - a) for a, b in itertools.pairwise(earlier if len(earlier) >= 3 else val)]
+    noise = sorted(steps)[len(steps) // 2] if steps else 0.0
+    gap = None not in train and val[-1] > (1 + OVERFIT_TRAIN_GAP) * train[-1]
+    beyond_noise = val[-1] - best > OVERFIT_NOISE * noise
+    if rising and train_falling and gap and beyond_noise and val[-1] > (1 + OVERFIT_GAP) * best:
         return (
             f"validation loss rose for {OVERFIT_EVALS} evaluations to {val[-1]:.4g} (best {best:.4g}) "
             f"while training loss fell to {train[-1]:.4g}",
             {"val_loss": val[-1], "best_val_loss": best, "train_loss": train[-1]},
+        )
+    return None
+
+
+def _chance_loss(s: Signals) -> float | None:
+    """The loss of a model that ignores its inputs: ln(C) for C balanced classes, the targets'
+    variance for MSE (known from the first steps' targets)."""
+    if s.loss_kind in ("cross_entropy", "nll") and s.num_classes and s.num_classes >= 2:
+        return math.log(s.num_classes)
+    if s.loss_kind == "mse" and s.target_var:
+        return s.target_var
+    return None
+
+
+@rule(
+    "GW404",
+    "labels-independent-of-inputs",
+    "error",
+    "validation",
+    explains=("GW401",),
+    fixes=[
+        "Check that inputs and labels stay paired: shuffle them together (one permutation "
+        "indexing both, or a Dataset returning (x, y)), never one without the other.",
+        "Check the label source: joins on the wrong key, a label column off by one row, labels "
+        "read in another order (sorted file names against unsorted labels).",
+        "Look at a few (input, label) pairs by eye.",
+    ],
+    references=[
+        "Zhang et al. 2017, Understanding deep learning requires rethinking generalization "
+        "(networks memorise random labels: training loss falls, test stays at chance)",
+        "Karpathy 2019, A Recipe for Training Neural Networks ('visualize just before the net')",
+    ],
+)
+def labels_independent(s: Signals) -> Result:
+    """Validation stays at chance from the first evaluation while the training loss falls.
+
+    ## Why it matters
+    A network can memorise any labels, even random ones: the training loss falls as usual. If
+    the labels do not depend on the inputs (features shuffled apart from their labels, a
+    misaligned join), nothing it learns carries over, and validation sits at chance from the
+    start. That is not overfitting (validation never improved), and no regularisation helps.
+
+    ## How it is detected
+    At least two evaluations; every validation loss at or above ``CHANCE_FRACTION`` of the
+    chance-level loss (ln C for C classes; for MSE the targets' variance), and the training loss
+    below ``LEARNED_FRACTION`` of it.
+    """
+    chance = _chance_loss(s)
+    evals = [v for v in s.val if v.get("loss") is not None and v.get("train_loss") is not None]
+    if chance is None or len(evals) < CHANCE_EVALS:
+        return None
+    best_val = min(v["loss"] for v in evals)
+    train = evals[-1]["train_loss"]
+    if best_val >= CHANCE_FRACTION * chance and train < LEARNED_FRACTION * chance:
+        return (
+            f"validation loss never went below chance ({best_val:.3g}; chance {chance:.3g}) in "
+            f"{len(evals)} evaluations while the training loss fell to {train:.3g}: the model "
+            "memorises labels that do not depend on the inputs; check that inputs and labels "
+            "stay paired",
+            {"best_val_loss": best_val, "chance_loss": chance, "train_loss": train},
         )
     return None
 
@@ -76,6 +155,7 @@ def overfitting(s: Signals) -> Result:
     "underfitting",
     "error",
     "validation",
+    when="sample",  # the training loss alone decides; preflight's overfit test reports it too
     fixes=[
         "Check that labels line up with inputs (shuffling one without the other is a classic bug).",
         "Make sure the model can fit one batch (gradwise check runs this test); if not, look for a "
@@ -116,6 +196,7 @@ def underfitting(s: Signals) -> Result:
     "catastrophic-forgetting",
     "warning",
     "validation",
+    when="manual",  # judged when the probe set was measured
     fixes=[
         "Lower the learning rate (fine-tuning rates are about a tenth of training from scratch; "
         "gw.advise suggests one) or train fewer epochs.",

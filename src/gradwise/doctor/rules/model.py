@@ -263,6 +263,7 @@ def _row_sums_to_one(outputs: torch.Tensor) -> tuple[bool, float]:
     "probabilities-into-logits-loss",
     "error",
     "preflight",
+    explains=("GW306", "GW307", "GW402"),
     fixes=[
         "Remove the final Softmax/Sigmoid from the model and feed the raw logits to the loss: "
         "CrossEntropyLoss applies log-softmax itself, BCEWithLogitsLoss applies the sigmoid.",
@@ -284,6 +285,8 @@ def probabilities_to_logits_loss(
     model: nn.Module | None = None,
     *,
     final_op: str | None = None,
+    loss_graph: Any = None,
+    loss_value: float | None = None,
 ) -> Result:
     """The model outputs probabilities (softmax or sigmoid) into a loss that expects logits.
 
@@ -300,12 +303,33 @@ def probabilities_to_logits_loss(
     final sigmoid operation, ``final_op``), or, without that structural evidence, at least
     ``THRESHOLDS.sigmoid_min_values`` outputs all in [0, 1] spread over at least
     ``THRESHOLDS.sigmoid_min_span`` (a single small batch of an untrained model is never enough).
+    Without a declared loss, the loss's autograd graph says what the loss is and what fed it (a
+    softmax below the cross-entropy, a sigmoid below BCE with logits), and an NLL loss below zero
+    was given probabilities or raw scores instead of log-probabilities.
     """
     t = THRESHOLDS
     if not torch.is_tensor(outputs) or not outputs.is_floating_point() or outputs.numel() == 0:
         return None
     if loss_kind not in ("cross_entropy", "nll", "bce_logits"):
         return None
+    fed = getattr(loss_graph, "input_op", None)
+    if loss_kind == "nll" and loss_value is not None and loss_value < 0 and fed != "log_softmax":
+        return (
+            f"the NLL loss is {loss_value:.3g}, below zero: NLLLoss expects log-probabilities "
+            f"(log_softmax), but got {fed + ' outputs' if fed else 'raw scores'}; use "
+            "CrossEntropyLoss on the logits",
+            {"loss": loss_value, "final_softmax": float(fed == "softmax")},
+        )
+    if (fed == "softmax" and loss_kind != "bce_logits") or (
+        fed == "sigmoid" and loss_kind == "bce_logits"
+    ):
+        expects = {"cross_entropy": "logits", "nll": "log-probabilities (log_softmax)"}
+        return (
+            f"the loss's autograd graph shows a {fed} feeding the {loss_kind} loss, which expects "
+            f"{expects.get(loss_kind, 'logits')}: probabilities are squashed twice; remove the "
+            f"{fed} (the loss applies its own)",
+            {"final_softmax": float(fed == "softmax"), "final_sigmoid": float(fed == "sigmoid")},
+        )
     out = outputs.detach()
     if not bool(torch.isfinite(out).all()):
         return None
@@ -436,6 +460,8 @@ def activation_stds(model: nn.Module, inputs: torch.Tensor) -> list[tuple[str, f
     "poor-initialisation",
     "warning",
     "preflight",
+    when="first",
+    explains=("GW303", "GW309"),
     fixes=[
         "Use He (Kaiming) initialisation for ReLU-family networks and Xavier/Glorot for "
         "tanh/linear ones (gradwise.nn.init_weights(model, 'he')), with zero biases.",
