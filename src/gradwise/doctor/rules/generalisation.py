@@ -17,8 +17,9 @@ OVERFIT_TRAIN_GAP = 0.1
 """GW401: ... and this fraction above the training loss: without a train/validation gap a rising
 validation loss is the data's noise or a shift the training loss shares, not memorisation."""
 OVERFIT_NOISE = 2.0
-"""GW401: the rise above the best must also exceed this many times the typical change between
-consecutive evaluations before the rise (their median absolute change): noise is not a trend."""
+"""GW401: the rise above the best must also exceed this many times the evaluations' jitter (the
+median distance of each validation loss from the midpoint of its neighbours, which a steady trend
+leaves at zero): noise is not a trend."""
 CHANCE_FRACTION = 0.95
 """GW404: every validation loss at or above this fraction of the chance-level loss ..."""
 LEARNED_FRACTION = 0.7
@@ -76,9 +77,11 @@ def overfitting(s: Signals) -> Result:
     best = min(v["loss"] for v in evals)
     rising = all(b > a for a, b in itertools.pairwise(val))
     train_falling = None not in train and train[-1] < train[0]
-    earlier = [v["loss"] for v in evals[: -OVERFIT_EVALS - 1]]
-    steps = [abs(b - a) for a, b in itertools.pairwise(earlier if len(earlier) >= 3 else val)]
-    noise = sorted(steps)[len(steps) // 2] if steps else 0.0
+    history = [v["loss"] for v in evals]
+    jitter = sorted(
+        abs(b - (a + c) / 2) for a, b, c in zip(history, history[1:], history[2:], strict=False)
+    )
+    noise = jitter[len(jitter) // 2] if jitter else 0.0
     gap = None not in train and val[-1] > (1 + OVERFIT_TRAIN_GAP) * train[-1]
     beyond_noise = val[-1] - best > OVERFIT_NOISE * noise
     if rising and train_falling and gap and beyond_noise and val[-1] > (1 + OVERFIT_GAP) * best:
