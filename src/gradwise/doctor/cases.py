@@ -731,3 +731,5 @@ REPAIR_RECIPES: dict[str, dict] = {
         },
     },
 }
+
+from gradwise.doctor import ported  # noqa: E402,F401  (registers the cases ported from public reports)
