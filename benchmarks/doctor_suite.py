@@ -1,9 +1,11 @@
-"""The doctor's test bench: every planted fault, every healthy run, and the repair recipes.
+"""The doctor's test bench: every planted fault, every bug ported from a public report (each with its
+fixed version as a healthy run), and the repair recipes.
 
-Prints, for each planted fault, whether the rule it plants fired and after how many steps; for each
-healthy run, any warning- or error-level finding (a false positive); and for each faulty recipe, the
-outcome in watch mode and in repair mode. Targets: every fault detected with the right code, zero
-false positives.
+Prints, for each fault, whether the rule it plants fired (detected), whether the report leads with
+it (diagnosed: no other finding ranked before the cause) and after how many steps; for each healthy
+run, any warning- or error-level finding (a false alarm); and for each faulty recipe, the outcome
+in watch mode and in repair mode. Planted and ported cases are counted apart. Targets: every fault
+detected with the right code and diagnosed, zero false alarms.
 
     .venv/bin/python benchmarks/doctor_suite.py
 """
@@ -22,33 +24,42 @@ from gradwise.doctor.cases import CASES, REPAIR_RECIPES
 
 def main() -> None:
     torch.set_num_threads(1)
-    print(f"{'case':<36}{'expects':<9}{'detected':<10}{'step':>6}{'s':>6}  also reported")
-    detected, steps, false_positives = [], [], []
+    print(f"{'case':<44}{'expects':<9}{'result':<11}{'step':>6}{'s':>6}  report (cause first)")
+    tally: dict[str, dict[str, list]] = {}
     for name, case in CASES.items():
+        group = tally.setdefault("ported" if case.source else "planted", {
+            "detected": [], "diagnosed": [], "steps": [], "healthy": [], "false": []
+        })  # fmt: skip
         start = time.perf_counter()
         findings = case.run().findings
         seconds = time.perf_counter() - start
-        codes = [f.code for f in findings]
+        serious = [f for f in findings if f.severity != "info"]
+        report = ", ".join(
+            f"{f.code}@{f.step}" + (f"<{f.explained_by}" if f.explained_by else "") for f in serious
+        )
         if case.expect:
-            hit = next((f for f in findings if f.code == case.expect), None)
-            detected.append(hit is not None)
+            hit = next((f for f in serious if f.code == case.expect), None)
+            # diagnosed: the report leads with the expected finding (no other cause before it)
+            lead = hit is not None and serious[0] is hit
+            group["detected"].append(hit is not None)
+            group["diagnosed"].append(lead)
             if hit is not None:
-                steps.append(hit.step)
-            others = ", ".join(c for c in codes if c != case.expect)
+                group["steps"].append(hit.step)
+            result = "diagnosed" if lead else "detected" if hit else "MISSED"
             step = "" if hit is None else str(hit.step)
-            print(
-                f"{name:<36}{case.expect:<9}{'yes' if hit else 'NO':<10}{step:>6}{seconds:>6.1f}  {others}"
-            )
         else:
-            serious = [f"{f.code}@{f.step}" for f in findings if f.severity != "info"]
-            false_positives += serious
-            print(
-                f"{name:<36}{'-':<9}{'healthy' if not serious else 'FALSE+':<10}{'':>6}{seconds:>6.1f}  {', '.join(serious)}"
-            )
-    n = len(detected)
-    print(f"\ndetection: {sum(detected)}/{n} planted faults with the right code; "
-          f"false positives on {sum(1 for c in CASES.values() if c.expect is None)} healthy runs: "
-          f"{len(false_positives)}; median steps to detection: {statistics.median(steps):.0f}")  # fmt: skip
+            group["healthy"].append(name)
+            group["false"] += [f"{name}: {f.code}" for f in serious]
+            result, step = ("healthy" if not serious else "FALSE+"), ""
+        print(f"{name:<44}{case.expect or '-':<9}{result:<11}{step:>6}{seconds:>6.1f}  {report}")
+
+    print()
+    for label, g in tally.items():
+        n = len(g["detected"])
+        median = statistics.median(g["steps"]) if g["steps"] else float("nan")
+        print(f"{label}: detected {sum(g['detected'])}/{n}, diagnosed (report leads with it) "
+              f"{sum(g['diagnosed'])}/{n}; false alarms on {len(g['healthy'])} healthy runs: "
+              f"{len(g['false'])} {g['false'] or ''}; median steps to detection {median:.0f}")  # fmt: skip
 
     print(f"\n{'faulty recipe':<24}{'watch':<34}{'repair':<34}repairs")
     with tempfile.TemporaryDirectory() as root:
