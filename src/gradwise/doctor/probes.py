@@ -89,6 +89,7 @@ def batch_mixing(model: nn.Module, inputs: Any) -> dict[str, float] | None:
     if n is None or n < 4:
         return None
     n = min(n, PROBE_ROWS)
+    model = getattr(model, "_orig_mod", model)  # torch.compile'd: new batch sizes would recompile
     index = torch.arange(n)
     perm = torch.roll(index, n // 2)  # a fixed permutation: no random generator is used
     try:
