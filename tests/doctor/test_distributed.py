@@ -377,7 +377,7 @@ def test_a_check_failing_on_one_rank_skips_no_exchange(ddp_run):
 
 
 def test_the_rule_compares_steps_then_weights_then_losses():
-    from gradwise.doctor.rules.setup import ranks_out_of_sync
+    from gradwise.doctor.rules.model import ranks_out_of_sync
 
     same = [[4.0, 1.0, 2.0], [4.0, 1.0, 2.0]]
     assert ranks_out_of_sync([3, 3], ["w"], same, [True, True]) is None

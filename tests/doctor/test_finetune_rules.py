@@ -14,7 +14,8 @@ from torch import nn
 
 from gradwise.doctor import Doctor
 from gradwise.doctor.cases import _blobs, pretrained_backbone
-from gradwise.doctor.rules import generalisation, setup
+from gradwise.doctor.rules import generalisation
+from gradwise.doctor.rules import model as model_rules
 from gradwise.doctor.signals import Series, Signals
 from gradwise.errors import ConfigError, GradwiseWarning
 
@@ -50,14 +51,14 @@ def _loop(model, x, y, params, steps, doctor_kwargs=None, lr=1e-3, on_step=None)
 
 
 def test_rule_functions_on_their_inputs():
-    assert "nothing will train" in setup.frozen_by_mistake(10, 0, None, [])[0]
-    message, evidence = setup.frozen_by_mistake(10, 4, "head", ["head.weight"])
+    assert "nothing will train" in model_rules.frozen_by_mistake(10, 0, None, [])[0]
+    message, evidence = model_rules.frozen_by_mistake(10, 4, "head", ["head.weight"])
     assert "output layer head is frozen" in message and evidence["undeclared_frozen"] == 1
-    assert "not declared" in setup.frozen_by_mistake(10, 4, None, ["neck.weight"])[0]
-    assert setup.frozen_by_mistake(10, 4, None, []) is None
+    assert "not declared" in model_rules.frozen_by_mistake(10, 4, None, ["neck.weight"])[0]
+    assert model_rules.frozen_by_mistake(10, 4, None, []) is None
 
-    assert setup.frozen_batchnorm_drift({"bn": setup.BN_DRIFT / 2}) is None  # rounding noise
-    message, evidence = setup.frozen_batchnorm_drift({"a": 0.2, "b": 0.01, "c": 0.0})
+    assert model_rules.frozen_batchnorm_drift({"bn": model_rules.BN_DRIFT / 2}) is None  # rounding noise
+    message, evidence = model_rules.frozen_batchnorm_drift({"a": 0.2, "b": 0.01, "c": 0.0})
     assert evidence == {"drifting_layers": 2, "max_relative_drift": 0.2} and "(e.g. a)" in message
 
     def probe(values, noise=0.0):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import random
 
-from gradwise.doctor.rules import dynamics, generalisation, setup
+from gradwise.doctor.rules import dynamics, generalisation
+from gradwise.doctor.rules import model as model_rules
 from gradwise.doctor.signals import Activation, Series, Signals
 
 
@@ -124,13 +125,13 @@ def test_gw309_saturation_exempts_the_output_layer():
 
 
 def test_gw202_gw203_gw207_checks():
-    assert setup.stale_gradients([1.0, 0.4, 0.5]) is not None
-    assert setup.stale_gradients([1.0, 1.0, 0.4]) is None  # one odd check is not enough
-    assert setup.eval_in_train_mode(["drop"])[1]["modules_in_training_mode"] == 1
-    assert setup.eval_in_train_mode([]) is None
-    assert "not in the optimizer" in setup.params_without_gradients([], ["head.weight"], 4)[0]
-    assert "never received" in setup.params_without_gradients(["extra.weight"], [], 4)[0]
-    assert setup.params_without_gradients([], [], 4) is None
+    assert model_rules.stale_gradients([1.0, 0.4, 0.5]) is not None
+    assert model_rules.stale_gradients([1.0, 1.0, 0.4]) is None  # one odd check is not enough
+    assert model_rules.eval_in_train_mode(["drop"])[1]["modules_in_training_mode"] == 1
+    assert model_rules.eval_in_train_mode([]) is None
+    assert "not in the optimizer" in model_rules.params_without_gradients([], ["head.weight"], 4)[0]
+    assert "never received" in model_rules.params_without_gradients(["extra.weight"], [], 4)[0]
+    assert model_rules.params_without_gradients([], [], 4) is None
 
 
 def test_gw401_overfitting_and_gw402_underfitting():

@@ -58,7 +58,7 @@ from gradwise.doctor.rules import data as data_rules
 from gradwise.doctor.rules import model as model_rules
 from gradwise.doctor.rules.dynamics import nonfinite
 from gradwise.doctor.rules.generalisation import forgetting
-from gradwise.doctor.rules.setup import (
+from gradwise.doctor.rules.model import (
     NO_GRAD_STEPS,
     eval_in_train_mode,
     frozen_batchnorm_drift,
@@ -778,9 +778,7 @@ class Doctor:
                 reused[name] = calls
         return reused
 
-    def _infer_loss_kind(
-        self, graph: Any, loss: torch.Tensor, outputs: Any, targets: Any
-    ) -> None:
+    def _infer_loss_kind(self, graph: Any, loss: torch.Tensor, outputs: Any, targets: Any) -> None:
         """Without loss_fn or task: the loss's kind from its autograd graph, else from its value."""
         kind = graph.kind if graph is not None else "other"
         if kind == "other":
