@@ -249,7 +249,9 @@ def dying_relu(s: Signals) -> Result:
     dead = {name: a.dead for name, a in s.activations.items()}
     worst = _worst_sustained(dead, T.dead_samples, T.dead_fraction)
     if worst is None:
-        start = [(n, v.values[0]) for n, v in dead.items() if len(v) and v.values[0] >= T.dead_at_once]
+        start = [
+            (n, v.values[0]) for n, v in dead.items() if len(v) and v.values[0] >= T.dead_at_once
+        ]
         if not start:
             return None
         name, fraction = max(start, key=lambda hit: hit[1])
