@@ -24,6 +24,7 @@ FIELDS = {
     "outputs": "the model's output for the batch (a tensor: the logits)",
     "targets": "the batch's targets (a tensor)",
     "batch_size": "rows in the batch",
+    "layer_input": "what the first Linear/Conv layer received in this step's forward pass",
     "loss_kind": "the loss's kind (see rules.model.LOSS_KINDS), given or inferred",
     "loss_graph": "the loss's autograd graph, summarised (see gradwise.doctor.graph)",
     "loss_value": "the step's loss as a float (the first steps only: reading it synchronises)",

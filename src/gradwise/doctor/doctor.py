@@ -87,6 +87,8 @@ EARLY_BATCHES = 3  # steps whose inputs, outputs and targets get the data and se
 IMBALANCE_BATCHES = 20  # steps whose targets are pooled before judging class balance (GW103)
 DEAD_WINDOW = 5  # batches over which a ReLU unit must stay silent to count as dead (the first
 # DEAD_WINDOW steps are all watched, so that a layer dead from the start is named at once)
+PARAMETER_EFFICIENT = 0.1  # below this fraction of trainable parameters the frozen rest (the
+# output layer included) is parameter-efficient fine-tuning, not a mistake (GW208, undeclared)
 ACCUMULATION_WINDOWS = 4  # accumulation windows whose micro-batches are checked for resets (GW216)
 SATURATION_MARGIN = 0.01  # within 1% of the bounds counts as saturated
 PROBE_SAMPLE = 4096  # entries per tensor that estimate its norm and update-to-weight ratio
@@ -190,6 +192,8 @@ class Doctor:
         self._order: list[str] = []
         self._eval_in_train: list[str] = []
         self._got_grad: set[str] = set()
+        self._grad_seen: dict[str, Any] = {}  # one-shot hooks: parameters yet to get a gradient
+        self._seen_count = 0
         self._targets_seen: list[torch.Tensor] = []
         self._train_losses_since_val: list[float] = []
         self._closed = False
@@ -203,6 +207,8 @@ class Doctor:
         self._micro: torch.Tensor | None = None  # the latest micro-batch's gradient (GW216)
         self._accumulation: list[tuple[int, float, float]] = []
         self._repeat_done = False  # the stochastic-evaluation probe ran (GW213)
+        self._layer_input: torch.Tensor | None = None  # the first layer's input at early steps
+        self._layer_input_step = -1
 
         self._layers = _layers(model)
         self._all_params = [p for params in self._layers.values() for p in params]
@@ -253,6 +259,10 @@ class Doctor:
                 norm = grad_norm
         self._pending_grad.append(norm.detach())
         self._pending_local.append(shard)
+        if self._grad_seen and len(self._got_grad) > self._seen_count:
+            for name in self._got_grad & self._grad_seen.keys():
+                self._grad_seen.pop(name).remove()
+            self._seen_count = len(self._got_grad)
         with self._contained("the batch checks"):
             if self.accumulation_steps > 1:
                 self._note_accumulation(step)
@@ -390,9 +400,7 @@ class Doctor:
 
     def reattach(self) -> None:
         """Re-attach the hooks after modules were replaced (e.g. ReLU swapped for LeakyReLU)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._detach()
         modules = dict(self.model.named_modules())
         for name in list(self.signals.activations):
             module = modules.get(name.split("@")[0])  # "act@16": act, called at width 16
@@ -403,10 +411,14 @@ class Doctor:
 
     def close(self) -> None:
         """Remove every hook: the model is left exactly as it was."""
-        for handle in self._handles:
+        self._detach()
+        self._closed = True
+
+    def _detach(self) -> None:
+        for handle in [*self._handles, *self._grad_seen.values()]:
             handle.remove()
         self._handles.clear()
-        self._closed = True
+        self._grad_seen.clear()
 
     def __enter__(self) -> Doctor:
         return self
@@ -417,6 +429,9 @@ class Doctor:
     # -- hooks -----------------------------------------------------------------------------------
 
     def _attach(self) -> None:
+        self._stateful: list[str] = []
+        if not _hookable(self.model):  # a TorchScript model takes no Python hooks
+            return
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
         self._handles.append(self.model.register_forward_hook(self._root_hook, with_kwargs=True))
         stateful = [
@@ -427,10 +442,10 @@ class Doctor:
         self._stateful = stateful
         counted = {prefix for n in stateful for prefix in _prefixes(n)}
         for name, module in self.model.named_modules():
-            if name in counted:
+            if name in counted and _hookable(module):
                 self._handles.append(module.register_forward_pre_hook(self._make_counter(name)))
         for name, module in self.model.named_modules():
-            if (
+            if _hookable(module) and (
                 isinstance(module, (*WEIGHTED, *ACTIVATIONS))
                 or name in self._layers
                 or name in self._owners
@@ -438,6 +453,12 @@ class Doctor:
                 self._handles.append(
                     module.register_forward_hook(self._make_forward_hook(name, module))
                 )
+        for name, p in self.model.named_parameters():  # GW207: any step's gradient counts
+            if p.requires_grad and name not in self._got_grad:
+                with contextlib.suppress(RuntimeError):  # a tensor subclass without such hooks
+                    self._grad_seen[name] = p.register_post_accumulate_grad_hook(
+                        lambda _, name=name: self._got_grad.add(name)
+                    )
         watched = _last_matrix(self.model, self.optimizer)
         if watched is not None:
             self._watched = watched
@@ -496,13 +517,17 @@ class Doctor:
                 return
             if self._probing:
                 return
+            first_layer = self._layer_input_step != s.step and isinstance(mod, WEIGHTED)
+            if s.step < EARLY_BATCHES and first_layer and args and torch.is_tensor(args[0]):
+                self._layer_input, self._layer_input_step = args[0].detach(), s.step
             try:
                 observe(mod, out)
             except Exception as exc:  # a statistic never breaks the user's forward pass
                 self._warn_once(name, f"watching {name} failed; it is no longer watched", exc)
 
         def observe(mod: nn.Module, out: Any) -> None:
-            if s.step == 0 and name in self._owners:  # the output layer finishes last (GW208)
+            trained = isinstance(out, torch.Tensor) and out.requires_grad
+            if s.step == 0 and name in self._owners and trained:  # the output layer: last (GW208)
                 self._ran.pop(name, None)
                 self._ran[name] = None
             if not isinstance(out, torch.Tensor):
@@ -542,7 +567,7 @@ class Doctor:
                         s.step, float((x.abs() > 1 - 2 * SATURATION_MARGIN).float().mean())
                     )
 
-        return hook
+        return torch.compiler.disable(hook)  # compiled models: no graph breaks or recompiles
 
     def _fresh_gradient_hook(self, grad: torch.Tensor) -> None:
         if self._armed:
@@ -576,7 +601,7 @@ class Doctor:
         """The global gradient norm as a device tensor (no synchronisation until the next flush),
         and False; for FSDP2's sharded gradients under exchanges: the sum of squares of this
         rank's shards (the ranks add them up at the next exchange), and True."""
-        grads = [p.grad for p in self._all_params if p.grad is not None]
+        grads = [_dense(p.grad) for p in self._all_params if p.grad is not None]
         if not grads:
             return torch.tensor(0.0), False
         if self._sharded:
@@ -634,6 +659,8 @@ class Doctor:
         else:
             sums = self._layer_squares()
             for name, (g2, w2) in sums.items():
+                if w2 == 0.0:  # zero-initialised (LoRA's B): a relative gradient means nothing
+                    s.zero_init.add(name)
                 relative = math.sqrt(g2) / max(math.sqrt(w2), 1e-12)
                 s.layer_grad_norm.setdefault(name, Series()).append(step, relative)
             if sums:
@@ -678,7 +705,8 @@ class Doctor:
         Norms and update-to-weight ratios of a large tensor are estimated from PROBE_SAMPLE
         entries: accurate to a few percent, and far cheaper than reading or copying the whole model.
         """
-        flat = ranks.local(t).detach().reshape(-1)
+        flat = ranks.local(t).detach()
+        flat = (flat.to_dense() if flat.is_sparse else flat).reshape(-1)
         if flat.numel() <= PROBE_SAMPLE:
             return flat.clone()
         key = id(t if owner is None else owner)
@@ -746,6 +774,9 @@ class Doctor:
             providers["loss_value"] = lambda: float(loss.float().reshape(()).cpu())
             if inputs is not None:
                 values["batch_size"] = inputs.shape[0] if inputs.ndim else None
+            if self._layer_input_step == step:
+                values["layer_input"] = self._layer_input
+                self._layer_input = None
         if step == 0:
             graph = read_graph(graph_loss) if graph_loss is not None else None
             values["loss_graph"] = graph
@@ -761,7 +792,9 @@ class Doctor:
                 self._dispatch(when, context, step)
         kind = self.signals.loss_kind
         if early and outputs is not None and kind in ("cross_entropy", "nll") and outputs.ndim >= 2:
-            self.signals.num_classes = outputs.shape[1]
+            axis = data_rules.class_axis(outputs, targets) if targets is not None else 1
+            if axis is not None:
+                self.signals.num_classes = outputs.shape[axis]
         if step == 0:
             self._check_optimizer(step)
             self._guarded("GW208", lambda: self._check_frozen(step))
@@ -797,6 +830,12 @@ class Doctor:
     def _pool_targets(self, step: int, targets: torch.Tensor, outputs: Any) -> None:
         """GW103 needs more than one batch: a single batch is imbalanced by chance. Float targets
         (regression) give the targets' variance instead, the chance level of GW404."""
+        if not isinstance(targets, torch.Tensor) or targets.ndim == 0:
+            return  # targets of several heads (a dict): no single class balance to judge
+        if targets.is_floating_point() and targets.ndim == 2 and targets.shape[1] > 1:
+            sums = targets.detach().sum(1)  # one-hot or label-smoothed rows: their classes
+            if bool(((sums - 1).abs() < 1e-3).all()) and bool((targets >= 0).all()):
+                targets = targets.detach().argmax(1)
         if targets.is_floating_point() and targets.ndim < 2:
             self._targets_seen.append(targets.detach().float().cpu())
             if step == IMBALANCE_BATCHES - 1:
@@ -804,8 +843,17 @@ class Doctor:
                 self.signals.target_var = float(pooled.var()) if pooled.numel() > 1 else None
                 self._targets_seen.clear()
             return
-        self._targets_seen.append(targets.detach().cpu())
-        if step == IMBALANCE_BATCHES - 1:
+        if targets.ndim == 1 or (targets.ndim == 2 and not targets.is_floating_point()):
+            if targets.ndim == 2 and targets.shape[1] != 1:
+                return  # a sequence of labels per sample (tokens, tags): not one class balance
+            self._targets_seen.append(targets.detach().reshape(-1).cpu())
+        elif targets.ndim == 2:  # multi-label 0/1 rows
+            if self._targets_seen and self._targets_seen[0].shape[1:] != targets.shape[1:]:
+                return
+            self._targets_seen.append(targets.detach().cpu())
+        else:
+            return
+        if step == IMBALANCE_BATCHES - 1 and self._targets_seen:
             pooled = torch.cat([t.reshape(-1, *t.shape[1:]) for t in self._targets_seen])
             classes = (
                 outputs.shape[1]
@@ -1155,7 +1203,9 @@ class Doctor:
             if declared is None:
                 from gradwise.facts import adapters
 
-                if not adapters(self.model)[1]:  # an adapter's frozen head is by design
+                # adapters, prompt or prefix tuning, BitFit: a few parameters train on purpose
+                efficient = trainable < PARAMETER_EFFICIENT * total
+                if not adapters(self.model)[1] and not efficient:
                     frozen_output = output
             elif not all(_covered(n, declared) for n in names):
                 frozen_output = output
@@ -1338,6 +1388,15 @@ class Doctor:
             self.on_finding(finding)
 
 
+def _hookable(module: nn.Module) -> bool:
+    return not isinstance(module, torch.jit.ScriptModule)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A sparse gradient (nn.Embedding(sparse=True)) as the values it holds, else as it is."""
+    return t.coalesce().values() if t.is_sparse else t
+
+
 def _prefixes(name: str) -> list[str]:
     """A module path and its ancestors' paths, innermost first: "a.b.c", "a.b", "a", ""."""
     parts = name.split(".") if name else []
@@ -1404,9 +1463,11 @@ def _probe_batches(probe: Any) -> Iterable[Any]:
 
 def _layers(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """Modules that own trainable parameters directly, with those parameters."""
-    layers = {}
+    layers, seen = {}, set()
     for name, module in model.named_modules():
         params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        params = [p for p in params if id(p) not in seen]  # a tied weight counts once
+        seen.update(id(p) for p in params)
         if params:
             layers[name or type(model).__name__] = params
     return layers

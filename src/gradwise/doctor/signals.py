@@ -62,6 +62,7 @@ class Signals:
     since: int = 0  # per-step series start here for the rules (moved on after a repair's rollback)
     layers: list[str] = field(default_factory=list)  # modules with parameters, in forward order
     layer_grad_norm: dict[str, Series] = field(default_factory=dict)  # relative: ||g|| / ||w||
+    zero_init: set[str] = field(default_factory=set)  # layers seen with all-zero weights
     update_ratio: dict[str, Series] = field(default_factory=dict)  # ||w_t+1 - w_t|| / ||w_t||
     activations: dict[str, Activation] = field(default_factory=dict)
     output_module: str | None = None  # the last module to run in a forward pass

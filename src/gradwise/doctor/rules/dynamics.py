@@ -193,7 +193,11 @@ def vanishing_gradients(s: Signals) -> Result:
     Each layer's relative gradient ||g|| / ||w|| in forward order; the smallest among the first third
     of layers is compared with the median of the last third, over consecutive samples.
     """
-    layers = [name for name in s.layers if len(s.layer_grad_norm.get(name, ()))]
+    # a zero-initialised layer (LoRA's B) and the layer it gates (A) learn slowly at first by
+    # design, not because depth shrinks their gradients
+    layers = [n for n in s.layers if len(s.layer_grad_norm.get(n, ())) and n not in s.zero_init]
+    if s.zero_init:
+        layers = [n for n in layers if not any(_siblings(n, z) for z in s.zero_init)]
     if len(layers) < 3:
         return None
     third = max(1, len(layers) // 3)
@@ -202,7 +206,11 @@ def vanishing_gradients(s: Signals) -> Result:
         series = [s.layer_grad_norm[name].values for name in layers]
         if any(len(v) < i for v in series):
             return None
-        early = min(v[-i] for v in series[:third])
+        # exactly zero: a gradient blocked by design (LoRA's A under a zero-initialised B), not
+        # one that vanished on its way down
+        early = min((v[-i] for v in series[:third] if v[-i] > 0), default=None)
+        if early is None:
+            return None
         late = statistics.median(v[-i] for v in series[-third:])
         if late <= 0:
             return None
@@ -476,6 +484,11 @@ def saturated(s: Signals) -> Result:
     return f"{worst[1]:.0%} of the outputs of {worst[0]} are saturated", {
         "saturated_fraction": worst[1]
     }
+
+
+def _siblings(a: str, b: str) -> bool:
+    """Modules with the same parent (lora_A and lora_B of one adapted layer)."""
+    return a.rpartition(".")[0] == b.rpartition(".")[0]
 
 
 def _reference(s: Signals, initial: float) -> float:
