@@ -600,7 +600,12 @@ class Trainer:
         if self.doctor is not None:  # sees the gradients before clipping
             targets = None if self.mixing else y  # mixed targets are probabilities, not labels
             fired = self.doctor.step(
-                window_loss, inputs=x, outputs=out.detach(), targets=targets, grad_norm=full
+                window_loss,
+                inputs=x,
+                outputs=out.detach(),
+                targets=targets,
+                grad_norm=full,
+                grad_clip=s.grad_clip,
             )
         # fp16 loss scaling overflows the gradients now and then by design (the step is skipped)
         self.guard.record(

@@ -138,3 +138,18 @@ def test_validation_at_chance_from_the_start_is_not_overfitting():
     assert evidence["chance_loss"] == pytest.approx(chance, abs=1e-3) and "paired" in message
     learning = _signals([2.0, 1.5, 1.6], [2.0, 1.2, 0.6], loss_kind="cross_entropy", num_classes=10)
     assert labels_independent(learning) is None
+
+
+def test_a_spike_that_clipping_contains_is_not_exploding_gradients():
+    from gradwise.doctor.rules.dynamics import exploding_gradients
+
+    def signals(clip: float | None) -> Signals:
+        s = Signals(grad_clip=clip)
+        for step, norm in enumerate([1.0] * 30 + [40.0]):
+            s.grad_norm.append(step, norm)
+            s.loss.append(step, 0.5)
+        s.new_values = 31
+        return s
+
+    assert exploding_gradients(signals(None)) is not None
+    assert exploding_gradients(signals(1.0)) is None

@@ -230,12 +230,15 @@ class Doctor:
         outputs: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         grad_norm: torch.Tensor | float | None = None,
+        grad_clip: float | None = None,
     ) -> list[Finding]:
         """Record one training step; call after backward() and before the next zero_grad().
 
         grad_norm: the global gradient norm if you have already computed it (e.g. for clipping),
         which saves the Doctor a pass over the gradients (under FSDP2 the DTensor that
         ``clip_grad_norm_``/``get_total_norm`` return is taken as it is).
+        grad_clip: the max norm the gradients are clipped to after this call, if they are: an
+        isolated spike that clipping contains is then not GW302 (a sustained blow-up still is).
         Under several ranks every rank calls this at every step; loss: this rank's loss (the
         Doctor records the mean over ranks).
 
@@ -244,6 +247,8 @@ class Doctor:
         s = self.signals
         step = s.step
         self._fired_now: list[Finding] = []
+        if grad_clip is not None:
+            s.grad_clip = float(grad_clip)
         graph_loss = loss if isinstance(loss, torch.Tensor) and step == 0 else None
         loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         self._pending_loss.append(loss)

@@ -78,6 +78,7 @@ class Signals:
     target_var: float | None = None  # variance of the first steps' float targets (regression)
     loss_kind: str = "other"
     loss_scaling: bool = False  # fp16 GradScaler: overflowing gradients are expected and skipped
+    grad_clip: float | None = None  # the norm gradients are clipped to, when the loop says so
     _ema: dict | None = field(default=None, repr=False)  # state of smoothed_losses()
 
     def smoothed_losses(self) -> list[float]:

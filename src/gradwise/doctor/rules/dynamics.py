@@ -141,10 +141,12 @@ def exploding_gradients(s: Signals) -> Result:
     ## How it is detected
     The global gradient norm (before clipping) is recorded at every step. A step whose norm is more
     than 10x the largest of the preceding 50 steps is a spike; a norm rising at every step for
-    several steps by a factor of 1000 is a blow-up.
+    several steps by a factor of 1000 is a blow-up. When the loop clips (``grad_clip`` given to
+    ``Doctor.step``; the Trainer does), spikes are what clipping is for: only a blow-up counts.
     """
     steps, g = s.grads()
-    for i in range(max(len(g) - max(s.new_values, 1), T.explode_min_history), len(g)):
+    first = max(len(g) - max(s.new_values, 1), T.explode_min_history)
+    for i in range(first, len(g) if s.grad_clip is None else first):
         if not math.isfinite(g[i]):
             break  # GW301 reports non-finite values
         previous = max(g[max(0, i - T.explode_history) : i])
