@@ -153,3 +153,21 @@ def test_a_spike_that_clipping_contains_is_not_exploding_gradients():
 
     assert exploding_gradients(signals(None)) is not None
     assert exploding_gradients(signals(1.0)) is None
+
+
+def test_update_ratios_span_an_optimizer_step_under_accumulation():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    doctor = Doctor(model, opt, on_finding=None, sample_every=4, accumulation_steps=4)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    for step in range(24):
+        loss = F.cross_entropy(model(x), y) / 4
+        loss.backward()
+        doctor.step(loss, inputs=x, targets=y)
+        if step % 4 == 3:
+            opt.step()
+            opt.zero_grad()
+    ratios = [v for series in doctor.signals.update_ratio.values() for v in series.values]
+    assert ratios and min(ratios) > 1e-5  # one AdamW step at 1e-3, never the 0 of no step
+    assert "GW216" not in [f.code for f in doctor.findings]

@@ -275,7 +275,8 @@ class Doctor:
                 self._check_batch(step, graph_loss, loss, inputs, outputs, targets)
             if step < IMBALANCE_BATCHES and targets is not None:
                 self._pool_targets(step, targets, outputs)
-            if self._snapshot is not None:  # the optimizer step after the last sample happened
+            # the optimizer stepped since the last sample (with accumulation: once a window ends)
+            if self._snapshot is not None and step % self.accumulation_steps == 0:
                 self._update_ratios(step)
             if step == 0 and self.probe is not None and not len(s.probe_loss):
                 self._measure_probe(step)  # the original task's loss before any update
