@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from gradwise.doctor.findings import RULES
 from gradwise.doctor.rules import data as data_rules
@@ -13,6 +16,7 @@ from gradwise.doctor.rules.data import (
     THRESHOLDS,
     class_imbalance,
     leakage,
+    loss_is_weighted,
     nonfinite_data,
     targets_out_of_range,
     unnormalised_inputs,
@@ -36,6 +40,15 @@ def test_rules_are_registered_with_documentation() -> None:
         assert r.summary and "## Why it matters" in r.doc and "## How it is detected" in r.doc
         assert len(r.fixes) >= 2 and r.references
         assert r.check is getattr(data_rules, r.check.__name__)
+
+
+def test_rule_pages_show_threshold_values_not_their_names() -> None:
+    pages = {code: " ".join(RULES[code].page().split()) for code in RULES if code < "GW200"}
+    for code, page in pages.items():
+        assert "THRESHOLDS" not in page and "{" not in page, code
+    assert f"reach {THRESHOLDS.imbalance_ratio:g}:1" in pages["GW103"]  # 10:1
+    assert f"above {THRESHOLDS.max_std_ratio:g}." in pages["GW102"]
+    assert f"reaches {THRESHOLDS.leak_fraction:.0%}," in pages["GW104"]
 
 
 # ---------------------------------------------------------------------------- GW101
@@ -182,6 +195,53 @@ def test_class_imbalance_multilabel_and_binary_floats() -> None:
     assert class_imbalance(binary)[1]["minority_count"] == 30
 
 
+def test_class_imbalance_with_a_weighted_loss_advises_metrics_not_weights() -> None:
+    y = torch.cat([torch.zeros(950), torch.ones(50)]).long()
+    assert "weight the loss" in class_imbalance(y)[0]
+    message, ev = class_imbalance(y, weighted=True)
+    assert "19:1" in message and ev["loss_weighted"] == 1.0  # the imbalance is still reported
+    assert "already class-weighted" in message and "weight the loss" not in message
+    multilabel = (torch.rand(2000, 3, generator=gen()) < 0.5).float()
+    multilabel[:, 1] = (torch.rand(2000, generator=gen(1)) < 0.02).float()
+    message, _ = class_imbalance(multilabel, weighted=True)
+    assert "already class-weighted" in message and "pos_weight" not in message
+    fixes = data_rules.imbalance_fixes(weighted=True)
+    assert fixes[0].startswith("Judge the model") and sorted(fixes) == sorted(RULES["GW103"].fixes)
+
+
+def test_loss_is_weighted() -> None:
+    from gradwise.tasks import Task
+
+    w = torch.tensor([1.0, 19.0])
+    for weighted in (
+        nn.CrossEntropyLoss(weight=w),
+        nn.BCEWithLogitsLoss(pos_weight=torch.tensor(19.0)),
+        functools.partial(F.cross_entropy, weight=w),
+        functools.partial(F.binary_cross_entropy_with_logits, pos_weight=w[1]),
+        Task("multiclass", 2, class_weights=w),
+        Task("binary", 1, class_weights=w).loss,
+    ):
+        assert loss_is_weighted(weighted), weighted
+    for plain in (
+        None,
+        "cross_entropy",
+        F.cross_entropy,
+        nn.CrossEntropyLoss(),
+        nn.BCELoss(weight=w),  # rescales samples, not classes
+        Task("multiclass", 2),
+    ):
+        assert not loss_is_weighted(plain), plain
+
+
+def test_class_imbalance_messages_stay_readable_when_a_class_never_occurs() -> None:
+    message, _ = class_imbalance(torch.arange(1000) % 4, num_classes=5)
+    assert "class 4 never occurs (0 of 1000 samples)" in message and "inf" not in message
+    y = (torch.rand(2000, 3, generator=gen()) < 0.5).float()
+    y[:, 1] = 0
+    message, _ = class_imbalance(y)
+    assert "label 1 is never positive in 2000 samples" in message and "e+" not in message
+
+
 def test_class_imbalance_ignores_tokens_and_regression() -> None:
     tokens = torch.cat([torch.zeros(32, 60), torch.ones(32, 4)], dim=1).long()  # skewed, natural
     assert class_imbalance(tokens) is None
@@ -227,6 +287,41 @@ def test_leakage_low_cardinality_data_is_not_a_leak() -> None:
     train = torch.randint(0, 2, (1000, 3), generator=g).float()  # 8 distinct rows
     val = torch.randint(0, 2, (200, 3), generator=g).float()
     assert leakage(train, val) is None
+
+
+def split(x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random 80/20 train/validation split."""
+    order = torch.randperm(len(x), generator=gen(seed))
+    return x[order[len(x) // 5 :]], x[order[: len(x) // 5]]
+
+
+def test_leakage_resampling_before_the_split_but_not_natural_duplicates() -> None:
+    x = torch.randn(1000, 8, generator=gen())
+    minority = torch.arange(1000) % 10 == 0
+    oversampled = torch.cat([x[~minority], x[minority].repeat(5, 1)])  # then split: the bug
+    message, ev = leakage(*split(oversampled))
+    assert ev["resampled_before_split"] == 1.0 and ev["copied_rows"] > 20
+    assert (
+        "resampled" in message and "Split first, then resample only the training split" in message
+    )
+    pairs = torch.cat([x[~minority], x[minority].repeat(2, 1)])  # each minority row copied once
+    message, ev = leakage(*split(pairs))
+    assert ev["resampled_before_split"] == 0.0 and "held duplicates before it was split" in message
+    train, val = split(x)  # split first, then oversample only the training split: no leak
+    rare = train[torch.arange(len(train)) % 10 == 0]
+    assert leakage(torch.cat([train, rare.repeat(4, 1)]), val) is None
+    # natural duplicates, in both splits at their natural rate: discrete (one-hot and ordinal)
+    # tabular data, one repeated blank sample, measurements rounded to 0.1
+    g = gen(2)
+    cats = torch.stack([torch.randint(0, k, (2000,), generator=g) for k in (3, 4, 5, 2, 2)], 1)
+    onehot = torch.cat([F.one_hot(c, int(c.max()) + 1) for c in cats.T], 1).float()
+    skewed = torch.tensor([0.7, 0.2, 0.05, 0.03, 0.02]).multinomial(12_000, True, generator=g)
+    blank = torch.rand(2000, 64, generator=g)
+    blank[:100] = 0
+    rounded = (torch.randn(2000, 4, generator=g) * 8).round() / 10
+    for data in (onehot, skewed.reshape(2000, 6).float(), blank, rounded):
+        train, val = split(data)
+        assert leakage(train, val) is None
 
 
 def test_leakage_is_fast_for_100k_samples() -> None:

@@ -7,12 +7,16 @@ in preflight) and returns None when healthy or ``(message, evidence)``. Every th
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from gradwise._format import percent, times
 from gradwise.data.bundle import IGNORE_INDEX
 from gradwise.doctor.findings import rule
 from gradwise.doctor.rules._types import Result
@@ -72,6 +76,19 @@ class DataThresholds:
     """... and the number of leaked samples must exceed the number that rate predicts by this many
     (Poisson) standard deviations, sqrt(expected + 1): a single natural duplicate (scikit-learn's
     iris has one across its default split) is not evidence of a leaking pipeline."""
+    leak_halvings: int = 3
+    """Copies made before the split (a class oversampled by duplicating rows, duplicate records)
+    escape the rate test above: a random split spreads them over both sides at the training data's
+    own duplicate rate. What gives them away is that nothing else resembles them. A natural repeat
+    comes from data with few distinct values, so other samples share half of its values; a copy of
+    a row of continuous values (or of an image) shares neither half with any other sample. The
+    sample's columns (8-byte words) are split into random halves this many times; a leaked sample
+    that no other training sample matches on either half of one split is a copy. With 3 of 8
+    columns continuous, one split separates two of them with probability 6/7, three splits 99.7%.
+    Natural repeats isolated on both halves are rare (with independent halves, a row that matches
+    no other sample on a half rarely repeats at all), so, as above, a leak needs copies of more than
+    ``leak_z`` distinct rows (a single blank image repeated is not one) in at least ``leak_fraction``
+    of the validation samples."""
 
     # GW105 targets-out-of-range ---------------------------------------------------------------
     prob_tolerance: float = 1e-3
@@ -79,6 +96,13 @@ class DataThresholds:
 
 
 THRESHOLDS = DataThresholds()
+
+
+def _with_thresholds(fn: Callable) -> Callable:
+    """Fill the docstring's ``{name}`` fields with :data:`THRESHOLDS`, so that the rule's page
+    (built from the docstring when ``@rule`` registers it, below this decorator) shows the values."""
+    fn.__doc__ = (fn.__doc__ or "").format(**asdict(THRESHOLDS))
+    return fn
 
 
 # ============================================================================ GW101
@@ -182,7 +206,8 @@ def _feature_view(x: torch.Tensor) -> tuple[torch.Tensor, str]:
         "https://scikit-learn.org/stable/modules/preprocessing.html#standardization-or-mean-removal-and-variance-scaling",
     ],
 )
-def unnormalised_inputs(inputs: torch.Tensor) -> Result:
+@_with_thresholds
+def unnormalised_inputs(inputs: torch.Tensor, layer_input: torch.Tensor | None = None) -> Result:
     """The inputs are far from zero mean and unit scale, or their features are on wildly different scales.
 
     ## Why it matters
@@ -195,11 +220,20 @@ def unnormalised_inputs(inputs: torch.Tensor) -> Result:
     ## How it is detected
     Detected per feature (last axis of tabular data and sequences) or per channel
     (axis 1 of images): raw whole-number image intensities; a mean |x| above
-    ``THRESHOLDS.max_mean_abs``; or a ratio of the largest to the smallest std, among dense
-    continuous features, above ``THRESHOLDS.max_std_ratio``. Integer inputs (token ids), one-hot
-    and binary features, constant and sparse features are left alone.
+    {max_mean_abs:g}; or a ratio of the largest to the smallest std, among dense
+    continuous features, above {max_std_ratio:g}. Integer inputs (token ids), one-hot
+    and binary features, constant and sparse features are left alone. A model that standardises
+    its raw inputs itself (fixed mean/std buffers, a BatchNorm on the inputs) is judged by what
+    its first Linear/Conv layer receives (``layer_input``, seen by the live Doctor's hooks).
     """
     t = THRESHOLDS
+    if (
+        layer_input is not None
+        and layer_input.is_floating_point()
+        and layer_input.shape[:1] == getattr(inputs, "shape", (None,))[:1]
+        and unnormalised_inputs(layer_input) is None
+    ):
+        return None
     if not torch.is_tensor(inputs) or not inputs.is_floating_point() or inputs.numel() == 0:
         return None
     x = inputs.detach()
@@ -260,7 +294,7 @@ def unnormalised_inputs(inputs: torch.Tensor) -> Result:
         return None
     return (
         f"the {per}s are on wildly different scales: {per} {hi_i} has std {float(std[hi_i]):.4g} "
-        f"but {per} {lo_i} has std {float(std[lo_i]):.4g} ({ratio:.3g}x, threshold "
+        f"but {per} {lo_i} has std {float(std[lo_i]):.4g} ({times(ratio)}, threshold "
         f"{t.max_std_ratio:g}x): standardise each {per}",
         {
             "std_ratio": ratio,
@@ -300,20 +334,67 @@ def _class_targets(targets: torch.Tensor) -> torch.Tensor | None:
     return targets.to(torch.int64)
 
 
+IMBALANCE_FIXES = (
+    "Weight the loss by inverse class frequency (CrossEntropyLoss(weight=...), or "
+    "BCEWithLogitsLoss(pos_weight=negatives/positives) for binary and multilabel targets).",
+    "Sample batches with a WeightedRandomSampler so that each class is seen about equally often.",
+    "Use focal loss (Lin et al. 2017) to down-weight the many easy majority examples.",
+    "Judge the model with balanced metrics (macro F1, balanced accuracy, AUROC, PR-AUC), not "
+    "accuracy, and tune the decision threshold on validation data.",
+)
+
+
+def imbalance_fixes(weighted: bool) -> list[str]:
+    """GW103's fixes in the order that fits: with a class-weighted loss, weighting it is done, so
+    balanced metrics and the decision threshold come first (for ``Finding.fixes``)."""
+    fixes = list(IMBALANCE_FIXES)
+    return [fixes[3], fixes[1], fixes[2], fixes[0]] if weighted else fixes
+
+
+def loss_is_weighted(loss_fn: Any) -> bool:
+    """Whether ``loss_fn`` already weights classes: a loss module or ``functools.partial`` with a
+    ``pos_weight`` (BCE) or a class ``weight`` (CrossEntropyLoss, NLLLoss, ...; BCELoss's ``weight``
+    rescales samples, not classes), or a gradwise Task with ``class_weights``. Anything else
+    (None, names, plain functions) is False."""
+    return _weighted(loss_fn, depth=0)
+
+
+def _weighted(fn: Any, depth: int) -> bool:
+    from gradwise.tasks import Task
+
+    if fn is None or depth > 4:
+        return False
+    if isinstance(fn, Task):
+        return fn.class_weights is not None or _weighted(getattr(fn, "_custom", None), depth + 1)
+    if isinstance(fn, torch.nn.Module):
+        for m in fn.modules():
+            if getattr(m, "pos_weight", None) is not None:
+                return True
+            class_weight = isinstance(m, torch.nn.modules.loss._WeightedLoss) and not isinstance(
+                m, torch.nn.BCELoss
+            )
+            if class_weight and getattr(m, "weight", None) is not None:
+                return True
+        return False
+    if isinstance(fn, functools.partial):
+        keywords = fn.keywords or {}
+        if keywords.get("pos_weight") is not None:
+            return True
+        name = getattr(fn.func, "__name__", "")
+        if keywords.get("weight") is not None and name != "binary_cross_entropy":
+            return True
+        return _weighted(fn.func, depth + 1)
+    owner = getattr(fn, "__self__", None)  # a bound method: Task.loss, or a module's forward
+    return owner is not None and _weighted(owner, depth + 1)
+
+
 @rule(
     "GW103",
     "class-imbalance",
     "warning",
     "preflight",
     when="manual",  # judged on the first steps' targets pooled, never on one batch
-    fixes=[
-        "Weight the loss by inverse class frequency (CrossEntropyLoss(weight=...), or "
-        "BCEWithLogitsLoss(pos_weight=negatives/positives) for binary and multilabel targets).",
-        "Sample batches with a WeightedRandomSampler so that each class is seen about equally often.",
-        "Use focal loss (Lin et al. 2017) to down-weight the many easy majority examples.",
-        "Judge the model with balanced metrics (macro F1, balanced accuracy, AUROC, PR-AUC), not "
-        "accuracy, and tune the decision threshold on validation data.",
-    ],
+    fixes=IMBALANCE_FIXES,
     references=[
         "He & Garcia 2009, 'Learning from Imbalanced Data', IEEE TKDE",
         "Buda, Maki & Mazurowski 2018, 'A systematic study of the class imbalance problem in CNNs'",
@@ -321,28 +402,35 @@ def _class_targets(targets: torch.Tensor) -> torch.Tensor | None:
         "Cui et al. 2019, 'Class-Balanced Loss Based on Effective Number of Samples'",
     ],
 )
-def class_imbalance(targets: torch.Tensor, num_classes: int | None = None) -> Result:
+@_with_thresholds
+def class_imbalance(
+    targets: torch.Tensor, num_classes: int | None = None, *, weighted: bool = False
+) -> Result:
     """One class outnumbers another by an order of magnitude or more.
 
     ## Why it matters
     With plain cross-entropy the majority class dominates the gradient, so a model can reach high
-    accuracy by (almost) always predicting it, and minority-class recall stays poor.
+    accuracy by (almost) always predicting it, and minority-class recall stays poor. A
+    class-weighted loss corrects the gradient, but accuracy stays misleading and the decision
+    threshold still needs tuning.
 
     ## How it is detected
     Detected on
     integer class targets (one per sample; also 0/1 float binary targets) and on 0/1 multilabel
     matrices (per label, positives vs negatives): the majority/minority count ratio must reach
-    ``THRESHOLDS.imbalance_ratio`` and, computed with pessimistic counts (a ~95% square-root
-    interval), still reach ``THRESHOLDS.imbalance_confidence_ratio``, so a small batch's sampling
+    {imbalance_ratio:g}:1 and, computed with pessimistic counts (a ~95% square-root
+    interval), still reach {imbalance_confidence_ratio:g}:1, so a small batch's sampling
     noise never fires it. Classes that never occur count as zero only when ``num_classes`` is given.
     Sequence targets ([B, T] tokens, whose frequencies are naturally skewed) are left alone.
+    ``weighted=True`` (the loss already has class weights or a ``pos_weight``) keeps the finding
+    but changes the advice from weighting the loss to checking per-class metrics and the threshold.
     """
     t = THRESHOLDS
     if not torch.is_tensor(targets) or targets.numel() == 0:
         return None
     targets = targets.detach()
     if targets.ndim == 2 and targets.shape[1] > 1 and targets.is_floating_point():
-        return _multilabel_imbalance(targets)
+        return _multilabel_imbalance(targets, weighted)
     labels = _class_targets(targets)
     if labels is None:
         return None
@@ -363,16 +451,20 @@ def class_imbalance(targets: torch.Tensor, num_classes: int | None = None) -> Re
     major_c, minor_c = int(classes[major_i]), int(classes[minor_i])
     n = float(present.sum())
     above = int((present * t.imbalance_ratio <= major).sum())
-    shown = "never occurs" if minor == 0 else f"has {int(minor)} ({minor / n:.2%})"
+    shown = (
+        f"never occurs (0 of {int(n)} samples)"
+        if minor == 0
+        else f"has {int(minor)} ({percent(minor / n)}): a {_ratio(ratio)} imbalance"
+    )
     return (
-        f"class {major_c} has {int(major)} samples ({major / n:.1%}) but class {minor_c} {shown}: "
-        f"a {ratio:.3g}:1 imbalance"
+        f"class {major_c} has {int(major)} samples ({percent(major / n)}) but class {minor_c} "
+        f"{shown}"
         + (
             f" ({above} classes at least {t.imbalance_ratio:g}x rarer than the majority)"
             if above > 1
             else ""
         )
-        + "; weight the loss or resample",
+        + _imbalance_advice(weighted, "weight the loss or resample"),
         {
             "imbalance_ratio": ratio,
             "pessimistic_ratio": confident,
@@ -385,11 +477,26 @@ def class_imbalance(targets: torch.Tensor, num_classes: int | None = None) -> Re
             "rare_classes": above,
             "samples": n,
             "threshold": t.imbalance_ratio,
+            "loss_weighted": float(weighted),
         },
     )
 
 
-def _multilabel_imbalance(targets: torch.Tensor) -> Result:
+def _ratio(ratio: float) -> str:
+    """A majority:minority ratio, readable at any size ("19:1", "2.5e+04:1")."""
+    return f"{ratio:.3g}:1" if ratio < 1e4 else f"{ratio:.1e}:1"
+
+
+def _imbalance_advice(weighted: bool, fix: str) -> str:
+    if weighted:
+        return (
+            "; the loss is already class-weighted, so judge the model by per-class metrics "
+            "(recall, macro F1, PR-AUC) and tune the decision threshold on validation data"
+        )
+    return f"; {fix}"
+
+
+def _multilabel_imbalance(targets: torch.Tensor, weighted: bool = False) -> Result:
     t = THRESHOLDS
     if not bool(((targets == 0) | (targets == 1)).all()):
         return None  # multi-output regression
@@ -397,7 +504,7 @@ def _multilabel_imbalance(targets: torch.Tensor) -> Result:
     neg = targets.shape[0] - pos
     major = torch.maximum(pos, neg)
     minor = torch.minimum(pos, neg)
-    ratio = major / minor.clamp(min=1e-300)
+    ratio = torch.where(minor > 0, major / minor.clamp(min=1), torch.full_like(major, math.inf))
     confident = torch.tensor(
         [
             _pessimistic_ratio(float(a), float(b), t.imbalance_z)
@@ -410,10 +517,17 @@ def _multilabel_imbalance(targets: torch.Tensor) -> Result:
     worst = int(torch.where(flagged, ratio, torch.zeros_like(ratio)).argmax())
     n = targets.shape[0]
     rarer = "positive" if float(pos[worst]) <= float(neg[worst]) else "negative"
+    detail = (
+        f"is never {rarer} in {n} samples"
+        if float(minor[worst]) == 0
+        else f"has {int(minor[worst])} {rarer} of {n} samples ({_ratio(float(ratio[worst]))})"
+    )
     return (
-        f"{int(flagged.sum())} of {targets.shape[1]} labels are imbalanced; label {worst} has "
-        f"{int(minor[worst])} {rarer} of {n} samples ({float(ratio[worst]):.3g}:1): set "
-        "BCEWithLogitsLoss(pos_weight=negatives/positives) per label",
+        f"{int(flagged.sum())} of {targets.shape[1]} labels are imbalanced; label {worst} "
+        f"{detail}"
+        + _imbalance_advice(
+            weighted, "set BCEWithLogitsLoss(pos_weight=negatives/positives) per label"
+        ),
         {
             "imbalance_ratio": float(ratio[worst]),
             "pessimistic_ratio": float(confident[worst]),
@@ -424,6 +538,7 @@ def _multilabel_imbalance(targets: torch.Tensor) -> Result:
             "labels": targets.shape[1],
             "samples": n,
             "threshold": t.imbalance_ratio,
+            "loss_weighted": float(weighted),
         },
     )
 
@@ -444,22 +559,69 @@ def _row_bytes(x: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(raw).view(np.uint64)
 
 
-def _row_hashes(words: np.ndarray) -> np.ndarray:
-    """A 64-bit hash per row (random odd multipliers, summed with wrap-around, then mixed)."""
+def _multipliers(width: int) -> np.ndarray:
+    """One random odd 64-bit multiplier per word (fixed seed)."""
     rng = np.random.default_rng(_HASH_SEED)
-    mult = rng.integers(1, 2**63, size=words.shape[1], dtype=np.uint64) * np.uint64(2) + np.uint64(
-        1
-    )
+    return rng.integers(1, 2**63, size=width, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+
+
+def _word_sums(words: np.ndarray, mult: np.ndarray) -> np.ndarray:
+    """Per row, the sum of its words times ``mult`` with wrap-around (linear: the sums over two
+    complementary sets of words add up to the sum over all)."""
+    h = np.zeros(words.shape[0], np.uint64)
+    chunk = max(1, (1 << 22) // max(words.shape[1], 1))
     with np.errstate(over="ignore"):
-        h = np.zeros(words.shape[0], np.uint64)
-        chunk = max(1, (1 << 22) // max(words.shape[1], 1))
         for start in range(0, words.shape[0], chunk):
             block = words[start : start + chunk]
             h[start : start + chunk] = (block * mult).sum(axis=1, dtype=np.uint64)
+    return h
+
+
+def _mix(sums: np.ndarray) -> np.ndarray:
+    h = sums.copy()
+    with np.errstate(over="ignore"):
         h ^= h >> np.uint64(31)
         h *= np.uint64(0x9E3779B97F4A7C15)
         h ^= h >> np.uint64(29)
     return h
+
+
+def _row_hashes(words: np.ndarray) -> np.ndarray:
+    """A 64-bit hash per row (random odd multipliers, summed with wrap-around, then mixed)."""
+    return _mix(_word_sums(words, _multipliers(words.shape[1])))
+
+
+def _counts_in(reference: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """How often each of ``keys`` occurs in ``reference`` (hash level)."""
+    values, counts = np.unique(reference, return_counts=True)
+    if not len(values):
+        return np.zeros(len(keys), np.int64)
+    pos = np.minimum(np.searchsorted(values, keys), len(values) - 1)
+    return np.where(values[pos] == keys, counts[pos], 0)
+
+
+def _isolated(words_tr: np.ndarray, words_va: np.ndarray, same: np.ndarray) -> np.ndarray:
+    """Mask over validation rows: no training row that differs from it matches it on either half
+    of one of ``leak_halvings`` random splits of the columns (a copy, not a natural repeat).
+    ``same``: each validation row's number of identical training rows. Needs two words or more."""
+    width = words_tr.shape[1]
+    isolated = np.zeros(len(words_va), bool)
+    if width < 2:
+        return isolated
+    mult = _multipliers(width)
+    all_tr, all_va = _word_sums(words_tr, mult), _word_sums(words_va, mult)
+    rng = np.random.default_rng(_HASH_SEED + 1)
+    for _ in range(THRESHOLDS.leak_halvings):
+        half = np.zeros(width, bool)
+        half[rng.permutation(width)[: width // 2]] = True
+        part = np.where(half, mult, np.uint64(0))
+        a_tr, a_va = _word_sums(words_tr, part), _word_sums(words_va, part)
+        with np.errstate(over="ignore"):
+            b_tr, b_va = all_tr - a_tr, all_va - a_va  # the other half
+        isolated |= (_counts_in(_mix(a_tr), _mix(a_va)) == same) & (
+            _counts_in(_mix(b_tr), _mix(b_va)) == same
+        )
+    return isolated
 
 
 def _exact_matches(
@@ -507,22 +669,30 @@ def _self_duplicate_fraction(words: np.ndarray, hashes: np.ndarray) -> float:
         "https://scikit-learn.org/stable/common_pitfalls.html#data-leakage",
     ],
 )
+@_with_thresholds
 def leakage(train_inputs: torch.Tensor, val_inputs: torch.Tensor) -> Result:
     """Validation samples also occur, identically, in the training data.
 
     ## Why it matters
     A validation set that contains training samples measures memorisation, not generalisation:
     validation metrics look better than the model really is, early stopping and model selection
-    pick the wrong checkpoint, and overfitting goes unseen.
+    pick the wrong checkpoint, and overfitting goes unseen. A common cause is resampling before
+    the split: oversampling a class by duplicating its rows, then splitting, puts copies of the
+    same rows on both sides.
 
     ## How it is detected
     Detected by hashing every sample's bytes
     (a vectorised 64-bit hash, confirmed byte for byte; ~100k samples take well under a second) and
     counting validation samples with an identical training sample. It fires when that fraction
-    reaches ``THRESHOLDS.leak_fraction``, exceeds the training data's own duplicate rate by
-    ``THRESHOLDS.leak_excess``, and the count is well above what that rate predicts
-    (``THRESHOLDS.leak_z`` standard deviations), so natural duplicates (data with few distinct
-    values, the odd repeated sample) are not mistaken for a leak.
+    reaches {leak_fraction:.0%}, exceeds the training data's own duplicate rate by
+    {leak_excess:.0%}, and the count is well above what that rate predicts
+    ({leak_z:g} standard deviations), so natural duplicates (data with few distinct
+    values, the odd repeated sample) are not mistaken for a leak. It also fires, whatever the
+    duplicate rate, when at least {leak_fraction:.0%} of the validation samples are copies of
+    more than {leak_z:g} distinct training rows that share neither half of their values (in
+    {leak_halvings} random halvings of the columns) with any other training sample: natural
+    repeats have look-alikes, copies do not. When those copies are also repeated within a split,
+    the data was resampled before it was split.
     """
     t = THRESHOLDS
     if not (torch.is_tensor(train_inputs) and torch.is_tensor(val_inputs)):
@@ -537,27 +707,62 @@ def leakage(train_inputs: torch.Tensor, val_inputs: torch.Tensor) -> Result:
     leaked = int(found.sum())
     if leaked == 0:
         return None
-    fraction = leaked / len(val_inputs)
+    n_val = len(val_inputs)
+    fraction = leaked / n_val
     baseline = _self_duplicate_fraction(words_tr, h_tr)
-    expected = baseline * len(val_inputs)
-    if (
-        fraction < t.leak_fraction
-        or fraction - baseline < t.leak_excess
-        or leaked <= expected + t.leak_z * math.sqrt(expected + 1)
-    ):
+    expected = baseline * n_val
+    above_rate = (
+        fraction >= t.leak_fraction
+        and fraction - baseline >= t.leak_excess
+        and leaked > expected + t.leak_z * math.sqrt(expected + 1)
+    )
+    same = _counts_in(h_tr, h_va)  # identical training rows per validation row
+    copy_mask = found & _isolated(words_tr, words_va, same)
+    copied, copied_rows = int(copy_mask.sum()), len(np.unique(h_va[copy_mask]))
+    copies = copied >= t.leak_fraction * n_val and copied_rows > t.leak_z
+    if not (above_rate or copies):
         return None
+    repeated = int((copy_mask & ((same >= 2) | (_counts_in(h_va, h_va) >= 2))).sum())
+    resampled = copies and repeated > 0
     first = int(np.nonzero(found)[0][0])
+    head = f"{leaked} of {n_val} validation samples ({fraction:.1%})"
+    copies_note = (
+        f"{copied_rows} distinct rows that share neither half of their values with any other "
+        "training sample: copies, not natural repeats"
+    )
+    if resampled:
+        message = (
+            f"{head} are copies of training samples ({copies_note}), and {repeated} of them are "
+            "repeated within the training or validation data too: the data was resampled (e.g. a "
+            "class oversampled by duplicating rows) before it was split. Split first, then "
+            "resample only the training split; validation metrics will be optimistic"
+        )
+    elif above_rate:
+        message = (
+            f"{head} also occur identically in the training data (e.g. validation sample "
+            f"{first}); the training data's own duplicate rate is {baseline:.1%}: validation "
+            "metrics will be optimistic"
+        )
+    else:
+        message = (
+            f"{head} are exact copies of training samples ({copies_note}): the data held "
+            "duplicates before it was split (duplicate records, or rows resampled before the "
+            "split). Deduplicate, split, then resample only the training split; validation "
+            "metrics will be optimistic"
+        )
     return (
-        f"{leaked} of {len(val_inputs)} validation samples ({fraction:.1%}) also occur identically "
-        f"in the training data (e.g. validation sample {first}); the training data's own duplicate "
-        f"rate is {baseline:.1%}: validation metrics will be optimistic",
+        message,
         {
             "leaked_samples": leaked,
-            "val_samples": len(val_inputs),
+            "val_samples": n_val,
             "leaked_fraction": fraction,
             "train_duplicate_fraction": baseline,
             "expected_natural_duplicates": expected,
             "first_leaked_val_index": first,
+            "copied_samples": copied,
+            "copied_rows": copied_rows,
+            "repeated_within_splits": repeated,
+            "resampled_before_split": float(resampled),
             "threshold": t.leak_fraction,
         },
     )
