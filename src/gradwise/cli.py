@@ -245,6 +245,7 @@ def check(
         loss_fn=a.task.unsmoothed(),  # overfitting one batch needs a loss that can reach 0
         task=a.task.kind,
         optimizer=build_optimizer(a.model, a.recipe.optim),
+        lr=a.recipe.optim.lr,  # the peak: judged against the range test (GW305, GW306)
         batch_size=a.recipe.data.batch_size,
         overfit=overfit,
         lr_range=lr_range,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import textwrap
 
-from conftest import gradwise_cli
+from conftest import gradwise_cli, gradwise_main
 
 SOFTMAX_MODEL = textwrap.dedent(
     """
@@ -28,8 +28,23 @@ def test_check_a_healthy_recipe_suggests_a_learning_rate(tmp_path):
         "overfit one batch of 16: passed" in result.stdout
         and "lr range test: suggestion" in result.stdout
     )
-    assert "lr.png" in result.stdout
+    assert "lr.png" in result.stdout and "no problems found" in result.stdout
+    assert "planned lr 0.001 is within the range test's stable range" in result.stdout
     assert (tmp_path / "lr.png").stat().st_size > 10_000
+
+
+def test_check_reports_a_recipe_lr_above_the_range_tests_divergence(tmp_path, monkeypatch, capsys):
+    recipe = tmp_path / "iris.yaml"
+    recipe.write_text(
+        "model: {name: mlp, kwargs: {hidden: [32]}}\ndata: {name: iris, batch_size: 16}\n"
+    )
+    code, out, _ = gradwise_main(
+        monkeypatch, capsys, "check", str(recipe), "--no-overfit", "--set", "optim.lr=20"
+    )
+    assert code == 1 and "no problems found" not in out
+    assert (
+        "GW305 learning-rate-too-high (error): the planned learning rate 20 is at or above" in out
+    )
 
 
 def test_check_exits_1_on_an_error_finding(tmp_path):

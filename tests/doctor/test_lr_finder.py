@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 from pathlib import Path
@@ -14,6 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradwise.doctor.lr_finder import (
+    STEEP_METHOD,
+    TOO_HIGH_FACTOR,
+    TOO_LOW_FACTOR,
     LRRangeResult,
     build_optimizer_like,
     lr_range_test,
@@ -143,6 +147,40 @@ def test_optimizer_copies_keep_hyperparameters_not_state() -> None:
     assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.05}  # no decay on biases
     with pytest.raises(TypeError):
         build_optimizer_like(42, model, clone, 1e-3)
+
+
+def test_optimizer_in_warmup_is_swept_like_its_peak() -> None:
+    data = rings(256)
+    model = net()
+    plain = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    warming = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch.optim.lr_scheduler.LambdaLR(warming, lambda step: step / 100)  # its lr is 0 now
+    curves = [
+        lr_range_test(model, data, F.cross_entropy, optimizer=opt, steps=30).losses
+        for opt in (plain, warming)
+    ]
+    assert curves[0] == curves[1] and min(curves[0]) < 0.95 * curves[0][0]
+
+
+def test_compare_a_planned_lr_with_the_curve() -> None:
+    lrs = [1e-7 * (1e8 ** (i / 99)) for i in range(90)]
+    result = LRRangeResult(lrs, [1.0] * 90, 1e-3, 3e-2, lrs[-1], method=STEEP_METHOD)
+    diverges = result.compare(lrs[-1] * 2)
+    assert (diverges.verdict, diverges.code, diverges.severity) == ("diverges", "GW305", "error")
+    assert diverges.problem and diverges.evidence["diverged_at_lr"] == lrs[-1]
+    high = result.compare(1e-3 * TOO_HIGH_FACTOR * 2)
+    assert (high.verdict, high.severity) == ("high", "warning") and "20x" in high.message
+    low = result.compare(1e-3 / TOO_LOW_FACTOR / 2)
+    assert (low.verdict, low.code, low.severity) == ("low", "GW306", "info") and not low.problem
+    ok = result.compare(3e-4)
+    assert ok.code is None and str(ok).startswith("planned lr 0.0003 is within the range test's")
+    guess = dataclasses.replace(result, method="lr_min/10 (no clear descent)")
+    assert guess.compare(1e-3 * TOO_HIGH_FACTOR * 2).verdict == "ok"  # no suggestion to trust
+    assert guess.compare(lrs[-1]).verdict == "diverges"
+    nan_from_start = LRRangeResult(
+        lrs[:1], [math.inf], lrs[0], lrs[0], lrs[0], method="no finite loss"
+    )
+    assert nan_from_start.compare(1e-3).verdict == "unknown"
 
 
 def test_private_copy_drops_the_originals_hooks() -> None:

@@ -188,6 +188,78 @@ def test_class_imbalance_on_the_whole_data() -> None:
     assert report.findings[0].evidence["minority_count"] == 30
 
 
+def test_class_imbalance_with_a_class_weighted_loss() -> None:
+    from gradwise.tasks import Task
+
+    x, _ = blobs(n=600)
+    y = (torch.arange(600) % 20 == 0).long()
+    weighted = Task("binary", 1, class_weights=torch.tensor([1.0, 19.0]))
+    report = check(mlp(outputs=1), (x, y), loss_fn=weighted, overfit=False, lr_range=False)
+    assert report.codes == ["GW103"]  # still imbalanced, but the advice changes
+    assert "already class-weighted" in report.findings[0].message
+    assert report.findings[0].fixes[0].startswith("Judge the model")
+
+
+def regression(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy linear targets: the loss has a floor, so a range test's loss turns and diverges."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(200, 8, generator=g)
+    return x, x @ torch.randn(8, generator=g) / 3 + 0.3 * torch.randn(200, generator=g)
+
+
+def test_planned_lr_above_the_range_tests_divergence() -> None:
+    x, y = regression()
+    model = mlp(outputs=1)
+    report = check(
+        model,
+        (x, y),
+        task="regression",
+        optimizer=torch.optim.SGD(model.parameters(), lr=3.0),
+        overfit=False,
+    )
+    assert report.codes == ["GW305"] and not report.ok
+    finding = report.findings[0]
+    assert finding.severity == "error" and finding.evidence["planned_lr"] == 3.0
+    assert finding.evidence["diverged_at_lr"] == report.lr_range.diverged_at < 3.0
+    assert (
+        "range test" in finding.message and f"{report.lr_range.diverged_at:.3g}" in finding.message
+    )
+    text = str(report)
+    assert "no problems found" not in text and text.startswith("gradwise check: 1 error")
+    # ignored, the report still does not call it clean
+    ignored = check(model, (x, y), task="regression", lr=3.0, overfit=False, ignore=["GW305"])
+    assert ignored.findings == [] and "no problems found" not in str(ignored)
+    assert "training will diverge" in str(ignored)
+
+
+def test_planned_lr_far_from_the_suggestion_and_a_sane_one() -> None:
+    x, y = regression()
+    model = mlp(outputs=1)
+    high = check(model, (x, y), task="regression", lr=1.0, overfit=False)  # below divergence
+    assert high.codes == ["GW305"] and high.findings[0].severity == "warning"
+    assert high.findings[0].evidence["planned_to_suggested"] > 10
+    low = check(model, (x, y), task="regression", lr=1e-6, overfit=False)
+    assert low.codes == ["GW306"] and low.findings[0].severity == "info" and low.ok
+    assert str(low).startswith("gradwise check: 0 errors, 0 warnings, 1 info")
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sane = check(model, (x, y), task="regression", optimizer=adamw, overfit=False)
+    assert sane.findings == [] and sane.lr_comparison.verdict == "ok"
+    text = str(sane)
+    assert "no problems found" in text
+    assert "planned lr 0.001 is within the range test's stable range" in text
+    with pytest.raises(ValueError, match=r"lr must be a positive finite learning rate.*got -1"):
+        check(model, (x, y), task="regression", lr=-1, overfit=False)
+
+
+def test_planned_lr_is_the_peak_of_a_scheduled_optimizer() -> None:
+    x, y = regression()
+    model = mlp(outputs=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=3.0)
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: step / 100)  # warmup: lr 0 now
+    report = check(model, (x, y), task="regression", optimizer=optimizer, overfit=False)
+    assert report.codes == ["GW305"] and report.findings[0].evidence["planned_lr"] == 3.0
+
+
 def test_batchnorm_with_tiny_batches_and_optimizer_missing_parameters() -> None:
     x, y = images()
     model = small_cnn()

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from gradwise._format import times
+
 logger = logging.getLogger(
     __name__
 )  # INFO: the sweep's progress (gradwise advise --probe shows it)
@@ -44,6 +46,22 @@ fastai's ``minimum``)."""
 SKIP_START = 0.1
 """Fraction of the first steps left out of the search: the bias-corrected average of a handful of
 batches is still noisy."""
+STEEP_METHOD = "centre of the steepest descent"
+"""``LRRangeResult.method`` when the suggestion comes from a clear descent of the loss ..."""
+NO_FINITE_LOSS = "no finite loss"
+"""... and when the sweep had no finite loss to read."""
+
+# ---------------------------------------------------------------------------- planned lr vs the test
+
+TOO_HIGH_FACTOR = 10.0
+"""A planned learning rate more than this many times the suggestion is too high even where the
+sweep did not diverge: the suggestion is where the loss falls fastest, and a whole run at 10x it
+is past where gradwise's examples train best (the character-level Transformer is already clearly
+worse at 4x; the sweep's minimum survives a few steps, not a run: Smith 2017)."""
+TOO_LOW_FACTOR = 100.0
+"""A planned learning rate this many times below the suggestion (two decades) learns far slower
+than it could; only a note (info), since fine-tuning uses small rates on purpose, and the examples'
+validation loss is flat over two to three decades around the best rate."""
 
 
 @dataclass
@@ -100,12 +118,107 @@ class LRRangeResult:
         fig.savefig(path, format="png")
         return path
 
+    def compare(self, planned_lr: float) -> LRComparison:
+        """Judge ``planned_lr`` (the rate the run will use; its peak) against this test."""
+        s, p, d = self.suggestion, planned_lr, self.diverged_at
+        evidence = {"planned_lr": p, "suggested_lr": s, "lr_min_loss": self.lr_min_loss}
+        if d is not None:
+            evidence["diverged_at_lr"] = d
+        evidence["planned_to_suggested"] = p / s
+        if self.method == NO_FINITE_LOSS:
+            return LRComparison(
+                p,
+                "unknown",
+                f"the range test cannot judge the planned lr {p:.3g}: its loss was never finite",
+                evidence,
+            )
+        diverged = d is not None and len(self.lrs) > 1
+        clear = self.method == STEEP_METHOD  # without a clear descent the suggestion is a guess
+        where = (
+            f"diverged at {d:.3g}" if d is not None else f"did not diverge up to {self.lrs[-1]:.3g}"
+        )
+        if diverged and p >= d:
+            return LRComparison(
+                p,
+                "diverges",
+                f"the planned learning rate {p:.3g} is at or above {d:.3g}, where the loss diverged "
+                f"in the learning-rate range test (suggestion {s:.3g}, loss lowest at "
+                f"{self.lr_min_loss:.3g}): training will diverge; lower it to about {s:.2g}",
+                evidence,
+                "GW305",
+                "error",
+            )
+        if clear and p > TOO_HIGH_FACTOR * s:
+            return LRComparison(
+                p,
+                "high",
+                f"the planned learning rate {p:.3g} is {times(p / s)} the learning-rate range "
+                f"test's suggestion {s:.3g} (the loss was lowest at {self.lr_min_loss:.3g} and "
+                f"{where}): too high to train well for a whole run; lower it toward {s:.2g}",
+                evidence,
+                "GW305",
+                "warning",
+            )
+        if clear and p * TOO_LOW_FACTOR < s:
+            return LRComparison(
+                p,
+                "low",
+                f"the planned learning rate {p:.3g} is {times(s / p)} below the learning-rate "
+                f"range test's suggestion {s:.3g}: training will be slow; raise it toward the "
+                "suggestion (unless a small rate is deliberate, as in fine-tuning)",
+                evidence,
+                "GW306",
+                "info",
+            )
+        return LRComparison(
+            p,
+            "ok",
+            f"planned lr {p:.3g} is within the range test's stable range ({where}); "
+            f"suggestion {s:.3g}",
+            evidence,
+        )
+
     def __str__(self) -> str:
         div = f", diverged at {self.diverged_at:.3g}" if self.diverged_at is not None else ""
         return (
             f"lr range test: suggestion {self.suggestion:.3g} ({self.method}); smoothed loss "
             f"lowest at lr {self.lr_min_loss:.3g}{div}; {len(self.lrs)} steps"
         )
+
+
+@dataclass(frozen=True)
+class LRComparison:
+    """The learning rate a run will use, judged against a range test (:meth:`LRRangeResult.compare`).
+
+    ``verdict``: "diverges" (at or above where the sweep's loss diverged), "high" (more than
+    TOO_HIGH_FACTOR times the suggestion), "low" (TOO_LOW_FACTOR times below it), "ok", or
+    "unknown" (the sweep's loss was never finite).
+    ``code``/``severity``: the finding it makes (GW305 error/warning, GW306 info), None when ok.
+    """
+
+    planned: float
+    verdict: str
+    message: str
+    evidence: dict[str, float]
+    code: str | None = None
+    severity: str | None = None
+
+    @property
+    def problem(self) -> bool:
+        """The planned rate is too high: the run will diverge or train badly."""
+        return self.verdict in ("diverges", "high")
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def peak_lr(group: dict[str, Any]) -> float:
+    """A parameter group's peak learning rate: a scheduler's ``max_lr`` (OneCycleLR) or
+    ``initial_lr`` (every other scheduler, e.g. during warmup), else its ``lr``; NaN without any."""
+    for key in ("max_lr", "initial_lr", "lr"):
+        if group.get(key) is not None:
+            return float(group[key])
+    return math.nan
 
 
 # ---------------------------------------------------------------------------- helpers shared with preflight
@@ -217,8 +330,8 @@ def build_optimizer_like(
                 groups.append({**hyper, "params": mapped})
         if not groups:
             raise ValueError("the optimizer holds none of the model's parameters")
-        base = float(groups[0].get("lr", lr)) or 1.0
-        ratios = [float(g.get("lr", base)) / base for g in groups]
+        base = peak_lr({"lr": lr, **groups[0]}) or 1.0  # not lr: a warmup may have set it to 0
+        ratios = [peak_lr({"lr": base, **g}) / base for g in groups]
         try:
             opt = type(optimizer)(groups, **dict(optimizer.defaults))
         except TypeError:
@@ -266,7 +379,7 @@ def suggest(lrs: list[float], losses: list[float]) -> tuple[float, float, float 
     first = min(int(n * SKIP_START), max(n - 1, 0))
     finite = [i for i in range(first, n) if math.isfinite(losses[i])]
     if not finite:
-        return lrs[0], lrs[0], None, "no finite loss"
+        return lrs[0], lrs[0], None, NO_FINITE_LOSS
     i_min = min(finite, key=lambda i: losses[i])
     lr_min = lrs[i_min]
     fallback = (lr_min / MIN_LOSS_DIVISOR, lr_min, None, "lr_min/10 (no clear descent)")
@@ -285,7 +398,7 @@ def suggest(lrs: list[float], losses: list[float]) -> tuple[float, float, float 
     while b + 1 <= i_min and slopes[b + 1] <= STEEP_FRACTION * steepest:
         b += 1
     suggestion = 10 ** ((logs[a] + logs[b]) / 2)
-    return suggestion, lr_min, lrs[i_steep], "centre of the steepest descent"
+    return suggestion, lr_min, lrs[i_steep], STEEP_METHOD
 
 
 # ---------------------------------------------------------------------------- the test
@@ -391,4 +504,4 @@ def lr_range_test(
     )
 
 
-__all__ = ["LRRangeResult", "lr_range_test", "suggest"]
+__all__ = ["LRComparison", "LRRangeResult", "lr_range_test", "peak_lr", "suggest"]

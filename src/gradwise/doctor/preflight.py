@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,13 @@ from torch.utils.data import DataLoader, Dataset
 import gradwise.doctor.rules  # noqa: F401  (registers every rule, the lead's GW207/GW402 included)
 from gradwise.doctor.findings import RULES, Finding, check_codes, sort_findings
 from gradwise.doctor.lr_finder import (
+    LRComparison,
     LRRangeResult,
     batch_at,
     forward,
     lr_range_test,
     model_device,
+    peak_lr,
     private_copy,
     to_dataset,
     to_device,
@@ -100,11 +102,13 @@ class OverfitResult:
 
 @dataclass
 class CheckReport:
-    """What :func:`check` found: findings (errors first), the overfit test and the lr range test."""
+    """What :func:`check` found: findings (errors first), the overfit test, the lr range test and
+    the planned learning rate judged against it (None without a planned rate or a range test)."""
 
     findings: list[Finding]
     overfit: OverfitResult | None
     lr_range: LRRangeResult | None
+    lr_comparison: LRComparison | None = None
 
     @property
     def ok(self) -> bool:
@@ -120,10 +124,14 @@ class CheckReport:
     def __str__(self) -> str:
         errors = sum(f.severity == "error" for f in self.findings)
         warnings = sum(f.severity == "warning" for f in self.findings)
+        infos = len(self.findings) - errors - warnings
+        lr = self.lr_comparison
+        clean = not self.findings and not (lr is not None and lr.problem)  # GW305 ignored
         head = "gradwise check: " + (
             "no problems found"
-            if not self.findings
+            if clean
             else f"{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}"
+            + (f", {infos} info" if infos else "")
         )
         lines = [head]
         for f in self.findings:
@@ -134,6 +142,8 @@ class CheckReport:
             lines.append(f"  {self.overfit}")
         if self.lr_range is not None:
             lines.append(f"  {self.lr_range}")
+        if lr is not None and lr.code not in self.codes:  # a finding already says it
+            lines.append(f"  {lr}")
         return "\n".join(lines)
 
 
@@ -369,6 +379,7 @@ def check(
     lr_range: bool = True,
     plot: str | Path | None = None,
     ignore: Iterable[str] = (),
+    lr: float | None = None,
 ) -> CheckReport:
     """Check ``model`` and its data before training; returns a :class:`CheckReport`.
 
@@ -379,6 +390,8 @@ def check(
     copies its class and hyperparameters); None for gradwise's AdamW. batch_size: the training
     batch size (GW206, the probe and overfit batch, the range test); None takes a DataLoader's.
     plot: where to save the range test's curve (PNG). ignore: rule codes not to report.
+    lr: the (peak) learning rate training will use, judged against the range test (GW305 when it
+    is above where the loss diverged or far above the suggestion); None takes the optimizer's.
 
     Nothing here modifies ``model`` (weights, buffers, training mode, requires_grad),
     ``optimizer`` or the global RNG state.
@@ -392,6 +405,11 @@ def check(
         batch_size = loader_bs or 32
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    if lr is not None and not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
+        raise ValueError(f"lr must be a positive finite learning rate (the run's peak); got {lr!r}")
+    if lr is None and optimizer is not None and optimizer.param_groups:
+        lr = peak_lr(optimizer.param_groups[0])
+        lr = lr if 0 < lr < math.inf else None  # lr 0 (a frozen group): nothing to judge
     train_ds = to_dataset(train_data)
     val_ds = to_dataset(val_data) if val_data is not None else None
     info = describe(train_ds, name="train_data")
@@ -429,7 +447,10 @@ def check(
             apply("GW102", data_rules.unnormalised_inputs(_stat_rows(x_all)))
             if kind in ("binary", "multiclass", "multilabel"):
                 # only the classes present: absent ones are GW105's or describe()'s business
-                apply("GW103", data_rules.class_imbalance(y_all))
+                weighted = data_rules.loss_is_weighted(loss)
+                apply("GW103", data_rules.class_imbalance(y_all, weighted=weighted))
+                if weighted and "GW103" in findings:
+                    findings["GW103"].fixes = data_rules.imbalance_fixes(weighted=True)
             if isinstance(x_val, torch.Tensor):
                 apply("GW104", data_rules.leakage(x_all, x_val))
 
@@ -522,7 +543,14 @@ def check(
                     raise
             if lr_result is not None and plot is not None:
                 lr_result.plot(plot)
-    return CheckReport(sort_findings(findings.values()), overfit_result, lr_result)
+        comparison = lr_result.compare(lr) if lr_result is not None and lr is not None else None
+        if comparison is not None and comparison.code is not None:
+            apply(comparison.code, (comparison.message, comparison.evidence))
+            if comparison.code in findings:  # GW305 is an error only when the sweep diverged
+                findings[comparison.code] = replace(
+                    findings[comparison.code], severity=comparison.severity
+                )
+    return CheckReport(sort_findings(findings.values()), overfit_result, lr_result, comparison)
 
 
 __all__ = ["CheckReport", "OverfitResult", "check", "overfit_one_batch"]
