@@ -13,6 +13,7 @@ from gradwise.doctor import Doctor
 from gradwise.doctor.dispatch import FIELDS
 from gradwise.doctor.findings import RULES, Finding, rule, sort_findings
 from gradwise.doctor.graph import kind_from_value, read_graph
+from gradwise.doctor.rules.data import imbalance_fixes
 from gradwise.doctor.rules.generalisation import labels_independent, overfitting
 from gradwise.doctor.signals import Signals
 from gradwise.errors import GradwiseWarning
@@ -171,3 +172,24 @@ def test_update_ratios_span_an_optimizer_step_under_accumulation():
     ratios = [v for series in doctor.signals.update_ratio.values() for v in series.values]
     assert ratios and min(ratios) > 1e-5  # one AdamW step at 1e-3, never the 0 of no step
     assert "GW216" not in [f.code for f in doctor.findings]
+
+
+def test_class_imbalance_in_a_weighted_loop_advises_metrics_first():
+    torch.manual_seed(0)
+    x = torch.randn(640, 8)
+    y = (torch.rand(640) < 0.03).long()  # 97% / 3%
+    model = nn.Linear(8, 2)
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 30.0]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    doctor = Doctor(model, opt, loss_fn=loss_fn, on_finding=None)
+    for i in range(20):
+        xb, yb = x[i * 32 : (i + 1) * 32], y[i * 32 : (i + 1) * 32]
+        opt.zero_grad()
+        out = model(xb)
+        loss = loss_fn(out, yb)
+        loss.backward()
+        doctor.step(loss, inputs=xb, outputs=out, targets=yb)
+        opt.step()
+    [finding] = [f for f in doctor.findings if f.code == "GW103"]
+    assert finding.fixes == imbalance_fixes(weighted=True)  # metrics and threshold first
+    assert finding.fixes[0].startswith("Judge the model with balanced metrics")

@@ -866,7 +866,10 @@ class Doctor:
                 if isinstance(outputs, torch.Tensor) and outputs.ndim == 2
                 else None
             )
-            self._judge(data_rules.class_imbalance, pooled, classes, step=step)
+            weighted = self.loss_fn is not None and data_rules.loss_is_weighted(self.loss_fn)
+            self._judge(data_rules.class_imbalance, pooled, classes, weighted=weighted, step=step)
+            if weighted and "GW103" in self._findings:  # weighting is done: metrics come first
+                self._findings["GW103"].fixes = data_rules.imbalance_fixes(weighted=True)
             self._targets_seen.clear()
 
     def _check_optimizer(self, step: int) -> None:
@@ -1338,7 +1341,7 @@ class Doctor:
             on_failure=lambda rule, exc: self._rule_failed(rule, exc, step),
         )
 
-    def _judge(self, check: Callable, *args: Any, step: int | None = None) -> None:
+    def _judge(self, check: Callable, *args: Any, step: int | None = None, **kwargs: Any) -> None:
         """Call one rule's check on measurements made here (a rule dispatched by hand: GW203,
         GW207-GW210, GW213, GW403, GW103), guarded like every dispatch."""
         rule: Rule = check.rule
@@ -1346,7 +1349,7 @@ class Doctor:
         if rule.code in self.ignore or rule.code in self._broken:
             return
         try:
-            result = check(*args)
+            result = check(*args, **kwargs)
         except Exception as exc:
             self._rule_failed(rule, exc, step)
             return

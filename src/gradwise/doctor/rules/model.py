@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import math
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -69,6 +70,13 @@ class ModelThresholds:
 
 
 THRESHOLDS = ModelThresholds()
+
+
+def _with_thresholds(fn: Callable) -> Callable:
+    """Fill the docstring's ``{name}`` fields with :data:`THRESHOLDS`: the rule's page (built
+    from the docstring when ``@rule`` registers it, above this decorator) shows the values."""
+    fn.__doc__ = (fn.__doc__ or "").format(**asdict(THRESHOLDS))
+    return fn
 
 
 # ============================================================================ loss kinds
@@ -282,6 +290,7 @@ def _row_sums_to_one(outputs: torch.Tensor) -> tuple[bool, float]:
         "Goodfellow, Bengio & Courville 2016, 'Deep Learning', section 6.2.2 (saturating outputs)",
     ],
 )
+@_with_thresholds
 def probabilities_to_logits_loss(
     outputs: torch.Tensor,
     loss_kind: str,
@@ -304,8 +313,8 @@ def probabilities_to_logits_loss(
     outputs and the model's structure: for cross-entropy/NLL, non-negative outputs whose rows sum
     to 1; for BCE with logits, all outputs in [0, 1] together with a final ``nn.Sigmoid`` (or a
     final sigmoid operation, ``final_op``), or, without that structural evidence, at least
-    ``THRESHOLDS.sigmoid_min_values`` outputs all in [0, 1] spread over at least
-    ``THRESHOLDS.sigmoid_min_span`` (a single small batch of an untrained model is never enough).
+    {sigmoid_min_values} outputs all in [0, 1] spread over at least
+    {sigmoid_min_span:g} (a single small batch of an untrained model is never enough).
     Without a declared loss, the loss's autograd graph says what the loss is and what fed it (a
     softmax below the cross-entropy, a sigmoid below BCE with logits), and an NLL loss below zero
     was given probabilities or raw scores instead of log-probabilities.
@@ -482,6 +491,7 @@ def activation_stds(model: nn.Module, inputs: torch.Tensor) -> list[tuple[str, f
         "https://pytorch.org/docs/stable/nn.init.html",
     ],
 )
+@_with_thresholds
 def poor_initialisation(activation_stds: list[tuple[str, float]]) -> Result:
     """The scale of the activations vanishes or explodes with depth at initialisation.
 
@@ -494,8 +504,8 @@ def poor_initialisation(activation_stds: list[tuple[str, float]]) -> Result:
     ## How it is detected
     Detected from the output std of
     each Linear/Conv layer in forward order (:func:`activation_stds`): the last layer's std over
-    the first's below ``THRESHOLDS.collapse_ratio``, or any later layer's above
-    ``THRESHOLDS.explode_ratio``. Layers whose output is exactly zero while deeper layers are
+    the first's below {collapse_ratio:g}, or any later layer's above
+    {explode_ratio:g}. Layers whose output is exactly zero while deeper layers are
     not (deliberately zero-initialised heads or residual branches) are skipped; all deeper layers
     at exactly zero (zero-initialised weights) is a collapse.
     """
@@ -733,6 +743,7 @@ def _values(t: torch.Tensor, k: int = 6) -> str:
         "Ioffe & Szegedy 2015, 'Batch Normalization'",
     ],
 )
+@_with_thresholds
 def batchnorm_tiny_batch(model: nn.Module, batch_size: int) -> Result:
     """BatchNorm layers are trained with batches too small for reliable batch statistics.
 
@@ -746,7 +757,7 @@ def batchnorm_tiny_batch(model: nn.Module, batch_size: int) -> Result:
     Detected when
     the model has BatchNorm layers that will train (in training mode; all of them if the whole
     model is still in eval mode, since training switches them on) and ``batch_size`` is below
-    ``THRESHOLDS.min_batchnorm_batch``.
+    {min_batchnorm_batch}.
     """
     t = THRESHOLDS
     if batch_size >= t.min_batchnorm_batch:
@@ -1033,7 +1044,7 @@ def frozen_batchnorm_drift(drifts: dict[str, float]) -> Result:
     ## How it is detected
     At each sampled step, the running mean and variance of every BatchNorm whose affine
     parameters are all frozen are compared with their values at the previous sampled step;
-    a relative change above ``BN_DRIFT`` means the layer ran in training mode in between. See
+    a relative change above 1e-4 (``BN_DRIFT``) means the layer ran in training mode in between. See
     also ``gradwise explain freezing-layers`` and ``gradwise explain batch-normalization``.
     """
     moved = {name: d for name, d in drifts.items() if d > BN_DRIFT}
