@@ -390,3 +390,50 @@ def test_check_mutates_nothing() -> None:
     assert torch.equal(torch.get_rng_state(), rng)
     assert seen == []  # the user's hooks never saw the copies' forward passes
     assert math.isfinite(report.lr_range.suggestion)
+
+
+class _TimeFirstLSTM(nn.Module):
+    """An LSTM without batch_first fed (batch, time, features): it runs along the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+class _FunctionalDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(24, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.b(nn.functional.dropout(torch.relu(self.a(x.flatten(1))), 0.5))
+
+
+def _frozen_by_attribute() -> nn.Module:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 3))
+    model[1].requires_grad = False  # freezes nothing
+    return model
+
+
+@pytest.mark.parametrize(
+    ("make", "task", "code"),
+    [
+        (_TimeFirstLSTM, "multiclass", "GW211"),
+        (_FunctionalDropout, "multiclass", "GW213"),
+        (_frozen_by_attribute, "multiclass", "GW214"),
+        (lambda: nn.Sequential(nn.Flatten(), nn.Linear(24, 1)), "regression", "GW215"),
+    ],
+)
+def test_check_runs_the_structural_probes(make, task, code):
+    torch.manual_seed(0)
+    x = torch.randn(64, 6, 4)
+    y = torch.randint(0, 3, (64,)) if task == "multiclass" else torch.randn(64)
+    loss_fn = nn.MSELoss() if task == "regression" else None
+    report = check(make(), (x, y), task=task, loss_fn=loss_fn, overfit=False, lr_range=False)
+    assert code in [f.code for f in report.findings], report
+    healthy = nn.Sequential(nn.Flatten(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 3))
+    clean = check(healthy, (x, torch.randint(0, 3, (64,))), overfit=False, lr_range=False)
+    assert not {"GW211", "GW213", "GW214", "GW215"} & {f.code for f in clean.findings}

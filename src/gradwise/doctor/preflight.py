@@ -4,15 +4,17 @@
     print(report)
 
 Runs the data rules (GW101-GW105) on the whole data (a bounded sample of very large sets), the
-model rules (GW201, GW204-GW206) on a probe batch, checks that the optimizer holds every trainable
-parameter (GW207), tries to overfit one batch (GW402 when it cannot) and runs a learning-rate range
-test. The user's model, optimizer and global RNG state are never modified: every forward pass and
+model rules (GW201, GW204-GW206, GW211, GW213-GW215: the batch-axis and stochastic-evaluation
+probes among them) on a probe batch, through the same dispatch as the live Doctor; checks that the
+optimizer holds every trainable parameter (GW207), tries to overfit one batch (GW402 when it
+cannot) and runs a learning-rate range test, judged against the planned learning rate. The user's model, optimizer and global RNG state are never modified: every forward pass and
 every training step runs on a private copy.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,7 +25,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import gradwise.doctor.rules  # noqa: F401  (registers every rule, the lead's GW207/GW402 included)
-from gradwise.doctor.findings import RULES, Finding, check_codes, sort_findings
+from gradwise.doctor import dispatch, probes
+from gradwise.doctor.findings import RULES, Finding, Rule, When, check_codes, sort_findings
 from gradwise.doctor.lr_finder import (
     LRComparison,
     LRRangeResult,
@@ -313,6 +316,22 @@ def _overfit_finding(result: OverfitResult) -> Finding:
     )
 
 
+def _call(model: nn.Module, inputs: Any) -> Any:
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def _loss_value(loss: Callable, outputs: torch.Tensor | None, targets: Any) -> float | None:
+    """The training loss on the probe batch, for rules that confirm what the loss computes."""
+    if outputs is None or not isinstance(targets, torch.Tensor):
+        return None
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns of the broadcasting GW215 looks for
+            return float(loss(outputs, targets))
+    except Exception:  # a loss that cannot take them: GW105/GW205 or the overfit test say why
+        return None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -432,6 +451,31 @@ def check(
         message, evidence = result
         findings[code] = _finding(code, message, evidence)
 
+    def failed(rule: Rule, exc: Exception) -> None:  # as in the live Doctor: info, never raised
+        message = f"the {rule.code} check failed and was skipped ({type(exc).__name__}: {exc})"
+        findings.setdefault(rule.code, Finding(rule.code, rule.name, "info", 0, message))
+
+    def judge(when: When, context: dispatch.Context) -> None:
+        dispatch.run(
+            when,
+            context,
+            skip=ignored | set(findings),
+            on_result=lambda rule, result: apply(rule.code, result),
+            on_failure=failed,
+        )
+
+    def judge_one(check: Callable, *args: Any, prefix: str = "", **kwargs: Any) -> None:
+        rule = check.rule  # a rule measured here by hand (GW101 on the validation split, GW103)
+        if rule.code in ignored or rule.code in findings:
+            return
+        try:
+            result = check(*args, **kwargs)
+        except Exception as exc:
+            failed(rule, exc)
+            return
+        if result is not None:
+            apply(rule.code, (prefix + result[0], result[1]))
+
     device = model_device(model)
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
@@ -439,20 +483,15 @@ def check(
         x_all, y_all, _ = _materialise(train_ds)
         x_val, y_val, _ = _materialise(val_ds) if val_ds is not None else (None, None, False)
         if isinstance(x_all, torch.Tensor):
-            apply("GW101", data_rules.nonfinite_data(x_all, y_all))
-            if x_val is not None and "GW101" not in findings:
-                result = data_rules.nonfinite_data(x_val, y_val)
-                if result is not None:
-                    apply("GW101", ("validation data: " + result[0], result[1]))
-            apply("GW102", data_rules.unnormalised_inputs(_stat_rows(x_all)))
+            judge("batch", dispatch.Context(step=0, inputs=x_all, targets=y_all))
+            if x_val is not None:
+                judge_one(data_rules.nonfinite_data, x_val, y_val, prefix="validation data: ")
             if kind in ("binary", "multiclass", "multilabel"):
                 # only the classes present: absent ones are GW105's or describe()'s business
                 weighted = data_rules.loss_is_weighted(loss)
-                apply("GW103", data_rules.class_imbalance(y_all, weighted=weighted))
+                judge_one(data_rules.class_imbalance, y_all, weighted=weighted)
                 if weighted and "GW103" in findings:
                     findings["GW103"].fixes = data_rules.imbalance_fixes(weighted=True)
-            if isinstance(x_val, torch.Tensor):
-                apply("GW104", data_rules.leakage(x_all, x_val))
 
         # -- a probe batch through a private copy of the model ------------------------------
         n = len(train_ds)
@@ -469,34 +508,59 @@ def check(
                 f"the model cannot take the data: a batch of inputs with shape {shape} made the "
                 f"model fail: {_first_line(exc)}"
             ) from None
-        if isinstance(outputs, torch.Tensor):
-            targets = y_all if isinstance(y_all, torch.Tensor) else yb
-            apply("GW105", data_rules.targets_out_of_range(outputs, targets, kind_of_loss))
-            apply(
-                "GW205",
-                model_rules.loss_task_mismatch(kind_of_loss, targets, outputs, kind),
-            )
-            apply(
-                "GW201",
-                model_rules.probabilities_to_logits_loss(
-                    outputs, kind_of_loss, clone, final_op=final_op
-                ),
-            )
+        outputs = outputs if isinstance(outputs, torch.Tensor) else None
+        # the rules of the first steps: on the whole data where they judge data (GW102, GW104,
+        # and targets against the probe's outputs), else on the probe batch
+        whole = isinstance(x_all, torch.Tensor)
+        judge(
+            "early",
+            dispatch.Context(
+                step=0,
+                model=clone,
+                inputs=_stat_rows(x_all) if whole else None,
+                outputs=outputs,
+                targets=y_all if isinstance(y_all, torch.Tensor) else yb,
+                loss_kind=kind_of_loss,
+                task=kind,
+                final_op=final_op,
+                batch_size=batch_size,
+                train_inputs=x_all if whole else None,
+                val_inputs=x_val if whole and isinstance(x_val, torch.Tensor) else None,
+            ),
+        )
+        scale_inputs = xb
+        if "GW102" in findings and isinstance(xb, torch.Tensor) and xb.is_floating_point():
+            scale_inputs = _standardised(xb)  # measure the init, not the data's scale
+        providers = {
+            "activation_stds": lambda m=clone: model_rules.activation_stds(m, scale_inputs),
+            "mixing": lambda m=clone: probes.batch_mixing(m, xb),
+            "loss_value": lambda: _loss_value(loss, outputs, yb),
+        }
+        if not isinstance(scale_inputs, torch.Tensor):
+            del providers["activation_stds"]
+        judge(
+            "first",
+            dispatch.Context(
+                providers,
+                step=0,
+                model=clone,
+                inputs=xb if isinstance(xb, torch.Tensor) else None,
+                outputs=outputs,
+                targets=yb if isinstance(yb, torch.Tensor) else None,
+                loss_kind=kind_of_loss,
+                task=kind,
+            ),
+        )
+        if outputs is not None:
+            repeat = probes.repeat_forward(clone, lambda m=clone: _call(m, xb), outputs)
+            if repeat is not None:
+                judge_one(model_rules.stochastic_evaluation, repeat)
             if task_obj is not None and isinstance(yb, torch.Tensor):
                 try:  # the Trainer's own probe: outputs that cannot serve the task's loss
                     task_obj.check_fit(outputs, yb, info)
                 except DataError:
                     if not any(f.severity == "error" for f in findings.values()):
                         raise
-        scale_inputs = xb
-        if "GW102" in findings and isinstance(xb, torch.Tensor) and xb.is_floating_point():
-            scale_inputs = _standardised(xb)  # measure the init, not the data's scale
-        if isinstance(scale_inputs, torch.Tensor):
-            apply(
-                "GW204",
-                model_rules.poor_initialisation(model_rules.activation_stds(clone, scale_inputs)),
-            )
-        apply("GW206", model_rules.batchnorm_tiny_batch(model, batch_size))
         if optimizer is not None and "GW207" not in ignored:
             missing = _missing_from_optimizer(model, optimizer)
             if missing is not None:
