@@ -57,7 +57,9 @@ def test_rule_functions_on_their_inputs():
     assert "not declared" in model_rules.frozen_by_mistake(10, 4, None, ["neck.weight"])[0]
     assert model_rules.frozen_by_mistake(10, 4, None, []) is None
 
-    assert model_rules.frozen_batchnorm_drift({"bn": model_rules.BN_DRIFT / 2}) is None  # rounding noise
+    assert (
+        model_rules.frozen_batchnorm_drift({"bn": model_rules.BN_DRIFT / 2}) is None
+    )  # rounding noise
     message, evidence = model_rules.frozen_batchnorm_drift({"a": 0.2, "b": 0.01, "c": 0.0})
     assert evidence == {"drifting_layers": 2, "max_relative_drift": 0.2} and "(e.g. a)" in message
 
