@@ -193,3 +193,37 @@ def test_class_imbalance_in_a_weighted_loop_advises_metrics_first():
     [finding] = [f for f in doctor.findings if f.code == "GW103"]
     assert finding.fixes == imbalance_fixes(weighted=True)  # metrics and threshold first
     assert finding.fixes[0].startswith("Judge the model with balanced metrics")
+
+
+class _Stateful(nn.Module):
+    """Carries a hidden state between batches and counts its calls in a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+        self.register_buffer("calls", torch.zeros(()))
+        self.hidden = None
+
+    def forward(self, x):
+        self.calls += 1
+        self.hidden = x.mean(0) if self.hidden is None else 0.5 * self.hidden + 0.5 * x.mean(0)
+        return self.fc(x + self.hidden.detach())
+
+
+def test_the_probes_leave_a_stateful_model_as_they_found_it():
+    torch.manual_seed(0)
+    model = _Stateful()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    doctor = Doctor(model, opt, on_finding=None, ignore=["GW211"])  # it mixes samples on purpose
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    loss.backward()
+    hidden = model.hidden.clone()
+    doctor.step(loss, inputs=x, outputs=out, targets=y)  # the batch-mixing probe runs here
+    assert int(model.calls) == 1 and torch.equal(model.hidden, hidden)
+    model.eval()
+    with torch.no_grad():
+        model(x)  # the stochastic-evaluation probe runs a second pass here
+    assert int(model.calls) == 2 and model.training is False
+    doctor.close()

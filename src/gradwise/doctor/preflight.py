@@ -552,7 +552,11 @@ def check(
             ),
         )
         if outputs is not None:
-            repeat = probes.repeat_forward(clone, lambda m=clone: _call(m, xb), outputs)
+            try:  # the stochastic-evaluation probe: a second eval pass must agree
+                repeat = probes.repeat_forward(clone, lambda m=clone: _call(m, xb), outputs)
+            except Exception as exc:
+                failed(model_rules.stochastic_evaluation.rule, exc)
+                repeat = None
             if repeat is not None:
                 judge_one(model_rules.stochastic_evaluation, repeat)
             if task_obj is not None and isinstance(yb, torch.Tensor):

@@ -6,8 +6,8 @@
 * Stochastic evaluation (GW213): in eval mode two passes over the same inputs must agree; a
   ``F.dropout`` without ``training=self.training`` makes them differ.
 
-Every probe runs without gradients, in eval mode, with every module's mode and the random
-generators restored: the run it probes is left exactly as it was.
+Every probe runs without gradients, in eval mode, with every module's attributes, buffers and mode
+and the random generators restored: the run it probes is left exactly as it was.
 """
 
 from __future__ import annotations
@@ -32,8 +32,11 @@ MIXING_RTOL_LOW_PRECISION = 5e-2
 
 @contextlib.contextmanager
 def quiet(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no gradients, RNG state saved: restored on exit whatever happened."""
-    modes = [(m, m.training) for m in model.modules()]
+    """Eval mode, no gradients, RNG state saved, and every module's state kept: its attributes
+    (a hidden state carried between batches, a cache) and its buffers' values are put back on
+    exit, whatever happened, so a model with state sees the probe's passes never happened."""
+    saved = [(m, dict(m.__dict__), dict(m._buffers)) for m in model.modules()]
+    values = {id(b): b.detach().clone() for _, _, bs in saved for b in bs.values() if b is not None}
     cpu = torch.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
@@ -41,8 +44,16 @@ def quiet(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             yield
     finally:
-        for m, mode in modes:
-            m.training = mode
+        with torch.no_grad():
+            for m, attributes, buffers in saved:
+                for key in set(m.__dict__) - set(attributes):
+                    del m.__dict__[key]
+                m.__dict__.update(attributes)
+                m._buffers.clear()
+                m._buffers.update(buffers)
+                for buffer in buffers.values():
+                    if buffer is not None:
+                        buffer.copy_(values[id(buffer)])
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
