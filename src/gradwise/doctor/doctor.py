@@ -188,7 +188,7 @@ class Doctor:
         self._cosines: list[float] = []
         self._fresh: torch.Tensor | None = None
         self._dead_masks: dict[str, deque] = {}
-        self._widths: dict[str, int] = {}  # the first width each activation module was seen at
+        self._sites: dict[str, int] = {}  # calls of each activation module in this forward pass
         self._order: list[str] = []
         self._eval_in_train: list[str] = []
         self._got_grad: set[str] = set()
@@ -409,7 +409,7 @@ class Doctor:
         self._detach()
         modules = dict(self.model.named_modules())
         for name in list(self.signals.activations):
-            module = modules.get(name.split("@")[0])  # "act@16": act, called at width 16
+            module = modules.get(name.split("#")[0])  # "act#2": act, at its second call site
             if type(module).__name__ != self.signals.activations[name].kind:
                 del self.signals.activations[name]
                 self._dead_masks.pop(name, None)
@@ -472,6 +472,7 @@ class Doctor:
             self._handles.append(watched.register_hook(hook))
 
     def _root_pre_hook(self, module: nn.Module, args: Any) -> None:
+        self._sites.clear()  # call sites are counted per forward pass
         if self._exchange is not None and self._armed and torch.is_grad_enabled():
             try:  # buffers before this forward pass changes them (after DDP broadcast them)
                 self._buffer_prints = self._fingerprints(self._compared_buffer_items())
@@ -550,10 +551,10 @@ class Doctor:
                 if not isinstance(mod, ACTIVATIONS):
                     return
                 s.output_module = name
-                # one module called at several widths (an nn.ReLU reused after layers of different
-                # sizes) is watched per width: "act", then "act@16"
-                width = x.shape[1 if x.ndim == 4 else -1] if x.ndim else 1
-                key = name if self._widths.setdefault(name, width) == width else f"{name}@{width}"
+                # one module called at several places in a forward pass (an nn.ReLU reused after
+                # several layers) is watched per call site: "act", then "act#2", ...
+                site = self._sites[name] = self._sites.get(name, 0) + 1
+                key = name if site == 1 else f"{name}#{site}"
                 stats = s.activations.setdefault(key, Activation(kind))
                 stats.mean.append(s.step, float(x.mean()))
                 stats.std.append(s.step, std)
