@@ -227,3 +227,10 @@ def test_the_probes_leave_a_stateful_model_as_they_found_it():
         model(x)  # the stochastic-evaluation probe runs a second pass here
     assert int(model.calls) == 2 and model.training is False
     doctor.close()
+
+
+def test_a_huge_drift_reads_as_a_multiple_not_a_16_digit_percentage():
+    from gradwise.doctor.rules.model import frozen_batchnorm_drift
+
+    message, _ = frozen_batchnorm_drift({"backbone.bn1": 37682534124208.34})
+    assert "3.8e+13x" in message and "%" not in message
