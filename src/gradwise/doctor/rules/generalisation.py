@@ -120,6 +120,7 @@ def _chance_loss(s: Signals) -> float | None:
         "Zhang et al. 2017, Understanding deep learning requires rethinking generalization "
         "(networks memorise random labels: training loss falls, test stays at chance)",
         "Karpathy 2019, A Recipe for Training Neural Networks ('visualize just before the net')",
+        "A reported case: https://github.com/DrexelChatbotGroup/DrexelChatbot/issues/15",
     ],
 )
 def labels_independent(s: Signals) -> Result:

@@ -1204,6 +1204,8 @@ RESET_CHECKS = 2
         "provided as (batch, seq, feature)'): https://pytorch.org/docs/stable/generated/torch.nn.LSTM.html",
         "Karpathy 2019, A Recipe for Training Neural Networks ('use backprop to chart "
         "dependencies': a sample's gradient must not touch other samples)",
+        "Reported cases: https://github.com/yunjey/pytorch-tutorial/issues/196, "
+        "https://github.com/MicrosoftDocs/pytorchfundamentals/issues/4",
     ],
 )
 def batch_axis_mixing(mixing: dict[str, float]) -> Result:
@@ -1248,7 +1250,8 @@ def batch_axis_mixing(mixing: dict[str, float]) -> Result:
     ],
     references=[
         "Ioffe & Szegedy 2015, Batch Normalization, arXiv:1502.03167 (running averages per layer)",
-        "PyTorch forum, 'Can I reuse the same BatchNorm layer?': https://discuss.pytorch.org/t/can-i-reuse-the-same-batchnorm-layer/21563",
+        "A reported case: eval() far worse than train() with one BatchNorm shared by several "
+        "iterations, https://github.com/pytorch/pytorch/issues/1738",
     ],
 )
 def stateful_module_reused(reused: dict[str, int]) -> Result:
@@ -1293,6 +1296,7 @@ def stateful_module_reused(reused: dict[str, int]) -> Result:
     ],
     references=[
         "PyTorch docs, torch.nn.functional.dropout (training=True by default): https://pytorch.org/docs/stable/generated/torch.nn.functional.dropout.html",
+        "A reported case: https://github.com/pytorch/pytorch/issues/11999",
     ],
 )
 def stochastic_evaluation(repeat: dict[str, float]) -> Result:
@@ -1331,7 +1335,7 @@ def stochastic_evaluation(repeat: dict[str, float]) -> Result:
     ],
     references=[
         "PyTorch docs, Module.requires_grad_: https://pytorch.org/docs/stable/generated/torch.nn.Module.html#torch.nn.Module.requires_grad_",
-        "PyTorch forum, 'model.requires_grad = False does not freeze': https://discuss.pytorch.org/t/model-requires-grad-false-doesnt-work/127181",
+        "A reported case: https://github.com/CSCYQJ/MICCAI23-ProtoContra-SFDA/issues/18",
     ],
 )
 def requires_grad_attribute(model: Any) -> Result:
@@ -1377,7 +1381,7 @@ def requires_grad_attribute(model: Any) -> Result:
     ],
     references=[
         "PyTorch docs, broadcasting semantics: https://pytorch.org/docs/stable/notes/broadcasting.html",
-        "PyTorch forum, 'Using a target size that is different to the input size': https://discuss.pytorch.org/t/userwarning-using-a-target-size-torch-size-1-that-is-different-to-the-input-size-torch-size-1-1/49386",
+        "A reported case: https://github.com/pytorch/pytorch/issues/16413",
     ],
 )
 def broadcast_loss_shapes(
@@ -1437,7 +1441,7 @@ def broadcast_loss_shapes(
         "optimizer.step(); optimizer.zero_grad().",
     ],
     references=[
-        "PyTorch forum, 'Why do we need to set the gradients manually to zero?': https://discuss.pytorch.org/t/why-do-we-need-to-set-the-gradients-manually-to-zero-in-pytorch/4903",
+        "A reported case: https://github.com/bytetriper/RAE/issues/67",
         "Hugging Face Accelerate docs, gradient accumulation: https://huggingface.co/docs/accelerate/usage_guides/gradient_accumulation",
     ],
 )
@@ -1482,7 +1486,8 @@ def zero_grad_in_accumulation(accumulation: list[tuple[int, float, float]]) -> R
     ],
     references=[
         "PyTorch docs, nn.ParameterList ('a plain Python list is not registered'): https://pytorch.org/docs/stable/generated/torch.nn.ParameterList.html",
-        "PyTorch forum, 'Parameters in a list are not registered': https://discuss.pytorch.org/t/when-should-i-use-nn-modulelist-and-when-should-i-use-nn-sequential/5463",
+        "Reported cases: https://github.com/pytorch/pytorch/issues/715, "
+        "https://github.com/automan000/Convolutional_LSTM_PyTorch/issues/17",
     ],
 )
 def orphan_trainable_tensors(loss_graph: Any, model: Any, optimizer: Any) -> Result:
