@@ -159,6 +159,7 @@ def _rank(rank: int, store: str, out: str) -> None:
     try:
         if rank == 0:
             torch.save({"world_size": world_size()}, out)
+        dist.barrier()  # both ranks done before either tears gloo down (else an abort at exit)
     finally:
         dist.destroy_process_group()
 

@@ -233,6 +233,7 @@ def _fsdp_worker(rank: int, store: str, results: str) -> None:
                 },
                 results,
             )
+        dist.barrier()  # both ranks done before either tears gloo down (else an abort at exit)
     finally:
         dist.destroy_process_group()
 

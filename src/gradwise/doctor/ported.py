@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradwise.doctor.cases import _blobs, _digits, _sequences, case
+from gradwise.doctor._casebook import _blobs, _digits, _sequences, case
 from gradwise.doctor.doctor import Doctor
 
 # -- a user's data and loop -------------------------------------------------------------------
