@@ -7,7 +7,7 @@ ported from public reports in :mod:`gradwise.doctor.ported`; both register here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +77,24 @@ def _mlp(
     return nn.Sequential(*layers, nn.Linear(width, outputs))
 
 
+def _batches(
+    n: int, batch_size: int, steps: int, seed: int = 0, shuffle: bool = True
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(step, indices) of ``steps`` mini-batches, reshuffled at every epoch, as a DataLoader with
+    shuffle=True yields them (in order with shuffle=False)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def epoch() -> torch.Tensor:
+        return torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+
+    order, cursor = epoch(), 0
+    for step in range(steps):
+        if cursor + batch_size > n:
+            order, cursor = epoch(), 0
+        yield step, order[cursor : cursor + batch_size]
+        cursor += batch_size
+
+
 def _train(
     model: nn.Module,
     x: torch.Tensor,
@@ -100,16 +118,7 @@ def _train(
     params = list(model.parameters()) if params is None else params
     opt = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.AdamW(params, lr=lr)
     doctor = Doctor(model, opt, loss_fn=loss_fn, on_finding=None, **doctor_kwargs)
-    g = torch.Generator().manual_seed(0)
-    n = len(x)
-    order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
-    cursor = 0
-    for step in range(steps):
-        if cursor + batch_size > n:
-            order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
-            cursor = 0
-        idx = order[cursor : cursor + batch_size]
-        cursor += batch_size
+    for step, idx in _batches(len(x), batch_size, steps, shuffle=shuffle):
         model.train()
         if zero_grad:
             opt.zero_grad()

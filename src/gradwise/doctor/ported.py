@@ -12,30 +12,16 @@ Importing :mod:`gradwise.doctor.cases` registers these cases too.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradwise.doctor._casebook import _blobs, _digits, _sequences, case
+from gradwise.doctor._casebook import _batches, _blobs, _digits, _sequences, case
 from gradwise.doctor.doctor import Doctor
 
 # -- a user's data and loop -------------------------------------------------------------------
-
-
-def _batches(
-    n: int, batch_size: int, steps: int, seed: int = 0
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """(step, indices) of ``steps`` shuffled mini-batches, reshuffled at every epoch, as a
-    DataLoader with shuffle=True yields them."""
-    g = torch.Generator().manual_seed(seed)
-    order, cursor = torch.randperm(n, generator=g), 0
-    for step in range(steps):
-        if cursor + batch_size > n:
-            order, cursor = torch.randperm(n, generator=g), 0
-        yield step, order[cursor : cursor + batch_size]
-        cursor += batch_size
 
 
 def _accuracy(out: torch.Tensor, y: torch.Tensor) -> float:
