@@ -9,8 +9,10 @@ that a finding is recorded, linked to its cause and reported the same way everyw
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,10 +31,13 @@ from gradwise.doctor.findings import (
     sort_findings,
 )
 from gradwise.doctor.rules import data as data_rules
-from gradwise.doctor.signals import Signals
+from gradwise.doctor.signals import Activation, Signals
 from gradwise.errors import GradwiseWarning
 
 IMBALANCE_BATCHES = 20  # steps whose targets are pooled before judging class balance (GW103)
+DEAD_WINDOW = 5  # batches over which a ReLU unit must stay silent to count as dead (the first
+# DEAD_WINDOW steps are all watched, so that a layer dead from the start is named at once)
+SATURATION_MARGIN = 0.01  # within 1% of the bounds counts as saturated
 
 
 class Judging:
@@ -53,10 +58,51 @@ class Judging:
         self._broken: set[str] = set()  # rules switched off after their check raised
         self._local_codes: dict[str, int] = {}  # fired on this rank since the last exchange
         self._targets_seen: list[torch.Tensor] = []
+        self._dead_masks: dict[str, deque] = {}  # per activation: its last units-ever-active
+
+    def _observe_activation(
+        self, key: str, kind: str, x: torch.Tensor, family: str | None, unit_dim: int
+    ) -> None:
+        """Statistics of one activation's output ``x`` (float) at this step: mean and std; for a
+        rectifier (family "rectifier") the fraction of units (along ``unit_dim``) silent over the
+        last DEAD_WINDOW watched steps, for "sigmoid"/"tanh" the fraction near the bounds."""
+        s = self.signals
+        stats = s.activations.setdefault(key, Activation(kind))
+        stats.mean.append(s.step, float(x.mean()))
+        stats.std.append(s.step, float(x.std()) if x.numel() > 1 else 0.0)
+        if family == "rectifier":
+            active = (x > 0).transpose(unit_dim, -1).reshape(-1, x.shape[unit_dim]).any(0)
+            window = self._dead_masks.setdefault(key, deque(maxlen=DEAD_WINDOW))
+            window.append(active)
+            if len(window) == DEAD_WINDOW:
+                ever = torch.stack(list(window)).any(0)
+                stats.dead.append(s.step, 1.0 - float(ever.float().mean()))
+        elif family == "sigmoid":
+            near = (x < SATURATION_MARGIN) | (x > 1 - SATURATION_MARGIN)
+            stats.saturated.append(s.step, float(near.float().mean()))
+        elif family == "tanh":
+            stats.saturated.append(
+                s.step, float((x.abs() > 1 - 2 * SATURATION_MARGIN).float().mean())
+            )
 
     def telemetry(self) -> dict:
         """The collected signals in the run directory's ``doctor/telemetry.json`` format."""
         raise NotImplementedError
+
+    def save(self, directory: str | Path, telemetry: bool = True) -> Path:
+        """Write ``findings.json`` (and ``telemetry.json``) into ``directory``, a run directory's
+        ``doctor/`` (what ``gradwise report`` reads), each file whole or not at all."""
+        from gradwise.tracking.files import atomic_write_text
+
+        directory = Path(directory)
+        if self.rank != 0:
+            return directory
+        directory.mkdir(parents=True, exist_ok=True)
+        findings = [f.to_dict() for f in self.findings]
+        atomic_write_text(directory / "findings.json", json.dumps(findings, indent=2))
+        if telemetry:
+            atomic_write_text(directory / "telemetry.json", json.dumps(self.telemetry()))
+        return directory
 
     def report(self, path: str | Path, **kwargs: Any) -> Path:
         """Write the self-contained HTML report of this run (under several ranks: rank 0 writes,

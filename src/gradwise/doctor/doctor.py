@@ -32,7 +32,6 @@ import contextlib
 import fnmatch
 import math
 import warnings
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -42,7 +41,7 @@ from torch import nn
 
 from gradwise.doctor import dispatch, probes, ranks
 from gradwise.doctor import rules as _rules  # noqa: F401  (registers every rule)
-from gradwise.doctor._judging import IMBALANCE_BATCHES, Judging
+from gradwise.doctor._judging import DEAD_WINDOW, IMBALANCE_BATCHES, Judging
 from gradwise.doctor.findings import (
     RULES,
     Finding,
@@ -61,7 +60,7 @@ from gradwise.doctor.rules.model import (
     ranks_out_of_sync,
     stochastic_evaluation,
 )
-from gradwise.doctor.signals import Activation, Series, Signals
+from gradwise.doctor.signals import Series, Signals
 from gradwise.errors import ConfigError, GradwiseWarning
 
 WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # outputs whose scale GW204 follows
@@ -78,12 +77,9 @@ STOCHASTIC = (
 )
 STATEFUL = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 EARLY_BATCHES = 3  # steps whose inputs, outputs and targets get the data and set-up checks
-DEAD_WINDOW = 5  # batches over which a ReLU unit must stay silent to count as dead (the first
-# DEAD_WINDOW steps are all watched, so that a layer dead from the start is named at once)
 PARAMETER_EFFICIENT = 0.1  # below this fraction of trainable parameters the frozen rest (the
 # output layer included) is parameter-efficient fine-tuning, not a mistake (GW208, undeclared)
 ACCUMULATION_WINDOWS = 4  # accumulation windows whose micro-batches are checked for resets (GW216)
-SATURATION_MARGIN = 0.01  # within 1% of the bounds counts as saturated
 PROBE_SAMPLE = 4096  # entries per tensor that estimate its norm and update-to-weight ratio
 PROBE_CHUNK = 64  # rows per batch when the forgetting probe is given as tensors (GW403)
 PROBE_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -176,7 +172,6 @@ class Doctor(Judging):
         self._probe_index: dict[int, torch.Tensor] = {}
         self._cosines: list[float] = []
         self._fresh: torch.Tensor | None = None
-        self._dead_masks: dict[str, deque] = {}
         self._sites: dict[str, int] = {}  # calls of each activation module in this forward pass
         self._order: list[str] = []
         self._eval_in_train: list[str] = []
@@ -511,24 +506,12 @@ class Doctor(Judging):
                 # several layers) is watched per call site: "act", then "act#2", ...
                 site = self._sites[name] = self._sites.get(name, 0) + 1
                 key = name if site == 1 else f"{name}#{site}"
-                stats = s.activations.setdefault(key, Activation(kind))
-                stats.mean.append(s.step, float(x.mean()))
-                stats.std.append(s.step, std)
-                if isinstance(mod, RECTIFIERS):
-                    unit_dim = 1 if x.ndim == 4 else x.ndim - 1
-                    active = (x > 0).transpose(unit_dim, -1).reshape(-1, x.shape[unit_dim]).any(0)
-                    window = self._dead_masks.setdefault(key, deque(maxlen=DEAD_WINDOW))
-                    window.append(active)
-                    if len(window) == DEAD_WINDOW:
-                        ever = torch.stack(list(window)).any(0)
-                        stats.dead.append(s.step, 1.0 - float(ever.float().mean()))
-                elif isinstance(mod, nn.Sigmoid):
-                    near = (x < SATURATION_MARGIN) | (x > 1 - SATURATION_MARGIN)
-                    stats.saturated.append(s.step, float(near.float().mean()))
-                elif isinstance(mod, nn.Tanh):
-                    stats.saturated.append(
-                        s.step, float((x.abs() > 1 - 2 * SATURATION_MARGIN).float().mean())
-                    )
+                family = (
+                    "rectifier"
+                    if isinstance(mod, RECTIFIERS)
+                    else {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}.get(type(mod))
+                )
+                self._observe_activation(key, kind, x, family, 1 if x.ndim == 4 else x.ndim - 1)
 
         return torch.compiler.disable(hook)  # compiled models: no graph breaks or recompiles
 
