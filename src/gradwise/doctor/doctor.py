@@ -346,6 +346,12 @@ class Doctor(Judging):
         self._flush_loss(self.signals.step - 1)
         return {"sample_every": self.sample_every, **self.signals.to_dict()}
 
+    def new_pass(self) -> None:
+        """A forward pass starts. The Doctor sees one when the model itself is called; a loop that
+        calls only parts of it (a LightningModule's ``training_step`` calling ``self.net``) says so
+        here, so that a module reused within a pass is still told apart from the next pass."""
+        self._sites.clear()
+
     def rebaseline(self) -> None:
         """Judge the per-step signals afresh from here on (after a rollback: the old spikes and
         losses belong to a state that no longer exists)."""
