@@ -65,6 +65,7 @@ class Watch:
         self._expected: int | None = None
         self._pre_clip: torch.Tensor | None = None
         self._warned: set[str] = set()
+        self.summed = False  # the micro-batch losses are fractions of the window's: add them up
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -183,13 +184,15 @@ class Watch:
     # -- collection ------------------------------------------------------------------------------
 
     def _window_loss(self, losses: list[torch.Tensor]) -> torch.Tensor | None:
-        """The step's loss: the mean of its micro-batches' (at the first step, with a single
-        micro-batch, the loss itself, whose autograd graph tells the Doctor the loss's kind)."""
+        """The step's loss: the mean of its micro-batches' (their sum when each is already divided
+        by the whole window's size); with a single micro-batch the loss itself, whose autograd
+        graph tells the Doctor the loss's kind."""
         if not losses:
             return None
         if len(losses) == 1:
             return losses[0]
-        return torch.stack([v.detach().float().reshape(()) for v in losses]).mean()
+        stacked = torch.stack([v.detach().float().reshape(()) for v in losses])
+        return stacked.sum() if self.summed else stacked.mean()
 
     def _catch_outputs(self, model: nn.Module) -> None:
         """Forward hooks on the model and its direct children: the model's output for the batch is
