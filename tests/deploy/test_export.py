@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QUIET, gradwise_cli
+from conftest import QUIET, gradwise_cli, gradwise_main
 from torch import nn
 
 import gradwise as gw
@@ -217,21 +217,26 @@ def test_cli_export_writes_the_directory_and_bad_input_exits_2(runs, tmp_path):
     assert "Traceback" not in bad.stderr
 
 
-def test_cli_export_registers_with_an_alias(runs, tmp_path):
+def test_cli_export_registers_with_an_alias(runs, tmp_path, monkeypatch, capsys):
     from gradwise.deploy.registry import resolve
 
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{(tmp_path / 'reg.db').as_posix()}"}
+    # in this process (three subprocesses would import torch, ONNX and MLflow three times)
+    uri = f"sqlite:///{(tmp_path / 'reg.db').as_posix()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     args = ("export", str(runs["mlp"]), "-o", "mlp-onnx", "--register", "digits")
-    result = gradwise_cli(*args, "--alias", "champion", cwd=tmp_path, env=env)
-    assert result.returncode == 0, result.stderr
-    assert "registered digits version 1: gradwise serve models:/digits@champion" in result.stdout
-    again = gradwise_cli(*args[:3], "mlp-onnx-2", *args[4:], cwd=tmp_path, env=env)
-    assert "registered digits version 2: gradwise serve models:/digits/2" in again.stdout
-    champion = resolve("models:/digits@champion", tmp_path / "dl", uri=env["MLFLOW_TRACKING_URI"])
+    code, out, err = gradwise_main(monkeypatch, capsys, *args, "--alias", "champion")
+    assert code == 0, err
+    assert "registered digits version 1: gradwise serve models:/digits@champion" in out
+    code, out, err = gradwise_main(monkeypatch, capsys, *args[:3], "mlp-onnx-2", *args[4:])
+    assert code == 0, err
+    assert "registered digits version 2: gradwise serve models:/digits/2" in out
+    code, _, err = gradwise_main(
+        monkeypatch, capsys, "export", str(runs["mlp"]), "--alias", "champion"
+    )
+    assert code == 2 and err.startswith("error: --alias")
+    assert "Traceback" not in err
+    champion = resolve("models:/digits@champion", tmp_path / "dl", uri=uri)
     card = json.loads((champion / "model.json").read_text())
     assert (
         card["sha256"] == json.loads((tmp_path / "mlp-onnx" / "model.json").read_text())["sha256"]
     )
-    bad = gradwise_cli("export", str(runs["mlp"]), "--alias", "champion", cwd=tmp_path, env=env)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: --alias")
-    assert "Traceback" not in bad.stderr
