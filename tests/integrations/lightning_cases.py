@@ -59,17 +59,31 @@ def scenario(name: str):
     if name == "targets-out-of-range":  # binary targets stored as 0/255
         xb, yb = _blobs(classes=2)
         targets = (yb.float() * 255).unsqueeze(1)
-        return Classifier(_mlp(20, 1), F.binary_cross_entropy_with_logits), (xb, targets), None, 20, {}
+        return (
+            Classifier(_mlp(20, 1), F.binary_cross_entropy_with_logits),
+            (xb, targets),
+            None,
+            20,
+            {},
+        )
     if name == "unnormalised-inputs":  # digits as raw 0-255 pixels
         from sklearn.datasets import load_digits
 
         digits = load_digits()
         raw = torch.tensor(digits.data * 16, dtype=torch.float32)
-        return Classifier(_mlp(64, 10), F.cross_entropy), (raw, torch.tensor(digits.target)), None, 20, {}
+        return (
+            Classifier(_mlp(64, 10), F.cross_entropy),
+            (raw, torch.tensor(digits.target)),
+            None,
+            20,
+            {},
+        )
     if name == "overfitting":  # a wide MLP memorises 200 samples with 30% wrong labels
         y = y[:200].clone()
         noisy = torch.rand(200, generator=torch.Generator().manual_seed(1)) < 0.3
-        wrong = torch.randint(0, 10, (int(noisy.sum()),), generator=torch.Generator().manual_seed(2))
+        wrong = torch.randint(
+            0, 10, (int(noisy.sum()),), generator=torch.Generator().manual_seed(2)
+        )
         y[noisy] = wrong
         module = Classifier(_mlp(64, 10, hidden=256), F.cross_entropy, lr=3e-3)
         return module, (x[:200], y), (xv, yv), 200, {"check_val_every_n_epoch": 4}
