@@ -96,12 +96,29 @@ class Rule:
         lines += ["**Fixes, in order:**", ""] + [
             f"{i}. {fix}" for i, fix in enumerate(self.fixes, 1)
         ]
+        from gradwise.doctor.frameworks import where_not_checked
+
+        lines += ["", f"**Where it runs:** {_where(where_not_checked(self.code))}"]
         if self.references:
             lines += ["", "**References:**", ""] + [f"- {ref}" for ref in self.references]
         return "\n".join(lines) + "\n"
 
 
 RULES: dict[str, Rule] = {}
+
+
+def _where(missing: dict[str, str]) -> str:
+    """Where a rule runs, in words: everywhere, or everywhere but some integrations, with why."""
+    everywhere = "plain PyTorch loops, gradwise's Trainer, Lightning, the Hugging Face Trainer"
+    if not missing:
+        return everywhere + ", Keras and JAX."
+    others = [fw for fw in ("keras", "jax") if fw not in missing]
+    names = {"keras": "Keras", "jax": "JAX"}
+    ran = everywhere + "".join(f", {names[fw]}" for fw in others) + "."
+    reasons: dict[str, list[str]] = {}
+    for fw, reason in missing.items():
+        reasons.setdefault(reason, []).append(names.get(fw, fw))
+    return ran + "".join(f" Not in {' or '.join(fws)}: it {r}." for r, fws in reasons.items())
 
 
 def _demote(markdown: str) -> str:
