@@ -138,23 +138,27 @@ class NumericDoctor(Judging):
         s = self.signals
         step = s.step
         self._fired_now = []
-        with self._catching("recording the step"):
-            self._pending.append((loss, grad_norm))
+        self._pending.append((loss, grad_norm))
+        with self._catching("the batch checks"):
             batch = None
             if inputs is not None or outputs is not None or targets is not None:
-                batch = (_tensor(inputs), _tensor(outputs), _tensor(targets))
-            if activations:
-                self._activations(activations)
+                batch = (_tensor(inputs), _tensor(outputs), _labels(_tensor(targets)))
             if batch is not None and (step < EARLY_BATCHES or self._sampled(step)):
                 self._check_batch(step, loss, *batch, _tensor(layer_input))
             if batch is not None and step < IMBALANCE_BATCHES and batch[2] is not None:
                 self._pool_targets(step, batch[2], batch[1])
+        with self._catching("the activation statistics"):
+            if activations:
+                self._activations(activations)
+        with self._catching("the per-layer statistics"):
             if self._snapshot is not None and params is not None:
                 self._update_ratios(step, params)
             if self._sampled(step):
                 if lr is not None:
                     s.lr.append(step, float(lr))
                 self._layer_statistics(step, grads, params, updates)
+        with self._catching("the sampled checks"):
+            if self._sampled(step):
                 self._flush(step)
                 context = dispatch.Context(step=step, signals=s, loss_kind=s.loss_kind)
                 self._dispatch("sample", context, step)
@@ -231,7 +235,8 @@ class NumericDoctor(Judging):
         early = step < EARLY_BATCHES
         if step == 0 and not self._loss_declared:
             value = _scalar(loss)
-            s.loss_kind = kind_from_value(value, outputs, targets) or "other"
+            inferred = kind_from_value(value, outputs, targets) if value is not None else None
+            s.loss_kind = inferred or _class_index_kind(value, outputs, targets) or "other"
         values: dict[str, Any] = {"inputs": inputs, "outputs": outputs, "targets": targets}
         providers: dict[str, Callable[[], Any]] = {}
         if early:
@@ -336,6 +341,32 @@ def _tensor(value: Any) -> torch.Tensor | None:
     if not array.flags.writeable:
         array = array.copy()
     return torch.from_numpy(array)
+
+
+def _labels(targets: torch.Tensor | None) -> torch.Tensor | None:
+    """Integer targets as int64, the class-index dtype torch's losses (and the loss-kind
+    inference) take: JAX gives int32, Keras often int32 or uint8."""
+    if targets is None or targets.is_floating_point() or targets.is_complex():
+        return targets
+    if targets.dtype in (torch.bool, torch.int64):
+        return targets
+    return targets.long()
+
+
+def _class_index_kind(
+    loss: float | None, outputs: torch.Tensor | None, targets: torch.Tensor | None
+) -> str | None:
+    """The kind "cross_entropy" for a non-finite first loss over integer targets that index the
+    outputs' class axis: a class-index loss that met labels out of range, which JAX and
+    TensorFlow answer with NaN where torch raises, so that GW105 can name them; else None."""
+    if loss is None or math.isfinite(loss) or outputs is None or targets is None:
+        return None
+    if targets.is_floating_point() or targets.dtype == torch.bool:
+        return None
+    if not outputs.is_floating_point():
+        return None
+    axis = data_rules.class_axis(outputs, targets)
+    return "cross_entropy" if axis is not None and outputs.shape[axis] >= 2 else None
 
 
 def _scalar(value: Any) -> float | None:
