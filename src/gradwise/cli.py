@@ -360,8 +360,14 @@ def report(
     from gradwise.doctor.report import report_run
     from gradwise.errors import ConfigError
 
-    if not (run_dir / "status.json").is_file():
-        raise ConfigError("run_dir", str(run_dir), "a gradwise run directory")
+    # a gradwise run (status.json), or a run watched by an integration (Lightning, the Hugging
+    # Face Trainer, Keras, JAX), which writes only doctor/
+    if not (
+        (run_dir / "status.json").is_file() or (run_dir / "doctor" / "findings.json").is_file()
+    ):
+        raise ConfigError(
+            "run_dir", str(run_dir), "a gradwise run directory, or one with doctor/findings.json"
+        )
     out.print(f"report: {report_run(run_dir, output)}")
 
 

@@ -107,3 +107,15 @@ def test_under_ddp_on_two_processes_rank_0_reports_the_fault(tmp_path) -> None:
     assert [c for c, severity in results["healthy"] if severity != "info"] == []
     assert "GW305" in {c for c, _ in results["lr-too-high"]}
     assert (tmp_path / "lr-too-high" / "doctor" / "findings.json").exists()
+
+
+def test_gradwise_report_renders_the_run_directory(runs, monkeypatch, capsys, tmp_path) -> None:
+    from conftest import gradwise_main
+
+    _, run_dir = runs["lr-too-high"]
+    out = tmp_path / "report.html"
+    code, stdout, _ = gradwise_main(monkeypatch, capsys, "report", str(run_dir), "-o", str(out))
+    assert "report:" in stdout
+    assert code in (0, None) and "GW305" in out.read_text()
+    code, _, stderr = gradwise_main(monkeypatch, capsys, "report", str(tmp_path))
+    assert code == 2 and "doctor/findings.json" in stderr
