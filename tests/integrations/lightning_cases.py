@@ -87,7 +87,18 @@ def scenario(name: str):
         y[noisy] = wrong
         module = Classifier(_mlp(64, 10, hidden=256), F.cross_entropy, lr=3e-3)
         return module, (x[:200], y), (xv, yv), 200, {"check_val_every_n_epoch": 4}
+    if name == "eval-in-train-mode":  # the hook that puts the model in eval mode overridden
+        module = TrainModeValidation(nn.Sequential(_mlp(64, 10), nn.Dropout(0.5)), F.cross_entropy)
+        return module, (x, y), (xv, yv), 30, {"val_check_interval": 15}
     raise ValueError(name)
+
+
+class TrainModeValidation(Classifier):
+    """Validation with dropout on: ``on_validation_model_eval`` overridden to do nothing (it
+    is where Lightning calls ``model.eval()``), as done to keep a Monte-Carlo dropout on."""
+
+    def on_validation_model_eval(self) -> None:
+        pass
 
 
 def fit(name: str, run_dir: Path, **trainer_kwargs) -> DoctorCallback:

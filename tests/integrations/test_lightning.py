@@ -32,6 +32,7 @@ PLANTED = {
     "targets-out-of-range": "GW105",
     "unnormalised-inputs": "GW102",
     "overfitting": "GW401",
+    "eval-in-train-mode": "GW203",
 }
 
 

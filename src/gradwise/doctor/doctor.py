@@ -435,12 +435,22 @@ class Doctor(Judging):
                 self._buffer_prints = self._fingerprints(self._compared_buffer_items())
             except Exception:
                 self._buffer_prints = None  # the exchange sends none; GW210 judges the weights
-        if not torch.is_grad_enabled() and module.training and "GW203" not in self.ignore:
-            stochastic = [
-                n for n, m in module.named_modules() if isinstance(m, STOCHASTIC) and m.training
-            ]
-            if stochastic:
-                self._judge(eval_in_train_mode, stochastic)
+        if not torch.is_grad_enabled() and module.training:
+            self.check_eval_mode(module)
+
+    def check_eval_mode(self, module: nn.Module | None = None) -> None:
+        """GW203: an evaluation pass is about to run; dropout or batch-norm layers of ``module``
+        (default: the model) still in training mode are a fault. Called by the Doctor itself when
+        the model is called without gradients; a loop that evaluates parts of the model (a
+        LightningModule's ``validation_step``) calls it at the start of an evaluation."""
+        if "GW203" in self.ignore:
+            return
+        module = self.model if module is None else module
+        stochastic = [
+            n for n, m in module.named_modules() if isinstance(m, STOCHASTIC) and m.training
+        ]
+        if stochastic:
+            self._judge(eval_in_train_mode, stochastic)
 
     def _root_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         """GW213: the first eval-mode pass without gradients runs again; the outputs must agree."""

@@ -97,6 +97,18 @@ class DoctorCallback(pl.Callback):
         norm_clipping = clip and trainer.gradient_clip_algorithm in (None, "norm")
         self.watch.optimizer_step(grad_clip=float(clip) if norm_clipping else None)
 
+    def on_validation_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if batch_idx == 0 and self.watch.doctor is not None:  # GW203: dropout still training?
+            with self.watch.guard("checking evaluation mode"):
+                self.watch.doctor.check_eval_mode()
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
             self.watch.validate(trainer.callback_metrics)
