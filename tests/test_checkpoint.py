@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, gradwise_cli, mlp
+from conftest import QUIET, gradwise_main, mlp
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -116,16 +116,19 @@ def _final_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_exact_resume_after_sigkill_is_bitwise_equal(tmp_path):
+def test_exact_resume_after_sigkill_is_bitwise_equal(tmp_path, monkeypatch, capsys):
     recipe = _recipe(tmp_path)
-    reference = gradwise_cli("train", str(recipe), "--name", "reference", "-q", cwd=tmp_path)
-    assert reference.returncode == 0, reference.stderr
-
     env = {**os.environ, "GRADWISE_DEBUG": "0"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gradwise", "train", str(recipe), "--name", "killed", "-q"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+
+    def train(name: str, output: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gradwise", "train", str(recipe), "--name", name, "-q"],
+            cwd=tmp_path, env=env, stdout=output, stderr=output, text=True,
+        )  # fmt: skip
+
+    # the uninterrupted reference trains at the same time, in a process of its own
+    reference = train("reference", subprocess.PIPE)
+    proc = train("killed", subprocess.DEVNULL)
     run_dir = tmp_path / "runs" / "killed"
     deadline = time.time() + 120
     while time.time() < deadline:  # kill mid-run, in the second epoch (30 steps per epoch)
@@ -139,9 +142,11 @@ def test_exact_resume_after_sigkill_is_bitwise_equal(tmp_path):
     killed_at = max(int(p.name.split("-")[1]) for p in list_checkpoints(run_dir))
     assert 40 <= killed_at < 90
     assert read_status(run_dir)["state"] == "running"  # a killed run never looks finished
+    _, stderr = reference.communicate(timeout=120)
+    assert reference.returncode == 0, stderr
 
-    resumed = gradwise_cli("resume", str(run_dir), "-q", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
+    code, _, stderr = gradwise_main(monkeypatch, capsys, "resume", str(run_dir), "-q")
+    assert code == 0, stderr
     assert read_status(run_dir)["state"] == "finished"
     expected, got = _final_tensors(tmp_path / "runs" / "reference"), _final_tensors(run_dir)
     assert expected.keys() == got.keys()
@@ -228,7 +233,9 @@ def test_resuming_a_python_object_run_asks_for_the_objects(blobs):
         gw.Trainer.resume(run.dir).fit()
 
 
-def test_a_run_killed_right_after_a_checkpoint_keeps_the_metrics_it_resumes_from(tmp_path):
+def test_a_run_killed_right_after_a_checkpoint_keeps_the_metrics_it_resumes_from(
+    tmp_path, monkeypatch, capsys
+):
     # os._exit in on_evaluate (called after the epoch's checkpoint) dies like SIGKILL: no cleanup,
     # and the tracker's 1-second flush is pushed out of reach so only a flush at the checkpoint counts
     script = tmp_path / "killed.py"
@@ -250,23 +257,25 @@ def test_a_run_killed_right_after_a_checkpoint_keeps_the_metrics_it_resumes_from
     assert killed.returncode == 9, killed.stderr
     run_dir = tmp_path / "runs" / "killed"
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000008"]
-    resumed = gradwise_cli("resume", str(run_dir), "-q", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
+    code, _, stderr = gradwise_main(monkeypatch, capsys, "resume", str(run_dir), "-q")
+    assert code == 0, stderr
     train_steps = [m["step"] for m in read_metrics(run_dir) if m["split"] == "train"]
     assert train_steps == [4, 8, 12, 16, 20, 24]  # 8 steps per epoch, a row every 4
     val_steps = [m["step"] for m in read_metrics(run_dir) if m["split"] == "val"]
     assert val_steps == [8, 16, 24]
 
 
-def test_resume_set_changes_settings_from_the_checkpoint_on(tmp_path):
+def test_resume_set_changes_settings_from_the_checkpoint_on(tmp_path, monkeypatch, capsys):
+    def gradwise(*args: str) -> tuple[int, str]:  # the CLI in this process: no torch start-ups
+        code, _, stderr = gradwise_main(monkeypatch, capsys, *args)
+        return code, stderr
+
     recipe = _recipe(tmp_path)
-    first = gradwise_cli(
-        "train", str(recipe), "--name", "short", "-q", "--set", "epochs=1", cwd=tmp_path
-    )
-    assert first.returncode == 0, first.stderr
+    code, stderr = gradwise("train", str(recipe), "--name", "short", "-q", "--set", "epochs=1")
+    assert code == 0, stderr
     run_dir = tmp_path / "runs" / "short"
-    more = gradwise_cli("resume", str(run_dir), "-q", "--set", "epochs=2", cwd=tmp_path)
-    assert more.returncode == 0, more.stderr
+    code, stderr = gradwise("resume", str(run_dir), "-q", "--set", "epochs=2")
+    assert code == 0, stderr
     assert read_status(run_dir)["step"] == 60  # 30 steps per epoch
-    bad = gradwise_cli("resume", str(run_dir), "--set", "epochz=3", cwd=tmp_path)
-    assert bad.returncode == 2 and "epochs" in bad.stderr and "Traceback" not in bad.stderr
+    code, stderr = gradwise("resume", str(run_dir), "--set", "epochz=3")
+    assert code == 2 and "epochs" in stderr and "Traceback" not in stderr
