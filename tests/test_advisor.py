@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import QUIET, gradwise_cli
+from conftest import QUIET, gradwise_cli, gradwise_main
 
 import gradwise as gw
 from gradwise.assemble import advise
@@ -174,27 +174,17 @@ def test_probe_refines_the_learning_rate():
     assert "range test" in lr.why and advised.recipe.optim.lr == lr.value
 
 
-def test_cli_advise_writes_a_recipe_that_trains(tmp_path):
-    result = gradwise_cli(
-        "advise",
-        "--model",
-        "mlp",
-        "--data",
-        "iris",
-        "--budget",
-        "3",
-        "--write",
-        "advised.yaml",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "optim.lr" in result.stdout and "why:" in result.stdout and "Loshchilov" in result.stdout
+def test_cli_advise_writes_a_recipe_that_trains(tmp_path, monkeypatch, capsys):
+    # the CLI's entry point in this process: two subprocesses would import torch twice
+    args = ("advise", "--model", "mlp", "--data", "iris", "--budget", "3")
+    code, out, err = gradwise_main(monkeypatch, capsys, *args, "--write", "advised.yaml")
+    assert code == 0, err
+    assert "optim.lr" in out and "why:" in out and "Loshchilov" in out
     recipe = gw.load_recipe(tmp_path / "advised.yaml")
     assert recipe.train.epochs == 3 and recipe.model.name == "mlp"
-    train = gradwise_cli(
-        "train", "advised.yaml", "-q", "--set", "tracking.mlflow=false", cwd=tmp_path
-    )
-    assert train.returncode == 0, train.stderr
+    train = ("train", "advised.yaml", "-q", "--set", "tracking.mlflow=false")
+    code, _, err = gradwise_main(monkeypatch, capsys, *train)
+    assert code == 0, err
 
 
 def test_cli_advise_probe_says_what_it_is_doing(tmp_path):
