@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from conftest import gradwise_cli
+from conftest import gradwise_main
 
 from gradwise.catalog import MARKDOWN, datasets, models, render
 from gradwise.data import DATASETS
@@ -24,14 +24,13 @@ def test_every_model_and_data_set_is_listed_with_its_arguments():
     assert digits["flatten"].default == "False" and digits["flatten"].annotation == "bool"
 
 
-def test_cli_models_and_datasets():
-    listing = gradwise_cli("models")
-    assert listing.returncode == 0 and all(name in listing.stdout for name in MODELS)
-    assert all(arg in listing.stdout for arg in SIZE_ARGS)  # what your own factory receives
-    one = gradwise_cli("datasets", "csv")
-    assert one.returncode == 0 and "target: str (required)" in one.stdout
-    assert "standardize: bool (default True)" in one.stdout
-    bad = gradwise_cli("models", "mpl")
-    assert (
-        bad.returncode == 2 and "did you mean 'mlp'" in bad.stderr and "Traceback" not in bad.stderr
-    )
+def test_cli_models_and_datasets(monkeypatch, capsys):
+    # the CLI's entry point in this process: three subprocesses would import torch three times
+    code, out, _ = gradwise_main(monkeypatch, capsys, "models")
+    assert code == 0 and all(name in out for name in MODELS)
+    assert all(arg in out for arg in SIZE_ARGS)  # what your own factory receives
+    code, out, _ = gradwise_main(monkeypatch, capsys, "datasets", "csv")
+    assert code == 0 and "target: str (required)" in out
+    assert "standardize: bool (default True)" in out
+    code, _, err = gradwise_main(monkeypatch, capsys, "models", "mpl")
+    assert code == 2 and "did you mean 'mlp'" in err and "Traceback" not in err
