@@ -313,6 +313,7 @@ def test_flax_nnx_state_and_module():
 
 def test_a_failing_measurement_is_one_warning():
     doctor = Doctor(task="multiclass", on_finding=None)
+    assert doctor.wants_batch and doctor.wants_activations  # the first steps are all watched
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         doctor.step(jnp.float32(1.0), grads={"w": "not an array"}, params={"w": jnp.ones(3)})

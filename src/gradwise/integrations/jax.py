@@ -24,7 +24,9 @@ reads them on the host and computes the per-layer norms on the device (one more 
 transfer of a few floats; without ``updates`` it keeps one device copy of the weights for a step, to
 measure the update). The batch (``inputs``/``outputs``/``targets``) and ``activations`` are copied
 to the host only at the steps that need them: the first ones and the sampled ones. The doctor's own
-functions compile once per tree structure, at their first call.
+functions compile once per tree structure, at their first call. The cheapest feed: return
+``optax.global_norm(grads)`` from the jitted step and pass it as ``grad_norm=`` (fused into the
+step, where the doctor's own norm reads the gradients once more), and pass Optax's ``updates``.
 
 A failure of the doctor is one warning, and that part is skipped: it never raises into your loop.
 """
@@ -138,6 +140,17 @@ class Doctor:
                 names, groups = _grouped(params)
                 self._previous, self._previous_names = _copy(groups), names
         return d.step(loss, grad_norm=grad_norm, **kwargs)
+
+    @property
+    def wants_activations(self) -> bool:
+        """Whether the next step reads ``activations`` (the first steps and the sampled ones):
+        capture them (Flax's ``sow``, ``capture_intermediates``) only then, if that costs."""
+        return self.doctor.wants_activations
+
+    @property
+    def wants_batch(self) -> bool:
+        """Whether the next step reads ``inputs``/``outputs``/``targets``."""
+        return self.doctor.wants_batch
 
     def validate(self, loss: Any = None, metric: Any = None) -> list[Finding]:
         """Record an evaluation (validation loss and/or a metric, JAX scalars or floats);
