@@ -167,12 +167,43 @@ def overfitting() -> dict:
     return {"findings": findings(callback), "warnings": warned}
 
 
+class Subclassed(keras.Model):
+    """A subclassed model ending in softmax, with the loss given by name (from_logits=False):
+    no graph of layers to tap, built by TensorFlow only in its first step; the doctor reads the
+    loss as NLL on log-probabilities."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = layers.Dense(32, activation="relu")
+        self.head = layers.Dense(10, activation="softmax")
+
+    def call(self, x, training=False):
+        return self.head(self.hidden(x))
+
+
+def subclassed() -> dict:
+    keras.utils.set_random_seed(0)
+    model = Subclassed()
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    callback, _, warned = fit(model, XT, YT, batch_size=32, steps_per_epoch=25, epochs=1)
+    s = callback.doctor.signals
+    return {
+        "findings": findings(callback),
+        "warnings": warned,
+        "loss_kind": s.loss_kind,
+        "losses": len(s.loss),
+        "layers_with_grads": sorted(s.layer_grad_norm),
+        "num_classes": s.num_classes,
+    }
+
+
 SCENARIOS = {
     "healthy": healthy,
     "lr_too_high": lr_too_high,
     "nonfinite_loss": nonfinite_loss,
     "targets_out_of_range": targets_out_of_range,
     "overfitting": overfitting,
+    "subclassed": subclassed,
 }
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("keras", reason="keras is not installed")
+pytestmark = pytest.mark.slow  # three subprocesses, each importing Keras and its backend
 
 BACKENDS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}  # backend -> package
 CASES = Path(__file__).with_name("keras_cases.py")
@@ -133,3 +134,14 @@ def test_run_directory_renders(results, backend):
     assert telemetry["framework"] == "keras"
     html = report_run(run_dir).read_text()
     assert "<html" in html.lower()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_subclassed_model_with_probabilities(results, backend):
+    r = _scenario(results, backend, "subclassed")
+    assert r["warnings"] == []
+    assert [f for f in r["findings"] if f["severity"] != "info"] == []
+    assert r["loss_kind"] == "nll"  # softmax outputs, from_logits=False: log-probabilities
+    assert r["num_classes"] == 10
+    assert r["losses"] == 25
+    assert len(r["layers_with_grads"]) == 2  # both Dense layers (auto-named dense_N)

@@ -176,6 +176,11 @@ class DoctorCallback(keras.callbacks.Callback):
     def on_train_end(self, logs: dict | None = None) -> None:
         self._uninstall()
         self._active = False
+        if self.doctor is not None:
+            try:
+                self.doctor.telemetry()  # reads the last steps' losses into the signals
+            except Exception as exc:
+                self._fail("reading the last losses", exc)
         if self.doctor is not None and self.run_dir is not None:
             try:
                 self.doctor.save(self.run_dir / "doctor")
@@ -286,24 +291,46 @@ class DoctorCallback(keras.callbacks.Callback):
                 "activations": d.wants_activations,
                 "batch": d.wants_batch,
             }
-            probe = self._probe
-            if batch is not None and probe is not None and probe.ok:
-                sample = d.signals.step // d.sample_every
-                want_grads = (
-                    plan["sampled"] and self._backend != "torch" and sample % GRADIENT_SAMPLES == 0
-                )
-                if plan["batch"] or plan["activations"] or want_grads:
-                    # JAX: the model's variables are purged during fit, the state holds them
-                    tv, ntv, _, mv = state() if state else (None, None, None, None)
-                    plan["probe"] = probe.run(batch, tv, ntv, mv, want_grads, plan["activations"])
-            return plan
         except Exception as exc:
-            self._fail("probing the batch", exc)
+            self._fail("planning the step", exc)
             return None
+        probe = self._probe
+        if batch is None or probe is None or not probe.ok:
+            return plan
+        sample = d.signals.step // d.sample_every
+        want_grads = plan["sampled"] and self._backend != "torch" and sample % GRADIENT_SAMPLES == 0
+        if not (plan["batch"] or plan["activations"] or want_grads):
+            return plan
+        if not getattr(self._model, "built", True):  # TensorFlow builds a subclassed model in
+            plan["deferred"] = want_grads  # its first step: probe after it, with its weights
+            return plan
+        try:
+            # JAX: the model's variables are purged during fit, the state holds them
+            tv, ntv, _, mv = state() if state else (None, None, None, None)
+            plan["probe"] = probe.run(batch, tv, ntv, mv, want_grads, plan["activations"])
+        except Exception as exc:
+            self._probe_failed(exc)
+        return plan
+
+    def _probe_failed(self, exc: Exception) -> None:
+        """The probe is off (one warning); the doctor goes on with the loss, weights and batch."""
+        self._probe.ok = False
+        warnings.warn(
+            "gradwise doctor (keras): probing the batch failed; the doctor goes on without the "
+            f"model's outputs, activations and gradients ({type(exc).__name__}: {exc})",
+            GradwiseWarning,
+            stacklevel=2,
+        )
 
     def _after(self, plan: dict | None, batch: Any, logs: Any, state: tuple | None) -> None:
         if plan is None or not self._active:
             return
+        if "deferred" in plan and self._probe.ok:
+            try:
+                run = self._probe.run
+                plan["probe"] = run(batch, None, None, None, plan["deferred"], plan["activations"])
+            except Exception as exc:
+                self._probe_failed(exc)
         try:
             with self._threads():
                 self._record(plan, batch, logs, state)
@@ -509,7 +536,7 @@ class _Probe:
     def __init__(self, model: keras.Model, backend: str) -> None:
         self._model = weakref.ref(model)  # the cache's value must not keep its key alive
         self.backend, self.ok = backend, True
-        self.names = [_layer_key(model, v) for v in model.trainable_variables]
+        self._names: list[str] = []
         self.watched, self.probe_model = _activation_model(model)
         self._grad_fn: Callable | None = None
         self._forward_fn: Callable | None = None
@@ -517,6 +544,15 @@ class _Probe:
     @property
     def model(self) -> keras.Model:
         return self._model()
+
+    @property
+    def names(self) -> list[str]:
+        """Each trainable variable's layer (read when needed: a subclassed model under
+        TensorFlow has no variables before its first step)."""
+        variables = self.model.trainable_variables
+        if len(self._names) != len(variables):
+            self._names = [_layer_key(self.model, v) for v in variables]
+        return self._names
 
     # -- grouping by layer ---------------------------------------------------------------------
 
