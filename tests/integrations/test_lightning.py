@@ -64,11 +64,12 @@ def test_each_planted_fault_gets_its_code(runs, name: str) -> None:
     assert PLANTED[name] in {f["code"] for f in saved}
 
 
-def _trained_weights(with_callback: bool) -> list[torch.Tensor]:
+def _trained_weights(with_callback: bool, root: Path) -> list[torch.Tensor]:
     module, train, _, _, _ = scenario("lr-too-high")
     callbacks = [DoctorCallback(on_finding=None)] if with_callback else []
     trainer = L.Trainer(
         max_steps=25, callbacks=callbacks, logger=False, enable_checkpointing=False,
+        default_root_dir=root,  # where the callback writes doctor/ when given no run_dir
         enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     torch.manual_seed(1)
@@ -76,10 +77,11 @@ def _trained_weights(with_callback: bool) -> list[torch.Tensor]:
     return [p.detach().clone() for p in module.parameters()]
 
 
-def test_the_callback_changes_nothing_in_the_run() -> None:
+def test_the_callback_changes_nothing_in_the_run(tmp_path) -> None:
     """Its probes run the model on purpose; the weights trained must be the same to the bit."""
-    plain, watched = _trained_weights(False), _trained_weights(True)
+    plain, watched = _trained_weights(False, tmp_path), _trained_weights(True, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(plain, watched, strict=True))
+    assert (tmp_path / "doctor" / "findings.json").exists()  # the trainer's log_dir by default
 
 
 def test_a_failing_doctor_is_one_warning_and_the_run_goes_on(tmp_path, monkeypatch) -> None:
