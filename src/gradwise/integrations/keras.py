@@ -13,20 +13,27 @@ per-step entry point every backend's ``fit`` calls with the batch, or with the i
 the batch from) is wrapped. The wrapper hands the very batch ``fit`` drew to the original train
 function, unchanged and exactly once, so the run trains as it would without the callback, with
 the same compiled step; it keeps a reference to the batch, and to the logs the step returns.
+(TensorFlow pulls the batch inside its compiled loop: the wrapper draws it itself only at the
+steps that need it, and passes it to the same compiled one-step function; other steps take
+``fit``'s own path.) The callback has no per-batch hook, so Keras' asynchronous callback dispatch
+and its host syncs stay as they were.
 
 - The loss: Keras' ``logs["loss"]`` is the running mean over the epoch, weighted by batch size;
   the batch's own loss is recovered from two consecutive means and the batch sizes, lazily: the
   device scalars are read on the host at the doctor's sampled steps only.
 - At the steps the doctor wants more (the first steps, then every ``sample_every``-th), one
   *stateless* probe runs on the same batch with the weights the step is about to use: a forward
-  pass returning the outputs and the activation layers' outputs, and (TensorFlow, JAX: compiled
-  once) the gradients. Being stateless (``stateless_call``), it moves no BatchNorm statistic and
+  pass returning the outputs and the activation layers' outputs (Sequential and functional
+  models; a subclassed model has no layer graph to tap), and (TensorFlow, JAX: compiled once,
+  at every GRADIENT_SAMPLES-th sampled step) the gradients. Being stateless (``stateless_call``), it moves no BatchNorm statistic and
   no dropout seed, so the user's results stay bit-for-bit the same. On PyTorch the gradients are
   read from ``.grad``, which the step leaves in place.
 - The weights at sampled steps (the update-to-weight ratios of GW305/GW306), the learning rate
   (a schedule is evaluated at the step), and at each epoch's end ``val_loss`` for GW401.
 
-Any failure of the doctor becomes one warning and the doctor stops; ``fit`` never sees it.
+Any failure of the doctor becomes one warning and the doctor (or only its probe) stops; ``fit``
+never sees it. Not supported: ``steps_per_execution > 1`` (the doctor turns itself off, with a
+warning), several inputs or outputs for the data checks (skipped).
 """
 
 from __future__ import annotations
