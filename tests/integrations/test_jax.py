@@ -265,6 +265,20 @@ def test_the_doctor_never_recompiles(digits, healthy):
     assert compiles == []  # sampled steps, the weights' copy, validate(): nothing new compiles
 
 
+def test_donated_weights_and_state(digits):
+    """A train step that donates the weights and the optimizer state (their buffers are gone
+    after the next call): the doctor reads them before, from its own copies."""
+    x, y, *_ = digits
+    donating = jax.jit(functools.partial(train_fn, cross_entropy), donate_argnums=(0, 1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        doctor = run(x, y, steps=45, updates=False, step_fn=donating)
+    assert [str(w.message) for w in caught if w.category is GradwiseWarning] == []
+    t = doctor.telemetry()
+    assert [s for s, _ in t["update_ratio"]["Dense_0"]] == [1, 20, 40]
+    assert [s for s, _ in t["lr"]] == [0, 20, 40]
+
+
 # -- pytrees into layers ------------------------------------------------------------------------
 
 
@@ -322,8 +336,8 @@ def test_a_failing_measurement_is_one_warning():
     assert len(messages) == 2, messages  # one per failing measurement, not one per step
     assert "the gradient norm failed" in messages[0]
     assert "the per-layer statistics failed" in messages[1]
+    assert [s for s, _ in doctor.telemetry()["loss"]] == [0, 1]  # every loss kept
     assert doctor.doctor.signals.step == 2
-    assert [s for s, _ in doctor.telemetry()["loss"]] == [0, 1]
     with pytest.raises(ValueError, match="run directory"):
         doctor.save()
 

@@ -18,15 +18,18 @@ leaves are grouped into layers by their path without its last key, in natural or
 (``Dense_2`` before ``Dense_10``).
 
 What it costs, and why it never recompiles your code: the doctor passes nothing into your jitted
-functions. Each step it dispatches one small jitted function of its own (the global gradient norm,
-asynchronous) and keeps the loss and that norm as device scalars; every ``sample_every`` steps it
-reads them on the host and computes the per-layer norms on the device (one more small dispatch and a
-transfer of a few floats; without ``updates`` it keeps one device copy of the weights for a step, to
-measure the update). The batch (``inputs``/``outputs``/``targets``) and ``activations`` are copied
-to the host only at the steps that need them: the first ones and the sampled ones. The doctor's own
-functions compile once per tree structure, at their first call. The cheapest feed: return
-``optax.global_norm(grads)`` from the jitted step and pass it as ``grad_norm=`` (fused into the
-step, where the doctor's own norm reads the gradients once more), and pass Optax's ``updates``.
+functions. Each step it dispatches one small jitted function of its own (the global gradient norm)
+and keeps the loss and that norm as device scalars; every ``sample_every`` steps it computes the
+per-layer norms on the device (without ``updates`` it keeps a device copy of the weights from the
+step before, to measure the update) and reads a few floats. It judges each step at the next call,
+so that it never waits for a step still running on the device, and whatever it keeps of a step is
+its own copy (a train step may donate the weights and the optimizer state). The batch
+(``inputs``/``outputs``/``targets``) and ``activations`` are copied to the host only at the steps
+that need them: the first ones and the sampled ones. The doctor's own functions compile once per
+tree structure, at their first call. Its own gradient norm is most of its cost on a CPU (a
+separate pass over the gradients each step); return ``optax.global_norm(grads)`` from the jitted
+step and pass it as ``grad_norm=`` to have it fused into the step for free
+(``benchmarks/doctor_overhead_jax.py``).
 
 A failure of the doctor is one warning, and that part is skipped: it never raises into your loop.
 """
@@ -46,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradwise.doctor._judging import DEAD_WINDOW, IMBALANCE_BATCHES
 from gradwise.doctor.findings import Finding
 from gradwise.doctor.numeric import NumericDoctor
 from gradwise.errors import GradwiseWarning
@@ -85,9 +89,13 @@ class Doctor:
             on_finding=on_finding,
             unit_axis=-1,
         )
+        self.sample_every = sample_every
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._steps = 0  # steps recorded; NumericDoctor has judged all but the held one
+        self._held: tuple[Any, Any, dict[str, Any]] | None = None  # the last step, not yet judged
         self._previous: list[list[Any]] | None = None  # device copy of the weights, by layer
         self._previous_names: list[str] | None = None
+        self._snapshot_next = False  # NumericDoctor measures the next step's weights against these
         self._failed: set[str] = set()
         self._closed = False
 
@@ -109,7 +117,7 @@ class Doctor:
         opt_state: Any = None,
         layer_input: Any = None,
     ) -> list[Finding]:
-        """Record one optimizer step; returns the findings that fired at it.
+        """Record one optimizer step.
 
         loss: the step's loss (a JAX scalar is read on the host at sampled steps only).
         grads / params / updates: pytrees of the gradients, the weights and Optax's updates
@@ -119,55 +127,72 @@ class Doctor:
             ``optax.inject_hyperparams`` state passed as ``opt_state``.
         activations: name -> (kind such as "relu", the activation's output), e.g. from Flax's
             ``sow``; grad_norm: the global gradient norm when computed in the train step.
+
+        The doctor judges each step at the next call (or at ``validate``, ``findings``, ``close``),
+        so that it never waits for the device while the step it was given still runs: it returns
+        the findings that fired at the step before this one.
         """
-        d = self.doctor
-        step = d.signals.step
+        step = self._steps
+        self._steps += 1
         kwargs: dict[str, Any] = {}
+        # everything that reads the user's arrays is dispatched (or copied) now: the next step may
+        # donate their buffers; the rest waits in ``_held`` for the next call
         if grad_norm is None and grads is not None:
             with self._guard("the gradient norm"):
                 grad_norm = _global_norm(_params_of(grads))
-        if d.wants_batch:
-            kwargs.update(inputs=inputs, outputs=outputs, targets=targets, layer_input=layer_input)
-        if activations and d.wants_activations:
-            kwargs["activations"] = activations
-        if d.wants_layers:
+        if step < IMBALANCE_BATCHES or step % self.sample_every == 0:
+            with self._guard("the batch"):
+                kwargs.update(_batch(inputs, outputs, targets, layer_input))
+        if activations and (step < DEAD_WINDOW or step % self.sample_every == 0):
+            with self._guard("the activations"):
+                kwargs["activations"] = {
+                    name: (kind, _async_to_host(value))
+                    for name, (kind, value) in activations.items()
+                }
+        if step % self.sample_every == 0 or self._snapshot_next:
             with self._guard("the per-layer statistics"):
-                kwargs.update(self._layer_norms(grads, params, updates))
+                kwargs.update(self._layers(step, grads, params, updates))
             with self._guard("the learning rate"):
                 kwargs["lr"] = _learning_rate(lr, opt_state, step)
-        if params is not None and updates is None and (step + 1) % d.sample_every == 0:
+        if params is not None and updates is None and (step + 1) % self.sample_every == 0:
             with self._guard("the weights' copy"):  # the next (sampled) step measures the update
                 names, groups = _grouped(params)
                 self._previous, self._previous_names = _copy(groups), names
-        return d.step(loss, grad_norm=grad_norm, **kwargs)
+        fired = self._judge()
+        self._held = (loss, grad_norm, kwargs)
+        return fired
 
     @property
     def wants_activations(self) -> bool:
         """Whether the next step reads ``activations`` (the first steps and the sampled ones):
         capture them (Flax's ``sow``, ``capture_intermediates``) only then, if that costs."""
-        return self.doctor.wants_activations
+        return self._steps < DEAD_WINDOW or self._steps % self.sample_every == 0
 
     @property
     def wants_batch(self) -> bool:
         """Whether the next step reads ``inputs``/``outputs``/``targets``."""
-        return self.doctor.wants_batch
+        return self._steps < IMBALANCE_BATCHES or self._steps % self.sample_every == 0
 
     def validate(self, loss: Any = None, metric: Any = None) -> list[Finding]:
         """Record an evaluation (validation loss and/or a metric, JAX scalars or floats);
         enables the generalisation rules (GW401 overfitting, GW404)."""
+        self._judge()
         return self.doctor.validate(loss=loss, metric=metric)
 
     # -- results -------------------------------------------------------------------------------
 
     @property
     def findings(self) -> list[Finding]:
-        """Findings so far, errors first."""
+        """Findings so far (up to the last step recorded), errors first."""
+        self._judge()
         return self.doctor.findings
 
     def summary(self) -> str:
+        self._judge()
         return self.doctor.summary()
 
     def telemetry(self) -> dict:
+        self._judge()
         return self.doctor.telemetry()
 
     def save(self, run_dir: str | Path | None = None) -> Path:
@@ -176,13 +201,15 @@ class Doctor:
         run_dir = Path(run_dir) if run_dir is not None else self.run_dir
         if run_dir is None:
             raise ValueError("save() needs a run directory: Doctor(run_dir=...) or save(run_dir)")
+        self._judge()
         return self.doctor.save(run_dir / "doctor")
 
     def close(self) -> None:
-        """End of the run: save into ``run_dir`` (when one was given), once."""
+        """End of the run: judge the last step and save into ``run_dir`` (when given), once."""
         if self._closed:
             return
         self._closed = True
+        self._judge()
         self._previous = None
         if self.run_dir is not None:
             with self._guard("saving the run directory"):
@@ -190,6 +217,7 @@ class Doctor:
 
     def report(self, path: str | Path, **kwargs: Any) -> Path:
         """Write the self-contained HTML report of this run to ``path``."""
+        self._judge()
         return self.doctor.report(path, **kwargs)
 
     def __enter__(self) -> Doctor:
@@ -200,40 +228,47 @@ class Doctor:
 
     # -- measurements --------------------------------------------------------------------------
 
-    def _layer_norms(self, grads: Any, params: Any, updates: Any) -> dict[str, Any]:
-        """Per layer, the norms of the gradient, the weights and the update, computed on the
-        device and handed over as one-element arrays (whose norm is that norm): NumericDoctor
-        reads the same ||g||/||w|| and ||u||/||w|| as from the whole arrays, and nothing the size
-        of the weights crosses to the host.
+    def _judge(self) -> list[Finding]:
+        """Hand the held step to NumericDoctor, its device values read on the host now."""
+        held, self._held = self._held, None
+        if held is None:
+            return []
+        loss, grad_norm, kwargs = held
+        with self._guard("reading the per-layer statistics"):
+            kwargs.update(_on_host(kwargs.pop("layers", None)))
+        with self._guard("reading the learning rate"):
+            kwargs["lr"] = _float(kwargs.get("lr"))
+        return self.doctor.step(loss, grad_norm=grad_norm, **kwargs)
+
+    def _layers(self, step: int, grads: Any, params: Any, updates: Any) -> dict[str, Any]:
+        """Per layer, the norms of the gradient, the weights and the update, dispatched on the
+        device now and read at the next call; NumericDoctor gets them as one-element arrays
+        (whose norm is that norm): it reads the same ||g||/||w|| and ||u||/||w|| as from the whole
+        arrays, and nothing the size of the weights crosses to the host.
 
         Without ``updates`` the update is the change of the weights since the step before, whose
-        device copy was kept; at the first sample there is none, so the weights go to
-        NumericDoctor whole (its host snapshot, measured against the next step's weights): the
-        first steps' updates are the ones a learning rate far too high shows in most clearly.
+        device copy was kept; at the first sample there is none, so a device copy of the weights
+        goes to NumericDoctor whole (its host snapshot, measured against the next step's weights):
+        the first steps' updates are the ones a learning rate far too high shows most clearly.
         """
         previous, previous_names = self._previous, self._previous_names
         self._previous = self._previous_names = None
+        snapshot_follow_up, self._snapshot_next = self._snapshot_next, False
         if params is None:
             return {}
         names, weights = _grouped(params)
-        if self.doctor.signals.step % self.doctor.sample_every:  # the step after the snapshot
-            return {"params": dict(zip(names, weights, strict=True))}
+        if snapshot_follow_up and step % self.sample_every:
+            return {"params": dict(zip(names, _copy(weights), strict=True))}
         g = _grouped(grads) if grads is not None else None
         u = _grouped(updates) if updates is not None else None
         same = previous is not None and previous_names == names
         delta = previous if u is None and same and _shapes(previous) == _shapes(weights) else None
-        norms = jax.device_get(  # one transfer of a few floats
-            _norms(weights, g[1] if g else None, u[1] if u else None, delta)
-        )
-        w, gn, un, dn = norms
-        out: dict[str, Any] = {"grads": _as_arrays(g[0], gn) if g else None}
-        if u is not None:
-            out.update(params=_as_arrays(names, w), updates=_as_arrays(u[0], un))
-        elif dn is not None:
-            out.update(params=_as_arrays(names, w), updates=_as_arrays(names, dn))
-        else:  # NumericDoctor keeps the weights (updates=None) and measures the next step's
-            out.update(params=dict(zip(names, weights, strict=True)), updates=None)
-        return out
+        norms = _norms(weights, g[1] if g else None, u[1] if u else None, delta)
+        layers = (names, g[0] if g else None, u[0] if u else None, norms)
+        if u is None and delta is None:  # NumericDoctor keeps these weights (updates=None)
+            self._snapshot_next = True
+            return {"layers": layers, "params": dict(zip(names, _copy(weights), strict=True))}
+        return {"layers": layers}
 
     @contextlib.contextmanager
     def _guard(self, what: str) -> Iterator[None]:
@@ -250,6 +285,46 @@ class Doctor:
                     GradwiseWarning,
                     stacklevel=4,
                 )
+
+
+def _on_host(layers: tuple | None) -> dict[str, Any]:
+    """NumericDoctor's grads/params/updates from the device norms of ``_layers`` (one transfer
+    of a few floats); a whole-weights snapshot already in ``params`` is kept."""
+    if layers is None:
+        return {}
+    names, grad_names, update_names, norms = layers
+    w, gn, un, dn = jax.device_get(norms)
+    out: dict[str, Any] = {"grads": _as_arrays(grad_names, gn) if grad_names else None}
+    if update_names is not None:
+        out.update(params=_as_arrays(names, w), updates=_as_arrays(update_names, un))
+    elif dn is not None:
+        out.update(params=_as_arrays(names, w), updates=_as_arrays(names, dn))
+    else:
+        out["updates"] = None  # the snapshot: ``params`` holds the weights' device copy
+    return out
+
+
+def _batch(inputs: Any, outputs: Any, targets: Any, layer_input: Any) -> dict[str, Any]:
+    """The batch for the data checks: inputs and targets (ready: they went into the step) on the
+    host now, the step's outputs copied asynchronously, read when the step is judged."""
+    return {
+        "inputs": _to_host(inputs),
+        "targets": _to_host(targets),
+        "layer_input": _to_host(layer_input),
+        "outputs": _async_to_host(outputs),
+    }
+
+
+def _to_host(value: Any) -> Any:
+    if isinstance(value, jax.Array):
+        return np.asarray(value)
+    return value
+
+
+def _async_to_host(value: Any) -> Any:
+    if isinstance(value, jax.Array):
+        value.copy_to_host_async()
+    return value
 
 
 # -- pytrees into layers ------------------------------------------------------------------------
@@ -353,12 +428,16 @@ def _as_arrays(names: list[str], norms: Any) -> dict[str, np.ndarray]:
 
 
 def _sum_squares(arrays: Iterable[Any]) -> Any:
+    """Sum of squares in float32 (or wider), as dot products: on XLA's CPU backend a dot of the
+    flattened array is several times faster than a reduction of its squares."""
     total = jnp.zeros((), jnp.float32)
     for a in arrays:
         if jnp.issubdtype(a.dtype, jnp.complexfloating):
             a = jnp.abs(a)
         if jnp.issubdtype(a.dtype, jnp.inexact):
-            total = total + jnp.sum(jnp.square(a.astype(jnp.float32)))
+            v = a.ravel()
+            wide = jnp.promote_types(v.dtype, jnp.float32)
+            total = total + jnp.dot(v, v, preferred_element_type=wide).astype(jnp.float32)
     return total
 
 
@@ -388,15 +467,21 @@ def _copy(tree: Any) -> Any:
     return jax.tree_util.tree_map(jnp.copy, tree)
 
 
-def _learning_rate(lr: Any, opt_state: Any, step: int) -> float | None:
-    """The learning rate at ``step``: a number, a schedule, or an inject_hyperparams state's."""
+def _learning_rate(lr: Any, opt_state: Any, step: int) -> Any:
+    """The learning rate at ``step`` (a number, a schedule's value, or an inject_hyperparams
+    state's), as it is: a device scalar is copied (the next step may donate the state) and read
+    when the step is judged (``_float``)."""
     if lr is None and opt_state is not None:
         lr = _injected_lr(opt_state)
     elif callable(lr):
         lr = lr(step)
-    if lr is None:
+    return _copy(lr) if isinstance(lr, jax.Array) else lr
+
+
+def _float(value: Any) -> float | None:
+    if value is None:
         return None
-    value = float(np.asarray(lr, dtype=np.float64).reshape(()))
+    value = float(np.asarray(value, dtype=np.float64).reshape(()))
     return value if math.isfinite(value) else None
 
 
