@@ -101,3 +101,14 @@ def test_inputs_it_cannot_read_never_raise() -> None:
             )
             assert fired == []
     assert [v for _, v in doctor.telemetry()["loss"]] == [1.0, 1.0, 1.0]
+
+
+def test_finish_judges_the_steps_after_the_last_sample() -> None:
+    """Device scalars are read at sampled steps only: a loss that turns NaN after the last one
+    must still be reported when training ends."""
+    doctor = NumericDoctor(loss_kind="cross_entropy", on_finding=None)
+    for step in range(30):
+        doctor.step(torch.tensor(float("nan") if step == 25 else 2.0), grad_norm=1.0)
+    assert doctor.findings == []  # step 25 comes after the sample at step 20
+    (finding,) = doctor.finish()
+    assert (finding.code, finding.step) == ("GW301", 25)

@@ -189,6 +189,21 @@ class NumericDoctor(Judging):
             self._dispatch("validate", context, self.signals.step)
         return list(self._fired_now)
 
+    def finish(self) -> list[Finding]:
+        """Training ended: judge the steps since the last sampled one (a device loss that turned
+        NaN there is otherwise never read). Returns the findings that fired."""
+        self._fired_now = []
+        with self._catching("the last steps' checks"):
+            if self._pending:
+                loss, n = self.signals.loss, len(self._pending)
+                self._flush()
+                steps, values = loss.steps[-n:], loss.values[-n:]
+                # a non-finite loss is named at the step it appeared, as at a sampled step
+                bad = [t for t, v in zip(steps, values, strict=True) if not math.isfinite(v)]
+                at = bad[0] if bad else steps[-1]
+                self._dispatch("sample", dispatch.Context(step=at, signals=self.signals), at)
+        return list(self._fired_now)
+
     def telemetry(self) -> dict:
         self._flush()
         return {

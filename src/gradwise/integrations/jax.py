@@ -211,6 +211,8 @@ class Doctor:
         self._closed = True
         self._judge()
         self._previous = None
+        with self._guard("judging the last steps"):
+            self.doctor.finish()  # the steps since the last sampled one
         if self.run_dir is not None:
             with self._guard("saving the run directory"):
                 self.save()

@@ -185,7 +185,7 @@ class DoctorCallback(keras.callbacks.Callback):
         self._active = False
         if self.doctor is not None:
             try:
-                self.doctor.telemetry()  # reads the last steps' losses into the signals
+                self.doctor.finish()  # reads and judges the steps since the last sample
             except Exception as exc:
                 self._fail("reading the last losses", exc)
         if self.doctor is not None and self.run_dir is not None:
