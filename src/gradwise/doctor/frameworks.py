@@ -24,8 +24,8 @@ _OUTSIDE = {
     "GW212": _NO_MODULES,
     "GW213": _NO_MODULES,
     "GW214": _NO_MODULES,
-    "GW215": "does not apply: Keras losses squeeze or expand (N, 1) predictions against (N,) "
-    "targets themselves, so the silent broadcasting this rule catches cannot happen",
+    "GW215": "has nothing to catch there: Keras losses squeeze or expand (N, 1) predictions "
+    "against (N,) targets themselves, so they never broadcast silently",
     "GW216": "needs a hook on each micro-batch's gradient",
     "GW217": _NO_GRAPH,
     "GW403": "needs to run the model on the probe set",
