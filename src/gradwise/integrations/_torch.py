@@ -5,7 +5,7 @@ Those trainers run the forward pass, backward and optimizer step themselves and 
 about some of it. ``Watch`` collects the rest where the trainer does not hand it over: the model's
 output (a forward hook on the model and its direct children, the last call whose output has a row
 per sample), the batch (split into inputs and targets as gradwise's own Trainer does), the
-micro-batches' losses, and the gradient norm before the trainer clips it. Once the gradients are
+micro-batches' losses, and what the gradient norm was before the trainer clipped it. Once the gradients are
 final, :meth:`Watch.optimizer_step` gives the Doctor one step; one optimizer step is one Doctor step
 whatever the accumulation. Every call is guarded: a failure is one warning, and the trainer's run
 goes on untouched.
@@ -61,9 +61,8 @@ class Watch:
         self._rows: int | None = None
         self._model: nn.Module | None = None
         self._params: list[nn.Parameter] = []
-        self._arrived = 0  # parameters whose gradient has been accumulated in this backward
-        self._expected: int | None = None
-        self._pre_clip: torch.Tensor | None = None
+        self._witness: torch.Tensor | None = None  # the parameter that measures clipping
+        self._witness_norm: torch.Tensor | None = None  # its gradient's norm before clipping
         self._warned: set[str] = set()
         self.summed = False  # the micro-batch losses are fractions of the window's: add them up
 
@@ -125,7 +124,7 @@ class Watch:
             loss = self._window_loss(losses)
             if loss is None:
                 return []
-            norm, self._pre_clip = self._pre_clip, None
+            norm = self._unclipped_norm()
             outputs = self._outputs
             if outputs is not None and not isinstance(outputs, torch.Tensor):
                 outputs, _ = outputs_of(outputs)
@@ -214,27 +213,35 @@ class Watch:
             self._hooks.append(module.register_forward_hook(torch.compiler.disable(hook)))
 
     def _measure_pre_clip(self, model: nn.Module) -> None:
-        """The global gradient norm before the trainer clips it (the Hugging Face Trainer clips
-        before any callback sees the gradients): once every parameter's gradient of a backward
-        pass has been accumulated, one fused norm over them."""
-        self._params = [p for p in model.parameters() if p.requires_grad]
+        """Make the global gradient norm before the trainer clips it recoverable (the Hugging Face
+        Trainer clips before any callback sees the gradients). Clipping scales every gradient by
+        one factor, so one parameter's gradient norm, read as the gradient is accumulated and
+        read again after clipping, gives the factor: the norm before clipping is the norm after
+        it divided by the factor. One small norm per backward instead of a second full one."""
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        matrices = [p for p in trainable if p.ndim >= 2] or trainable
+        if not matrices:
+            return
+        self._params = trainable
+        self._witness = matrices[-1]  # the output layer's weight: it always gets a gradient
 
         def arrived(p: torch.Tensor) -> None:
-            self._arrived += 1
-            if self._expected is not None and self._arrived == self._expected:
-                grads = [q.grad for q in self._params if q.grad is not None]
-                norms = torch._foreach_norm(grads)
-                self._pre_clip = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+            self._witness_norm = torch.linalg.vector_norm(p.grad.detach().float())
 
-        def forward_started(module: nn.Module, args: Any) -> None:
-            if torch.is_grad_enabled() and module.training:
-                if self._expected is None and self._arrived:  # after the first backward: known
-                    self._expected = self._arrived
-                self._arrived = 0
+        self._hooks.append(self._witness.register_post_accumulate_grad_hook(arrived))
 
-        for p in self._params:
-            self._hooks.append(p.register_post_accumulate_grad_hook(arrived))
-        self._hooks.append(model.register_forward_pre_hook(forward_started))
+    def _unclipped_norm(self) -> torch.Tensor | None:
+        """The global gradient norm before the trainer's clipping (a device tensor, no sync)."""
+        before, self._witness_norm = self._witness_norm, None
+        witness = self._witness
+        if before is None or witness is None or witness.grad is None:
+            return None
+        grads = [p.grad.detach() for p in self._params if p.grad is not None]
+        after = torch.linalg.vector_norm(
+            torch.stack([n.float() for n in torch._foreach_norm(grads)])
+        )
+        now = torch.linalg.vector_norm(witness.grad.detach().float())
+        return torch.where(now > 0, after * before / now.clamp_min(1e-30), after)
 
     # -- never break the run ---------------------------------------------------------------------
 

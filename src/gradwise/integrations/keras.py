@@ -53,7 +53,7 @@ from gradwise.doctor.findings import Finding
 from gradwise.doctor.numeric import NumericDoctor
 from gradwise.errors import GradwiseWarning
 
-GRADIENT_SAMPLES = 2
+GRADIENT_SAMPLES = 4
 """TensorFlow and JAX: the gradients are measured at every GRADIENT_SAMPLES-th sampled step (a
 separate pass costs about a training step); PyTorch leaves them in ``.grad`` at every step."""
 ACTIVATIONS = ("relu", "relu6", "sigmoid", "tanh")
