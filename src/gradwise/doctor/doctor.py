@@ -346,6 +346,13 @@ class Doctor(Judging):
         self._flush_loss(self.signals.step - 1)
         return {"sample_every": self.sample_every, **self.signals.to_dict()}
 
+    @property
+    def wants_batch(self) -> bool:
+        """Whether the next ``step`` reads its ``inputs``/``outputs``/``targets`` (the first
+        steps and the sampled ones); a caller that has to work to produce them can skip it."""
+        step = self.signals.step
+        return step < IMBALANCE_BATCHES or self._armed_for(step)
+
     def new_pass(self) -> None:
         """A forward pass starts. The Doctor sees one when the model itself is called; a loop that
         calls only parts of it (a LightningModule's ``training_step`` calling ``self.net``) says so

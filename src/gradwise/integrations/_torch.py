@@ -61,6 +61,7 @@ class Watch:
         self._rows: int | None = None
         self._model: nn.Module | None = None
         self._params: list[nn.Parameter] = []
+        self._wanted = True  # the Doctor judges this step's batch
         self._witness: torch.Tensor | None = None  # the parameter that measures clipping
         self._witness_norm: torch.Tensor | None = None  # its gradient's norm before clipping
         self._warned: set[str] = set()
@@ -95,8 +96,15 @@ class Watch:
                 self._measure_pre_clip(self._model)
 
     def batch(self, batch: Any, label_key: str | None = None) -> None:
-        """A micro-batch starts: its inputs and targets."""
-        if self.doctor is None:
+        """A micro-batch starts: its inputs and targets (read only at the steps whose batch the
+        Doctor judges: the first ones and the sampled ones)."""
+        doctor = self.doctor
+        if doctor is None:
+            return
+        doctor.new_pass()
+        self._inputs = self._targets = self._outputs = None
+        self._wanted = doctor.wants_batch
+        if not self._wanted:
             return
         with self.guard("reading the batch"):
             split = split_batch(batch, label_key)
@@ -106,8 +114,6 @@ class Watch:
             self._rows = (
                 int(main.shape[0]) if isinstance(main, torch.Tensor) and main.ndim else None
             )
-            self._outputs = None
-            self.doctor.new_pass()
 
     def loss(self, loss: Any) -> None:
         """A micro-batch's loss (as the model computed it, before any division for accumulation)."""
@@ -198,7 +204,7 @@ class Watch:
         the last of their outputs in a training forward pass with a row per sample."""
 
         def hook(module: nn.Module, args: Any, out: Any) -> None:
-            if not (torch.is_grad_enabled() and module.training):
+            if not (self._wanted and torch.is_grad_enabled() and module.training):
                 return
             main = out
             if not isinstance(out, torch.Tensor):
