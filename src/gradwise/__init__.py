@@ -44,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "finetune": "gradwise.finetune",
     "load_pretrained": "gradwise.finetune.pretrained",
     "register_optimizer": "gradwise.optimizers",
+    "predict": "gradwise.predict",
 }
 
 __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
