@@ -889,6 +889,58 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 _python_showwarning = warnings.showwarning
 
 
+@app.command()
+def predict(
+    source: Annotated[
+        Path, typer.Argument(help="Run directory (or checkpoint) or export directory.")
+    ],
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="CSV, .npy/.npz file or folder of images (not for language models).",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Predictions CSV (default predictions.csv); LM: the text."
+        ),
+    ] = None,
+    checkpoint: Annotated[str, typer.Option(help="A run's best or last checkpoint.")] = "best",
+    prompt: Annotated[str | None, typer.Option(help="Language models: text to continue.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Language models: tokens to generate.")] = 200,
+    temperature: Annotated[
+        float, typer.Option(help="Language models: sampling temperature (0: greedy).")
+    ] = 1.0,
+    seed: Annotated[int, typer.Option(help="Language models: sampling seed.")] = 0,
+    trust: TrustOption = False,
+) -> None:
+    """Predict labels with calibrated probabilities (or values) for new data; LMs generate text."""
+    from gradwise.predict import predict as run_predict
+
+    if output is None and data is not None:
+        output = Path("predictions.csv")
+    result = run_predict(
+        source, data, output, checkpoint=checkpoint, prompt=prompt, max_tokens=max_tokens,
+        temperature=temperature, seed=seed, trust=trust,
+    )  # fmt: skip
+    for note in result.notes:
+        out.print(note, soft_wrap=True)
+    if result.task == "lm":
+        print(f"{result.prompt}{result.text}")
+        if result.output is not None:
+            out.print(f"text: {result.output}", soft_wrap=True)
+        return
+    if result.labels is not None and result.task != "multilabel":
+        from collections import Counter
+
+        counts = Counter(result.labels).most_common(5)
+        out.print("predicted: " + ", ".join(f"{label} {n}" for label, n in counts), soft_wrap=True)
+    out.print(f"{len(result.index)} predictions: {result.output}", soft_wrap=True)
+
+
 def main() -> None:
     """Entry point: user errors exit with code 2 and one message; tracebacks only with --debug."""
     debug = "--debug" in sys.argv or os.environ.get("GRADWISE_DEBUG") == "1"
