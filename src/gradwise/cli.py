@@ -941,6 +941,108 @@ def predict(
     out.print(f"{len(result.index)} predictions: {result.output}", soft_wrap=True)
 
 
+@app.command()
+def cv(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    folds: Annotated[
+        int,
+        typer.Option("--folds", "-k", help="Number of folds K (K runs, each validated on 1/K)."),
+    ] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the folds' shuffle.")] = 0,
+    against: Annotated[
+        Path | None,
+        typer.Option(help="A second recipe on the same data: same folds, corrected paired t-test."),
+    ] = None,
+    group: Annotated[
+        str | None,
+        typer.Option(help="csv data: a column whose values never cross folds (GroupKFold)."),
+    ] = None,
+    set_: SetOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Cross-validate a recipe on K folds of its training data (stratified for classes): mean,
+    spread and 95% interval of every validation metric; writes runs/<name>-cv/ and its cv.json."""
+    from gradwise.cv import cv as run_cv
+    from gradwise.recipe import parse_assignment
+
+    overrides = dict(parse_assignment(item) for item in set_ or [])
+    result = run_cv(
+        recipe, folds, seed=seed, against=against, group=group, overrides=overrides,
+        progress="lines" if quiet else "auto", announce=lambda line: out.print(line, soft_wrap=True),
+    )  # fmt: skip
+    info = result.info
+    out.print(f"{info['splitter']}, {folds} folds of {info['samples']} samples: {info['why']}")
+
+    def interval(s: dict) -> str:
+        lo, hi = s["ci95"]
+        return f"{s['mean']:.4f} +- {s['std']:.4f} (95% CI {lo:.4f}..{hi:.4f})"
+
+    if result.comparison is None:
+        for metric, s in result.summary.items():
+            if s["mean"] is not None:
+                out.print(f"{metric:<18} {interval(s)}", soft_wrap=True)
+    else:
+        names = info["recipes"]
+        for metric, c in result.comparison.items():
+            if c.get("difference") is None:
+                continue
+            a, b = result.summary[metric], result.against["summary"][metric]
+            lo, hi = c["ci95"]
+            better = (
+                f", {names['ab'.index(c['better'])]} (recipe {c['better']}) is better"
+                if (c["better"] and c["verdict"] == "significant")
+                else ""
+            )
+            out.print(
+                f"{metric:<18} a {a['mean']:.4f}  b {b['mean']:.4f}  difference "
+                f"{c['difference']:+.4f} (95% CI {lo:+.4f}..{hi:+.4f}), p = {c['p_value']:.3g}: "
+                f"{c['verdict']}{better}",
+                soft_wrap=True,
+            )
+        out.print(f"test: {next(iter(result.comparison.values()))['test']}, alpha 0.05")
+    out.print("intervals use the corrected variance (1/K + n_val/n_train) s^2 (Nadeau & Bengio)")
+    out.print(f"cv: {result.dir / 'cv.json'}", soft_wrap=True)
+
+
+@app.command()
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="Run directory A.")],
+    run_b: Annotated[Path, typer.Argument(help="Run directory B (same validation samples).")],
+    metric: Annotated[
+        str | None, typer.Option(help="Validation metric (default: A's monitored metric).")
+    ] = None,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the resampling.")] = 0,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the result as JSON.")
+    ] = None,
+    trust: TrustOption = False,
+) -> None:
+    """Is run A better than run B? A paired bootstrap of their best checkpoints' metric on the
+    same validation samples: the difference, its 95% interval, the p-value and the verdict."""
+    from gradwise.compare import compare as run_compare
+    from gradwise.tracking import atomic_write_text
+
+    r = run_compare(run_a, run_b, metric=metric, resamples=resamples, seed=seed, trust=trust)
+    lo, hi = r["ci95"]
+    better = (
+        f" ({r['run_' + r['better']]} is better)"
+        if (r["better"] and r["verdict"] == "significant")
+        else ""
+    )
+    out.print(
+        f"{r['metric']}: A {r['a']:.4f}  B {r['b']:.4f}  difference {r['difference']:+.4f} "
+        f"(95% CI {lo:+.4f}..{hi:+.4f}), p = {r['p_value']:.3g} over {r['samples']} paired "
+        f"samples, {r['resamples']} resamples: {r['verdict']} at alpha {r['alpha']}{better}",
+        soft_wrap=True,
+    )
+    if json_out is not None:
+        import json
+
+        atomic_write_text(json_out, json.dumps(r, indent=2))
+        out.print(f"result: {json_out}")
+
+
 def main() -> None:
     """Entry point: user errors exit with code 2 and one message; tracebacks only with --debug."""
     debug = "--debug" in sys.argv or os.environ.get("GRADWISE_DEBUG") == "1"
