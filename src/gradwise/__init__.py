@@ -45,6 +45,8 @@ _EXPORTS: dict[str, str] = {
     "load_pretrained": "gradwise.finetune.pretrained",
     "register_optimizer": "gradwise.optimizers",
     "predict": "gradwise.predict",
+    "cv": "gradwise.cv",
+    "compare": "gradwise.compare",
 }
 
 __all__ = [  # noqa: RUF022 - grouped like _EXPORTS

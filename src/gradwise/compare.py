@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from gradwise._lazy import callable_as_namesake
 from gradwise.errors import ConfigError, DataError
 
 RESAMPLES = 2000
@@ -304,3 +305,6 @@ def compare(
         "better": better,
         **result,
     }
+
+
+callable_as_namesake(__name__)  # gradwise.compare(...) is its function compare(...)

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from gradwise._lazy import callable_as_namesake
 from gradwise.errors import ConfigError, DataError
 from gradwise.recipe import Recipe, load_recipe
 
@@ -562,3 +563,6 @@ def read_cv(parent: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError("cv directory", str(parent), f"a directory with {CV_FILE} (gradwise cv)")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+callable_as_namesake(__name__)  # gradwise.cv(...) is its function cv(...)
