@@ -666,13 +666,42 @@ def recipe(
 
 @app.command()
 def runs(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Runs to compare (names under --root or run directories).", show_default=False
+        ),
+    ] = None,
     root: Annotated[Path, typer.Option(help="Directory that holds the runs.")] = Path("runs"),
+    compare: Annotated[
+        bool,
+        typer.Option(
+            "--compare",
+            help="Compare the runs named side by side: recipe settings that differ, data "
+            "fingerprints, code version, package versions, best and last metrics.",
+        ),
+    ] = False,
 ) -> None:
-    """List runs with their state and best metric, newest first."""
+    """List runs with their state and best metric, newest first; or compare runs side by side."""
     from rich.table import Table
 
     from gradwise.tracking import list_runs
 
+    if compare or names:
+        from gradwise.tracking.runs import compare_runs
+
+        c = compare_runs(list(names or []), root)
+        header = ["", *c.runs, "compare"]
+        rows = [[what, *values, verdict] for what, values, verdict in c.rows]
+        if not out.is_terminal:  # piped: tab-separated lines, easy to grep and cut
+            for row in [header, *rows]:
+                print("\t".join(row))
+            return
+        table = Table(*map(escape, header))
+        for row in rows:
+            table.add_row(*map(escape, row))
+        out.print(table)
+        return
     found = list_runs(root)
     if not found:
         out.print(f"no runs under {root}")
