@@ -958,7 +958,7 @@ def predict(
     for note in result.notes:
         out.print(note, soft_wrap=True)
     if result.task == "lm":
-        print(f"{result.prompt}{result.text}")
+        print(result.full_text)
         if result.output is not None:
             out.print(f"text: {result.output}", soft_wrap=True)
         return
