@@ -137,6 +137,8 @@ REFS = {
     "ema": "Polyak & Juditsky 1992, Acceleration of Stochastic Approximation by Averaging",
     "amp": "Micikevicius et al. 2018, Mixed Precision Training; Kalamkar et al. 2019, A Study of BFLOAT16",
     "prechelt": "Prechelt 1998, Early Stopping - But When?",
+    "saito": "Saito & Rehmsmeier 2015, The Precision-Recall Plot Is More Informative than the ROC Plot When Evaluating Binary Classifiers on Imbalanced Datasets, PLoS ONE 10(3)",
+    "sokolova": "Sokolova & Lapalme 2009, A systematic analysis of performance measures for classification tasks, Information Processing & Management 45(4)",
     "huber": "Huber 1964, Robust Estimation of a Location Parameter",
     "loader": "PyTorch docs, torch.utils.data (num_workers, pin_memory, persistent_workers)",
     "masters": "Masters & Luschi 2018, Revisiting Small Batch Training for Deep Neural Networks, arXiv:1804.07612",
@@ -603,6 +605,53 @@ def ema(c: _Context) -> Decision:
     return None
 
 
+def monitor(c: _Context) -> Decision:
+    """The metric that picks the best checkpoint and stops early: the task's default (accuracy)
+    on balanced classes; PR-AUC (two classes) or macro F1 (more) when the doctor's GW103 would
+    call the classes imbalanced, judged by GW103's own thresholds and verdict."""
+    from gradwise.doctor.rules.data import THRESHOLDS, imbalanced, pessimistic_ratio
+    from gradwise.tasks import TASKS, imbalanced_monitor
+
+    f, t = c.f, THRESHOLDS
+    if f.task not in ("binary", "multiclass", "multilabel") or not f.class_counts:
+        return None
+    default = TASKS[f.task].monitor
+    if f.task == "multilabel":
+        return (
+            "auto",
+            f"multilabel: {default} is macro F1 over the labels already: {imbalanced_monitor(2, True)[2]}",
+            ["sokolova"],
+        )
+    present = [n for n in f.class_counts if n > 0]  # as GW103: classes that occur
+    if len(present) < 2:
+        return None
+    major, minor, total = max(present), min(present), sum(present)
+    ratio, pessimistic = major / minor, pessimistic_ratio(major, minor, t.imbalance_z)
+    measured = (
+        f"the classes are {ratio:.3g}:1 apart ({major:,} vs {minor:,} of {total:,} samples; "
+        f"{pessimistic:.3g}:1 with pessimistic counts)"
+    )
+    gw103 = (
+        f"GW103's thresholds {t.imbalance_ratio:g}:1 and {t.imbalance_confidence_ratio:g}:1 "
+        "pessimistic"
+    )
+    if not imbalanced(major, minor):
+        return (
+            "auto",
+            f"{measured}, below {gw103}: balanced enough for {default} (the task's default) "
+            "to judge the model",
+            [],
+        )
+    metric, name, why = imbalanced_monitor(f.num_classes or len(f.class_counts))
+    return (
+        metric,
+        f"{measured}, at or above {gw103}: always predicting the majority class scores "
+        f"{major / total:.1%} accuracy, so accuracy would keep a checkpoint that misses the rare "
+        f"class; {name} instead: {why}",
+        ["saito", "sokolova"] if metric == "pr_auc" else ["sokolova"],
+    )
+
+
 def early_stopping(c: _Context) -> Decision:
     if c.epochs < 2 * PATIENCE_MIN:
         return (
@@ -877,6 +926,7 @@ RULES: list[Rule] = [
     ("train.loss", loss),
     ("train.class_weights", class_weights),
     ("train.ema_decay", ema),
+    ("early_stopping.monitor", monitor),
     ("early_stopping.patience", early_stopping),
     ("data.num_workers", num_workers),
     ("finetune.peft", peft_note),

@@ -194,7 +194,8 @@ class TrainSpec(_Section):
 class EarlyStoppingSpec(_Section):
     monitor: str = "auto"
     """The validation metric that picks the best checkpoint and drives early stopping and plateau decay.
-    auto: accuracy for binary/multiclass, f1 for multilabel, loss for regression/custom, perplexity for lm."""
+    auto: accuracy for binary/multiclass, f1 for multilabel, loss for regression/custom, perplexity for lm.
+    The advisor sets pr_auc (two classes) or f1 (macro, more classes) when classes are imbalanced."""
     mode: Literal["auto", "min", "max"] = "auto"
     """Whether the monitored metric should go down or up; auto knows the metrics gradwise computes."""
     patience: int | None = Field(10, ge=1)

@@ -36,7 +36,10 @@ class TaskKind:
     metrics: tuple[str, ...] = ()  # validation metrics besides the loss (val_<name>)
 
 
-CLASSIFICATION = ("accuracy", "f1", "auroc")
+CLASSIFICATION = ("accuracy", "f1", "auroc", "pr_auc")
+"""f1 is the positive class's F1 for binary tasks, macro F1 (every class weighs the same) for
+multiclass and multilabel; pr_auc is the average precision (the area under the precision-recall
+curve): the positive class's for binary tasks, the macro average over classes or labels otherwise."""
 
 TASKS: dict[str, TaskKind] = {
     t.name: t
@@ -74,11 +77,48 @@ METRIC_MODES: dict[str, str] = {
     "accuracy": "max",
     "f1": "max",
     "auroc": "max",
+    "pr_auc": "max",
     "mse": "min",
     "mae": "min",
     "r2": "max",
     "perplexity": "min",
 }
+
+
+IMBALANCED_MONITOR: dict[str, tuple[str, str, str]] = {
+    # problem: (metric, its name in words, why it, and not accuracy, judges an imbalanced problem)
+    "two_classes": (
+        "pr_auc",
+        "PR-AUC (average precision)",
+        "it scores how well the rare class is ranked above the common one, at every threshold, "
+        "and a model that never predicts the rare class scores its prevalence, near 0 "
+        "(Saito & Rehmsmeier 2015; Davis & Goadrich 2006)",
+    ),
+    "classes": (
+        "f1",
+        "macro F1",
+        "every class weighs the same in it, so a model that ignores the rare classes scores "
+        "poorly however many common samples it gets right (Sokolova & Lapalme 2009)",
+    ),
+    "labels": (
+        "f1",
+        "macro F1",
+        "every label weighs the same in it, so rarely positive labels count as much as the "
+        "common ones (Sokolova & Lapalme 2009)",
+    ),
+}
+"""The metric that picks the best checkpoint and stops early when classes are imbalanced (the
+doctor's GW103 says when: :data:`gradwise.doctor.rules.data.THRESHOLDS`). One table, read by the
+advisor (``early_stopping.monitor``) and by GW103's advice, so the two always name the same metric.
+Accuracy is not on it: on 66:1 data, always predicting the majority scores 98.5%."""
+
+
+def imbalanced_monitor(num_classes: int | None, multilabel: bool = False) -> tuple[str, str, str]:
+    """(metric, name in words, why) for an imbalanced problem with ``num_classes`` classes (or
+    labels): PR-AUC for two classes, macro F1 for more, macro F1 over labels for multilabel."""
+    if multilabel:
+        return IMBALANCED_MONITOR["labels"]
+    return IMBALANCED_MONITOR["two_classes" if (num_classes or 2) <= 2 else "classes"]
 
 
 def resolve_kind(task: str, info: DataInfo | None) -> str:
@@ -413,18 +453,25 @@ def _collection(task: Task):
             "accuracy": classification.BinaryAccuracy(**common),
             "f1": classification.BinaryF1Score(**common),
             "auroc": classification.BinaryAUROC(thresholds=AUROC_BINS, **common),
+            "pr_auc": classification.BinaryAveragePrecision(thresholds=AUROC_BINS, **common),
         }
     elif kind == "multiclass":
         metrics = {
             "accuracy": classification.MulticlassAccuracy(n, average="micro", **common),
             "f1": classification.MulticlassF1Score(n, average="macro", **common),
             "auroc": classification.MulticlassAUROC(n, thresholds=AUROC_BINS, **common),
+            "pr_auc": classification.MulticlassAveragePrecision(
+                n, average="macro", thresholds=AUROC_BINS, **common
+            ),
         }
     elif kind == "multilabel":
         metrics = {
             "accuracy": classification.MultilabelAccuracy(n, **common),
             "f1": classification.MultilabelF1Score(n, average="macro", **common),
             "auroc": classification.MultilabelAUROC(n, thresholds=AUROC_BINS, **common),
+            "pr_auc": classification.MultilabelAveragePrecision(
+                n, average="macro", thresholds=AUROC_BINS, **common
+            ),
         }
     elif kind == "regression":
         metrics = {

@@ -206,7 +206,9 @@ def test_class_imbalance_with_a_weighted_loss_advises_metrics_not_weights() -> N
     message, _ = class_imbalance(multilabel, weighted=True)
     assert "already class-weighted" in message and "pos_weight" not in message
     fixes = data_rules.imbalance_fixes(weighted=True)
-    assert fixes[0].startswith("Judge the model") and sorted(fixes) == sorted(RULES["GW103"].fixes)
+    assert fixes[0].startswith("Pick the checkpoint") and sorted(fixes) == sorted(
+        RULES["GW103"].fixes
+    )
 
 
 def test_loss_is_weighted() -> None:

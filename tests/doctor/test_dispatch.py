@@ -192,7 +192,7 @@ def test_class_imbalance_in_a_weighted_loop_advises_metrics_first():
         opt.step()
     [finding] = [f for f in doctor.findings if f.code == "GW103"]
     assert finding.fixes == imbalance_fixes(weighted=True)  # metrics and threshold first
-    assert finding.fixes[0].startswith("Judge the model with balanced metrics")
+    assert finding.fixes[0].startswith("Pick the checkpoint and stop early by PR-AUC")
 
 
 class _Stateful(nn.Module):

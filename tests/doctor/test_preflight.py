@@ -197,7 +197,7 @@ def test_class_imbalance_with_a_class_weighted_loss() -> None:
     report = check(mlp(outputs=1), (x, y), loss_fn=weighted, overfit=False, lr_range=False)
     assert report.codes == ["GW103"]  # still imbalanced, but the advice changes
     assert "already class-weighted" in report.findings[0].message
-    assert report.findings[0].fixes[0].startswith("Judge the model")
+    assert report.findings[0].fixes[0].startswith("Pick the checkpoint")
 
 
 def regression(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ from gradwise._format import percent, times
 from gradwise.data.bundle import IGNORE_INDEX
 from gradwise.doctor.findings import rule
 from gradwise.doctor.rules._types import Result
+from gradwise.tasks import imbalanced_monitor
 
 CLASS_INDEX_LOSSES = ("cross_entropy", "nll")
 BCE_LOSSES = ("bce", "bce_logits")
@@ -311,12 +312,22 @@ def unnormalised_inputs(inputs: torch.Tensor, layer_input: torch.Tensor | None =
 # ============================================================================ GW103
 
 
-def _pessimistic_ratio(majority: float, minority: float, z: float) -> float:
+def pessimistic_ratio(majority: float, minority: float, z: float) -> float:
     """Majority/minority ratio with the majority at the low end and the minority at the high end
     of a Wilson-type interval for a count: c + z^2/2 -/+ z * sqrt(c + z^2/4)."""
     lo = majority + z * z / 2 - z * math.sqrt(majority + z * z / 4)
     hi = minority + z * z / 2 + z * math.sqrt(minority + z * z / 4)
     return max(lo, 0.0) / hi
+
+
+def imbalanced(majority: float, minority: float) -> bool:
+    """GW103's verdict on two class counts: the ratio reaches ``imbalance_ratio`` and, with
+    pessimistic counts, ``imbalance_confidence_ratio``. The advisor asks the same question before
+    it chooses the monitored metric, so the doctor and the advisor never disagree."""
+    t = THRESHOLDS
+    ratio = majority / minority if minority > 0 else math.inf
+    confident = pessimistic_ratio(majority, minority, t.imbalance_z)
+    return ratio >= t.imbalance_ratio and confident >= t.imbalance_confidence_ratio
 
 
 def _class_targets(targets: torch.Tensor) -> torch.Tensor | None:
@@ -334,19 +345,22 @@ def _class_targets(targets: torch.Tensor) -> torch.Tensor | None:
     return targets.to(torch.int64)
 
 
+_TWO, _MANY = imbalanced_monitor(2), imbalanced_monitor(3)
 IMBALANCE_FIXES = (
     "Weight the loss by inverse class frequency (CrossEntropyLoss(weight=...), or "
     "BCEWithLogitsLoss(pos_weight=negatives/positives) for binary and multilabel targets).",
     "Sample batches with a WeightedRandomSampler so that each class is seen about equally often.",
     "Use focal loss (Lin et al. 2017) to down-weight the many easy majority examples.",
-    "Judge the model with balanced metrics (macro F1, balanced accuracy, AUROC, PR-AUC), not "
-    "accuracy, and tune the decision threshold on validation data.",
+    f"Pick the checkpoint and stop early by {_TWO[1]} for two classes, {_MANY[1]} for more "
+    "classes or for multilabel targets, not accuracy (gradwise's advisor does: "
+    f"early_stopping.monitor: {_TWO[0]} or {_MANY[0]}); report per-class recall and tune the "
+    "decision threshold on validation data.",
 )
 
 
 def imbalance_fixes(weighted: bool) -> list[str]:
     """GW103's fixes in the order that fits: with a class-weighted loss, weighting it is done, so
-    balanced metrics and the decision threshold come first (for ``Finding.fixes``)."""
+    the monitored metric and the decision threshold come first (for ``Finding.fixes``)."""
     fixes = list(IMBALANCE_FIXES)
     return [fixes[3], fixes[1], fixes[2], fixes[0]] if weighted else fixes
 
@@ -445,11 +459,12 @@ def class_imbalance(
     major_i, minor_i = int(present.argmax()), int(present.argmin())
     major, minor = float(present[major_i]), float(present[minor_i])
     ratio = major / minor if minor > 0 else math.inf
-    confident = _pessimistic_ratio(major, minor, t.imbalance_z)
-    if ratio < t.imbalance_ratio or confident < t.imbalance_confidence_ratio:
+    confident = pessimistic_ratio(major, minor, t.imbalance_z)
+    if not imbalanced(major, minor):
         return None
     major_c, minor_c = int(classes[major_i]), int(classes[minor_i])
     n = float(present.sum())
+    n_classes = num_classes or int(present.numel())
     above = int((present * t.imbalance_ratio <= major).sum())
     shown = (
         f"never occurs (0 of {int(n)} samples)"
@@ -464,7 +479,7 @@ def class_imbalance(
             if above > 1
             else ""
         )
-        + _imbalance_advice(weighted, "weight the loss or resample"),
+        + _imbalance_advice(weighted, "weight the loss or resample", imbalanced_monitor(n_classes)),
         {
             "imbalance_ratio": ratio,
             "pessimistic_ratio": confident,
@@ -487,13 +502,20 @@ def _ratio(ratio: float) -> str:
     return f"{ratio:.3g}:1" if ratio < 1e4 else f"{ratio:.1e}:1"
 
 
-def _imbalance_advice(weighted: bool, fix: str) -> str:
+def _imbalance_advice(weighted: bool, fix: str, monitor: tuple[str, str, str]) -> str:
+    """The finding's advice; ``monitor`` (from :func:`gradwise.tasks.imbalanced_monitor`) is the
+    metric the advisor monitors for this problem, named here too so that both say the same."""
+    metric, name, _ = monitor
+    judge = (
+        f"pick the checkpoint by {name}, not accuracy (early_stopping.monitor: {metric}, "
+        "gradwise's advisor's choice)"
+    )
     if weighted:
         return (
-            "; the loss is already class-weighted, so judge the model by per-class metrics "
-            "(recall, macro F1, PR-AUC) and tune the decision threshold on validation data"
+            f"; the loss is already class-weighted, so {judge}, check per-class recall and tune "
+            "the decision threshold on validation data"
         )
-    return f"; {fix}"
+    return f"; {fix}, and {judge}"
 
 
 def _multilabel_imbalance(targets: torch.Tensor, weighted: bool = False) -> Result:
@@ -507,7 +529,7 @@ def _multilabel_imbalance(targets: torch.Tensor, weighted: bool = False) -> Resu
     ratio = torch.where(minor > 0, major / minor.clamp(min=1), torch.full_like(major, math.inf))
     confident = torch.tensor(
         [
-            _pessimistic_ratio(float(a), float(b), t.imbalance_z)
+            pessimistic_ratio(float(a), float(b), t.imbalance_z)
             for a, b in zip(major, minor, strict=True)
         ]
     )
@@ -526,7 +548,9 @@ def _multilabel_imbalance(targets: torch.Tensor, weighted: bool = False) -> Resu
         f"{int(flagged.sum())} of {targets.shape[1]} labels are imbalanced; label {worst} "
         f"{detail}"
         + _imbalance_advice(
-            weighted, "set BCEWithLogitsLoss(pos_weight=negatives/positives) per label"
+            weighted,
+            "set BCEWithLogitsLoss(pos_weight=negatives/positives) per label",
+            imbalanced_monitor(targets.shape[1], multilabel=True),
         ),
         {
             "imbalance_ratio": float(ratio[worst]),
