@@ -393,7 +393,9 @@ class Trainer:
         elif self.dist.main:
             self.run_dir = new_run_dir(r.tracking.root, r.name or self._default_name())
             atomic_write_text(self.run_dir / "recipe.yaml", r.to_yaml())
-            write_environment(self.run_dir, r.seed)
+            write_environment(  # lineage: versions, git state, data fingerprints
+                self.run_dir, r.seed, self.assembly.train_dataset, self.assembly.val_dataset
+            )
             if self.advice is not None:
                 advice = [a.to_dict() for a in self.advice]
                 atomic_write_text(self.run_dir / "advice.json", json.dumps(advice, indent=2))

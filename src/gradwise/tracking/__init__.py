@@ -6,7 +6,8 @@ export and tune read it. Everything in it is a plain file a person can open::
     runs/<name>/recipe.yaml         the recipe (written by the trainer)
     runs/<name>/status.json         state, progress and best metric (written atomically)
     runs/<name>/metrics.jsonl       one JSON object per logged step and split
-    runs/<name>/environment.json    versions, git commit, seed and hardware
+    runs/<name>/environment.json    lineage (data fingerprints, git commit and dirty flag, package
+                                    versions), seed and hardware
     runs/<name>/tb/                 TensorBoard event files, when enabled
     runs/mlflow.db                  MLflow tracking database shared by all runs under runs/
     runs/mlartifacts/               MLflow artifact root

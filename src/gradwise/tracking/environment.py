@@ -1,4 +1,9 @@
-"""``environment.json``: what a run ran on (versions, code, seed, hardware), to reproduce or explain it."""
+"""``environment.json``: what a run ran on (versions, code, seed, hardware) and what it trained on
+(the data's fingerprint, :mod:`gradwise.tracking.lineage`), to reproduce, explain or compare it.
+
+Its lineage keys: ``"data"`` (the training and validation splits' fingerprints), ``"git"`` (the
+commit, branch and dirty flag of the repository the run was started in, null outside one) and
+``"versions"`` (Python, gradwise and every dependency). ``gradwise runs --compare`` reads them."""
 
 from __future__ import annotations
 
@@ -31,10 +36,16 @@ _ENV_VARS = (
 )
 
 
-def write_environment(run_dir: Path, seed: int | None) -> dict[str, Any]:
-    """Collect the environment (see :func:`collect_environment`), write it to ``environment.json``
-    and return it."""
+def write_environment(
+    run_dir: Path, seed: int | None, train: Any = None, val: Any = None
+) -> dict[str, Any]:
+    """Collect the environment (see :func:`collect_environment`) and the fingerprints of the
+    ``train`` and ``val`` data (Datasets or DataLoaders; :func:`~gradwise.tracking.lineage.fingerprint`),
+    write them to ``environment.json`` and return them."""
+    from gradwise.tracking.lineage import data_lineage
+
     env = collect_environment(seed)
+    env["data"] = data_lineage(train, val)
     atomic_write_json(Path(run_dir) / ENVIRONMENT_FILE, env)
     return env
 
