@@ -5,7 +5,9 @@ An export directory holds::
     model.onnx | model.pt2 | model.ts   the artifact (see gradwise.deploy.formats)
     model.int8.onnx                     when quantized
     model.json                          the model card: what the artifact is, how to feed it, how
-                                        good it is, and how close it is to eager PyTorch
+                                        good it is, and how close it is to eager PyTorch; its
+                                        ``calibration`` is the run's evaluation/calibration.json
+                                        (the temperature T of softmax(logits / T)) or null
     reference.json                      statistics of the training inputs and of the model's
                                         predictions on them, for drift monitoring
 
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,6 +112,22 @@ def load_card(export_dir: str | Path) -> dict[str, Any]:
                 "or damaged after export; export again"
             )
     return card
+
+
+def card_temperature(card: dict[str, Any]) -> float | None:
+    """The calibration temperature a model card carries (None: probabilities are uncalibrated,
+    T = 1), checked: a card is data that anyone may have written."""
+    calibration = card.get("calibration")
+    if calibration is None:
+        return None
+    if not isinstance(calibration, dict):
+        raise ConfigError(
+            f"{CARD}: calibration", calibration, "an object with a temperature, or null"
+        )
+    t = calibration.get("temperature")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        raise ConfigError(f"{CARD}: calibration.temperature", t, "a finite number > 0")
+    return float(t)
 
 
 def card_files(card: dict[str, Any]) -> list[tuple[str, Any, Any]]:

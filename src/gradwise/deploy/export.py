@@ -468,6 +468,7 @@ def _card(
         "versions": versions(),
         "parity": parity,
         "quantized": quantized,
+        "calibration": _calibration(source),
         "created": datetime.now().astimezone().isoformat(timespec="seconds"),
         "source": {
             "run_dir": str(source.run_dir.resolve()) if source.run_dir else None,
@@ -477,6 +478,16 @@ def _card(
         },
     }
     return card
+
+
+def _calibration(source: Source) -> dict[str, Any] | None:
+    """The run's fitted temperature (``evaluation/calibration.json`` of ``gradwise evaluate``),
+    so that served probabilities are ``softmax(logits / T)``; None without one."""
+    if source.run_dir is None:
+        return None
+    from gradwise.predict import run_calibration
+
+    return run_calibration(source.run_dir)
 
 
 def _dtype(t: torch.Tensor) -> str:

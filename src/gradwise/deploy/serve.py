@@ -50,7 +50,7 @@ from starlette.requests import ClientDisconnect
 
 from gradwise._lazy import callable_as_namesake
 from gradwise.deploy.batching import MicroBatcher, ShuttingDown
-from gradwise.deploy.card import INT8, preprocess, sha256_file
+from gradwise.deploy.card import INT8, card_temperature, preprocess, sha256_file
 from gradwise.deploy.formats import serving_card
 from gradwise.errors import ConfigError, GradwiseError, warn
 
@@ -242,6 +242,9 @@ class Model:
             None if d is None or isinstance(d, str) else int(d) for d in shape[1:]
         ]
         self.class_labels: list[Any] | None = self.card.get("class_labels")
+        # probabilities are softmax(logits / T) (sigmoid for binary and multilabel) with the
+        # temperature the run fitted on validation data; T = 1 without one
+        self.temperature = card_temperature(self.card) or 1.0
         pre = self.card.get("preprocessing") or {}
         self.preprocessing = {k: pre[k] for k in ("scale", "standardize") if k in pre}
         self.target_standardize = pre.get("target_standardize")
@@ -376,6 +379,8 @@ class Model:
             )
         body: dict[str, Any] = {"model": self.name}
         labels = self.class_labels
+        if self.task in CLASSIFICATION:
+            out = out / self.temperature  # never changes a predicted class, only its probability
         if self.task == "multiclass":
             probs = _softmax(out.reshape(len(out), -1))
             classes = probs.argmax(1)
