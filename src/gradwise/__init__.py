@@ -47,6 +47,7 @@ _EXPORTS: dict[str, str] = {
     "predict": "gradwise.predict",
     "cv": "gradwise.cv",
     "compare": "gradwise.compare",
+    "evaluate": "gradwise.evaluate",
 }
 
 __all__ = [  # noqa: RUF022 - grouped like _EXPORTS

@@ -1072,6 +1072,61 @@ def compare(
         out.print(f"result: {json_out}")
 
 
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory.")],
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="val (default), train, or a .npz file with raw inputs x and targets y "
+            "(preprocessed with the run's training statistics)."
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        str, typer.Option(help="best, last, or the step of a checkpoint.")
+    ] = "best",
+    slice_: Annotated[
+        list[str] | None,
+        typer.Option("--slice", help="Metrics per group: label, or a column name (repeatable)."),
+    ] = None,
+    resamples: Annotated[int, typer.Option(min=0, help="Bootstrap resamples (0: none).")] = 1000,
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            "--calibrate/--no-calibrate",
+            help="Fit a temperature on the validation split (evaluation/calibration.json).",
+        ),
+    ] = True,
+    trust: TrustOption = False,
+) -> None:
+    """Evaluate a run in depth: metrics with 95% bootstrap intervals, calibration, error analysis,
+    plots and one HTML page, written to RUN/evaluation/ (and logged to the run's MLflow run)."""
+    from gradwise.evaluate.run import evaluate as run_evaluate
+
+    if checkpoint not in ("best", "last", "latest") and not checkpoint.isdigit():
+        raise ConfigError("--checkpoint", checkpoint, "best, last, or a step number")
+    result = run_evaluate(
+        run_dir, data, checkpoint=checkpoint, slices=slice_ or None, trust=trust,
+        calibrate=calibrate, resamples=resamples,
+    )  # fmt: skip
+    m = result.metrics
+    out.print(f"{result.task}: {m['samples']:,} samples ({result.source['data']}), checkpoint "
+              f"{result.source['checkpoint']}")  # fmt: skip
+    for name, v in m["headline"].items():
+        ci = "" if v["ci_low"] is None else f"  (95% CI {v['ci_low']:.4f}..{v['ci_high']:.4f})"
+        out.print(f"  {name:<24} {v['value']:.4f}{ci}")
+    c = result.calibration
+    if c:
+        out.print(
+            f"temperature {c['temperature']:.3f}: ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}, "
+            f"NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f} (fitted on {c['samples']} "
+            "validation samples)"
+        )
+    for note in result.notes:
+        out.print(note, soft_wrap=True)
+    out.print(f"evaluation: {result.dir / 'index.html'}", soft_wrap=True)
+
+
 def main() -> None:
     """Entry point: user errors exit with code 2 and one message; tracebacks only with --debug."""
     debug = "--debug" in sys.argv or os.environ.get("GRADWISE_DEBUG") == "1"
