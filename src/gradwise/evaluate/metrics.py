@@ -126,12 +126,16 @@ def ranking_metrics(
         ws = np.add.reduceat(ws, starts, axis=1)
     neg = ws - pos
     p, n = pos.sum(1, dtype=np.float64), neg.sum(1, dtype=np.float64)
-    # counts are integers: float32 sums are exact up to 2**24 samples
-    tp, fp = np.cumsum(pos, axis=1), np.cumsum(neg, axis=1)
+    # counts are integers: float32 sums are exact up to 2**24 samples; in place, one pass each
+    tp, seen = np.cumsum(pos, axis=1), np.cumsum(ws, axis=1)
+    below = np.cumsum(neg, axis=1)  # negatives at or above each threshold ...
+    np.subtract(n.astype(np.float32)[:, None], below, out=below)  # ... now those below it
+    below += 0.5 * neg  # ties: one half
+    auc_sum = np.einsum("ij,ij->i", pos, below, dtype=np.float64)
+    np.divide(tp, seen, out=tp, where=seen > 0)  # precision at each threshold
+    ap_sum = np.einsum("ij,ij->i", pos, tp, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        below = (n[:, None] - fp) + 0.5 * neg  # negatives scored lower (ties: one half)
-        auc = np.einsum("ij,ij->i", pos, below) / (p * n)
-        ap = np.einsum("ij,ij->i", pos, _ratio(tp, tp + fp)) / p
+        auc, ap = auc_sum / (p * n), ap_sum / p
     return auc, ap
 
 
