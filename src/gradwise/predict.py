@@ -41,7 +41,7 @@ import numpy as np
 from gradwise._lazy import callable_as_namesake
 from gradwise.errors import ConfigError, DataError
 
-CALIBRATION = Path("evaluation") / "calibration.json"  # written by gradwise evaluate (helper A)
+CALIBRATION = Path("evaluation") / "calibration.json"  # written by gradwise evaluate
 CHECKPOINTS = ("best", "last")
 LABEL_COLUMNS = ("label", "labels", "target", "y", "class")  # ignored when the CSV has one more
 ARRAY_KEYS = ("X", "x", "inputs", "features")  # the inputs of an .npz archive, in this order
@@ -178,31 +178,10 @@ def run_calibration(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def read_temperature(run_dir: str | Path) -> float | None:
-    """The fitted temperature of a run (None without ``evaluation/calibration.json``): helper A's
-    :func:`gradwise.evaluate.calibration.read_temperature` when installed, else the same contract
-    read here (a finite number > 0 under ``temperature``, ``method: temperature``)."""
-    try:
-        from gradwise.evaluate.calibration import read_temperature as read
-    except ImportError:
-        read = _read_temperature
+    """The fitted temperature of a run (None without ``evaluation/calibration.json``)."""
+    from gradwise.evaluate.calibration import read_temperature as read
+
     return read(Path(run_dir))
-
-
-def _read_temperature(run_dir: Path) -> float | None:
-    path = run_dir / CALIBRATION
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(record, dict) or record.get("method") != "temperature":
-        method = record.get("method") if isinstance(record, dict) else record
-        raise ConfigError(f"{path}: method", method, "'temperature'")
-    t = record.get("temperature")
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-        raise ConfigError(f"{path}: temperature", t, "a finite number > 0")
-    return float(t)
 
 
 # -- opening a run or an export -----------------------------------------------------------------
