@@ -81,21 +81,48 @@ class _Files(Dataset):
         return {"pixels": self.x[i] + 0.1 * torch.randn(8), "label": int(self.y[i]), "id": f"{i}"}
 
 
-def test_generic_datasets_are_sampled_deterministically_without_touching_the_rng():
+class _Counting(_Files):
+    """A user's dataset that counts its reads (as a test's Ctrl-C trigger or a stream does)."""
+
+    reads = 0
+
+    def __getitem__(self, i: int) -> dict:
+        type(self).reads += 1
+        return super().__getitem__(i)
+
+
+def test_a_users_own_dataset_is_never_read_for_lineage():
+    x, y = _blobs(n=1000)
+    record = fingerprint(_Counting(x, y))
+    assert _Counting.reads == 0
+    assert record["method"] == "not-read" and record["sha256"] is None
+    assert record["samples"] == 1000 and "side effects" in record["reason"]
+
+
+class _GradwiseFiles(_Files):
+    """Stands for one of gradwise's own file-backed data sets, whose samples are read."""
+
+    __module__ = "gradwise.data.images"
+
+
+def test_gradwise_datasets_are_sampled_deterministically_without_touching_the_rng():
     x, y = _blobs(n=1000)
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    first = fingerprint(_Files(x, y))
+    first = fingerprint(_GradwiseFiles(x, y))
     assert torch.equal(torch.get_rng_state(), before)  # the run's randomness is untouched
     assert first["method"] == "sample" and first["hashed"] == DATASET_ITEMS
     assert first["samples"] == 1000
-    assert fingerprint(_Files(x, y)) == first  # the augmentation repeats under the fixed seed
+    assert fingerprint(_GradwiseFiles(x, y)) == first  # the augmentation repeats, seeded
     changed = x.clone()
     changed[0] += 1  # the first sample is always in the sample
-    assert fingerprint(_Files(changed, y))["sha256"] != first["sha256"]
-    assert fingerprint(_Files(x[:999], y[:999]))["sha256"] != first["sha256"]  # the length counts
+    assert fingerprint(_GradwiseFiles(changed, y))["sha256"] != first["sha256"]
+    shorter = _GradwiseFiles(x[:999], y[:999])
+    assert fingerprint(shorter)["sha256"] != first["sha256"]  # the length counts
 
-    class Objects(_Files):
+    class Objects(_GradwiseFiles):
+        __module__ = _GradwiseFiles.__module__
+
         def __getitem__(self, i: int) -> object:
             return object()
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -167,19 +166,16 @@ def probabilities(logits: np.ndarray, task: str, temperature: float = 1.0) -> np
     return softmax(z, axis=1)
 
 
-def run_calibration(run_dir: str | Path) -> dict[str, Any] | None:
-    """The run's ``evaluation/calibration.json`` (temperature validated), or None without one."""
-    run_dir = Path(run_dir)
-    temperature = read_temperature(run_dir)
-    if temperature is None:
-        return None
-    record = json.loads((run_dir / CALIBRATION).read_text(encoding="utf-8"))
-    return {**record, "temperature": temperature}
-
-
 def read_temperature(run_dir: str | Path) -> float | None:
     """The fitted temperature of a run (None without ``evaluation/calibration.json``)."""
     from gradwise.evaluate.calibration import read_temperature as read
+
+    return read(Path(run_dir))
+
+
+def read_calibration(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's ``evaluation/calibration.json``, validated, or None without one."""
+    from gradwise.evaluate.calibration import read_calibration as read
 
     return read(Path(run_dir))
 
@@ -219,7 +215,7 @@ def _open_run(path: Path, checkpoint: str, trust: bool) -> _Model:
         )  # fmt: skip
     model = load_model(source)
     info = load_data(recipe.data.name, recipe.data.kwargs, trusted=trust).info
-    calibration = run_calibration(source.run_dir)
+    calibration = read_calibration(source.run_dir)
     max_len = getattr(model, "max_seq_len", None)
     return _Model(
         source="run",

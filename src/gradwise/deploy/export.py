@@ -485,9 +485,9 @@ def _calibration(source: Source) -> dict[str, Any] | None:
     so that served probabilities are ``softmax(logits / T)``; None without one."""
     if source.run_dir is None:
         return None
-    from gradwise.predict import run_calibration
+    from gradwise.evaluate.calibration import read_calibration
 
-    return run_calibration(source.run_dir)
+    return read_calibration(source.run_dir)
 
 
 def _dtype(t: torch.Tensor) -> str:

@@ -130,9 +130,9 @@ def validate(record: Any, where: str = CALIBRATION_FILE) -> dict[str, Any]:
     return record
 
 
-def read_temperature(run_dir: str | Path) -> float | None:
-    """The temperature stored with a run (``RUN/evaluation/calibration.json``), or None when the
-    run has not been calibrated. A file that breaks the contract is a DataError, never a silent 1.0."""
+def read_calibration(run_dir: str | Path) -> dict[str, Any] | None:
+    """The calibration record stored with a run (``RUN/evaluation/calibration.json``), validated,
+    or None when the run has not been calibrated. A file that breaks the contract is a DataError."""
     path = calibration_path(run_dir)
     if not path.is_file():
         return None
@@ -140,7 +140,14 @@ def read_temperature(run_dir: str | Path) -> float | None:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not readable JSON ({exc})") from None
-    return float(validate(record, str(path))["temperature"])
+    return validate(record, str(path))
+
+
+def read_temperature(run_dir: str | Path) -> float | None:
+    """The temperature stored with a run, or None when the run has not been calibrated; never a
+    silent 1.0 for a broken file."""
+    record = read_calibration(run_dir)
+    return None if record is None else float(record["temperature"])
 
 
 def write(directory: str | Path, record: dict[str, Any]) -> Path:

@@ -13,12 +13,16 @@ null outside one) and ``"versions"`` (Python, gradwise and every dependency)::
 How each split is hashed (``method``; SHA-256 over dtypes, shapes and raw bytes, in chunks):
 
 - ``full``: in-memory tensors (``TensorDataset``, ``(X, y)`` arrays) up to :data:`FULL_BYTES` per
-  split, byte for byte; a map-style Dataset of at most :data:`DATASET_ITEMS` samples, every sample.
+  split, byte for byte; one of gradwise's map-style data sets of at most :data:`DATASET_ITEMS`
+  samples, every sample.
 - ``sample``: larger tensors: :data:`SAMPLE_ROWS` evenly spaced rows, plus every tensor's shape;
   larger map-style Datasets (whose samples may each read a file): :data:`DATASET_ITEMS` evenly
   spaced samples, plus the length. A change outside the sample goes unseen; a changed size,
   shape, dtype, order or sampled sample does not.
-- ``stream``: an IterableDataset: its first :data:`DATASET_ITEMS` samples; ``samples`` is null.
+- ``stream``: one of gradwise's streaming data sets: its first :data:`DATASET_ITEMS` samples;
+  ``samples`` is null.
+- ``not-read``: a Dataset or stream of the user's own (not tensors): ``sha256`` is null, as its
+  samples are never read for lineage (a read may count, consume or signal); its length is kept.
 
 Samples are read with the random generators seeded and restored afterwards, so random
 augmentations give the same fingerprint every time and the run's own randomness is untouched.
@@ -67,6 +71,8 @@ def fingerprint(dataset: Any) -> dict[str, Any] | None:
             tensors = getattr(dataset, "tensors", None)
             if _all_tensors(tensors):
                 return _tensors(tensors)
+            if not _readable(dataset):
+                return _not_read(dataset)
             if isinstance(dataset, IterableDataset):
                 items = itertools.islice(iter(dataset), DATASET_ITEMS)
                 return _items(items, None, "stream")
@@ -78,6 +84,27 @@ def fingerprint(dataset: Any) -> dict[str, Any] | None:
         return {"sha256": None, "method": "unhashable", "reason": str(exc)}
     except Exception as exc:  # the user's dataset failed to read: lineage must not stop the run
         return {"sha256": None, "method": "unreadable", "reason": f"{type(exc).__name__}: {exc}"}
+
+
+def _readable(dataset: Any) -> bool:
+    """Whether reading samples for the fingerprint is free of side effects: gradwise's own data
+    sets are; a user's Dataset or stream may count, consume or signal on each read (a stream
+    from a queue loses what it yields), so its samples are never read for lineage."""
+    return type(dataset).__module__.startswith("gradwise.")
+
+
+def _not_read(dataset: Any) -> dict[str, Any]:
+    try:
+        n = len(dataset)
+    except TypeError:
+        n = None
+    return {
+        "sha256": None,
+        "method": "not-read",
+        "samples": n,
+        "reason": f"{type(dataset).__name__} is not gradwise's: its samples are not read for "
+        "lineage (reading may have side effects); give the data as tensors to fingerprint it",
+    }
 
 
 def data_lineage(train: Any, val: Any = None) -> dict[str, Any]:
