@@ -350,18 +350,7 @@ def _single_label(
         "samples": n,
         "headline": _headline(point, cis),
         "bootstrap": _boot_info(resamples, seed, ranking_share),
-        "per_class": [
-            {
-                "class": names[k],
-                "precision": float(prec[k]),
-                "recall": float(rec[k]),
-                "f1": float(f1[k]),
-                "support": int(support[k]),
-                "roc_auc": float(auc[k]) if k in auc else None,
-                "average_precision": float(ap[k]) if k in ap else None,
-            }
-            for k in labels
-        ],
+        "per_class": _per_class(labels, names, prec, rec, f1, support, auc, ap),
         "averages": {a: {k: float(v) for k, v in d.items()} for a, d in averages.items()},
         "labels": names,
         "confusion_matrix": skm.confusion_matrix(y, pred, labels=labels).tolist(),
@@ -481,18 +470,7 @@ def _multilabel(
         "samples": n,
         "headline": _headline(point, cis),
         "bootstrap": _boot_info(resamples, seed, ranking_share),
-        "per_class": [
-            {
-                "class": names[k],
-                "precision": float(prec[k]),
-                "recall": float(rec[k]),
-                "f1": float(f1[k]),
-                "support": int(support[k]),
-                "roc_auc": float(auc[k]) if k in auc else None,
-                "average_precision": float(ap[k]) if k in ap else None,
-            }
-            for k in range(L)
-        ],
+        "per_class": _per_class(range(L), names, prec, rec, f1, support, auc, ap),
         "averages": {a: {k: float(v) for k, v in d.items()} for a, d in averages.items()},
         "labels": names,
         "ece_bins": ECE_BINS,
@@ -615,3 +593,21 @@ def lm_metrics(
         "headline": _headline({k: float(v) for k, v in point.items()}, cis),
         "bootstrap": {"resamples": resamples, "confidence": CONFIDENCE, "seed": seed},
     }
+
+
+def _per_class(
+    labels: Any, names: Any, prec: Any, rec: Any, f1: Any, support: Any, auc: dict, ap: dict
+) -> list[dict[str, Any]]:
+    """One row per class: precision, recall, F1, support, and AUC/AP where defined."""
+    return [
+        {
+            "class": names[k],
+            "precision": float(prec[k]),
+            "recall": float(rec[k]),
+            "f1": float(f1[k]),
+            "support": int(support[k]),
+            "roc_auc": float(auc[k]) if k in auc else None,
+            "average_precision": float(ap[k]) if k in ap else None,
+        }
+        for k in labels
+    ]
