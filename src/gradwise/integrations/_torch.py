@@ -31,6 +31,20 @@ VAL_LOSS_KEYS = ("val_loss", "val/loss", "valid_loss", "validation_loss", "eval_
 """Where the validation loss is found in a trainer's metrics when no key is given, in this order."""
 
 
+class Watched:
+    """What a framework's DoctorCallback shows of its ``watch``: the Doctor and its findings."""
+
+    watch: Watch
+
+    @property
+    def doctor(self) -> Doctor | None:
+        return self.watch.doctor
+
+    @property
+    def findings(self) -> list[Finding]:
+        return self.watch.findings
+
+
 class Watch:
     """One run's Doctor and what it needs from a trainer's callbacks."""
 

@@ -23,11 +23,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from gradwise.doctor.findings import Finding
-from gradwise.integrations._torch import Watch
+from gradwise.integrations._torch import Watch, Watched
 
 
-class DoctorCallback(pl.Callback):
+class DoctorCallback(Watched, pl.Callback):
     """Diagnose a Lightning ``fit`` live.
 
     run_dir: where ``doctor/findings.json`` and ``doctor/telemetry.json`` go (default: the
@@ -62,14 +61,6 @@ class DoctorCallback(pl.Callback):
             metric_key=metric_key,
         )
         self.label_key = label_key
-
-    @property
-    def doctor(self) -> Any:
-        return self.watch.doctor
-
-    @property
-    def findings(self) -> list[Finding]:
-        return self.watch.findings
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.watch.run_dir is None:

@@ -27,11 +27,10 @@ from typing import Any
 from transformers import TrainerCallback
 
 from gradwise.batch import outputs_of
-from gradwise.doctor.findings import Finding
-from gradwise.integrations._torch import Watch
+from gradwise.integrations._torch import Watch, Watched
 
 
-class DoctorCallback(TrainerCallback):
+class DoctorCallback(Watched, TrainerCallback):
     """Diagnose a Hugging Face ``Trainer.train`` live.
 
     run_dir: where ``doctor/findings.json`` and ``doctor/telemetry.json`` go (default:
@@ -64,14 +63,6 @@ class DoctorCallback(TrainerCallback):
             metric_key=metric_key,
         )
         self._hooks: list[Any] = []
-
-    @property
-    def doctor(self) -> Any:
-        return self.watch.doctor
-
-    @property
-    def findings(self) -> list[Finding]:
-        return self.watch.findings
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
         if model is None:
