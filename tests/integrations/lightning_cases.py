@@ -130,4 +130,8 @@ if __name__ == "__main__":  # under torchrun: DDP on 2 CPU processes
         callback = fit(name, root / name, strategy="ddp", devices=2)
         results[name] = [[f.code, f.severity] for f in callback.findings]
     if torch.distributed.get_rank() == 0:
-        print(json.dumps(results))
+        print(json.dumps(results), flush=True)
+    # Leaving with the process group alive lets a rank's gloo threads be torn down mid-flight at
+    # interpreter exit ("terminate called without an active exception", SIGABRT): close it first.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
