@@ -269,7 +269,7 @@ def run_task(name: str, stages: list[str], cached: dict) -> dict:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = dict(cached)
     root = tempfile.mkdtemp(prefix=f"lrj-{name}-")
-    advised, advise_s = _advise(name, probe=False)
+    advised, _ = _advise(name, probe=False)
     recipe = advised.recipe
     if "monitor" not in out:
         out["monitor"], out["mode"] = _monitor_mode(recipe)
@@ -308,13 +308,15 @@ def run_task(name: str, stages: list[str], cached: dict) -> dict:
         }
         print(f"{name}: tuned -> {out['tuned']['mean']}", flush=True)
     if "probe" in stages:
-        probed, seconds = _advise(name, probe=True)
-        evidence = probed.probe.to_dict() if getattr(probed, "probe", None) else None
-        out["probe"] = {"lr": probed.recipe.optim.lr, "seconds": seconds - advise_s,
+        probed, _ = _advise(name, probe=True)
+        evidence = probed.probe or {}
+        out["probe"] = {"lr": probed.recipe.optim.lr, "seconds": evidence.get("seconds", 0.0),
                         "evidence": evidence}  # fmt: skip
         out.pop("probed", None)
         stages = [*stages, "probed"]
-        print(f"{name}: probe {out['probe']['lr']:.3g} in {seconds - advise_s:.1f} s", flush=True)
+        print(
+            f"{name}: probe {out['probe']['lr']:.3g} in {out['probe']['seconds']:.1f} s", flush=True
+        )
     if "probed" in stages:
         lr = out["probe"]["lr"]
         same = out.get("advised") and math.isclose(lr, out["advised"]["lr"], rel_tol=1e-9)

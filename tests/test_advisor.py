@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -165,13 +166,27 @@ def test_trainer_auto_records_the_advice(blobs):
     assert settings["train.epochs"]["value"] == 2
 
 
-def test_probe_refines_the_learning_rate():
-    advised = advise(
-        recipe={"model": {"name": "mlp", "kwargs": {"hidden": [32]}}, "data": {"name": "iris"}},
-        probe=True,
-    )
+def test_probe_refines_the_learning_rate_and_shows_its_evidence():
+    data = {"name": "iris", "batch_size": 32}  # a setting of yours: the probe trains with it
+    advised = advise(recipe={"model": {"name": "mlp", "kwargs": {"hidden": [32]}}, "data": data},
+                     probe=True)  # fmt: skip
     lr = next(a for a in advised.advice if a.setting == "optim.lr")
-    assert "range test" in lr.why and advised.recipe.optim.lr == lr.value
+    probe = advised.probe
+    assert advised.recipe.optim.lr == lr.value == probe["chosen"]
+    assert min(probe["candidates"]) < probe["prior"] < max(probe["candidates"])  # around the rule
+    for candidate, loss in zip(probe["candidates"], probe["losses"], strict=True):  # the evidence
+        assert f"{candidate:.2g}: {'diverged' if loss is None else f'{loss:.4g}'}" in lr.why
+    finite = [loss for loss in probe["losses"] if loss is not None]
+    assert min(finite) < probe["initial_loss"]  # the candidates trained
+    assert f"for {probe['steps']} steps each" in lr.why and "held-out loss" in lr.why
+    assert advised.recipe.data.batch_size == 32
+    assert probe["run_steps"] == advised.recipe.train.epochs * math.ceil(120 / 32)
+
+
+def test_the_probe_leaves_a_learning_rate_you_chose_alone():
+    recipe = {"model": {"name": "mlp", "kwargs": {"hidden": [32]}}, "data": {"name": "iris"}}
+    advised = advise(recipe={**recipe, "optim": {"lr": 0.02}}, probe=True)
+    assert advised.probe is None and advised.recipe.optim.lr == 0.02
 
 
 def test_cli_advise_writes_a_recipe_that_trains(tmp_path, monkeypatch, capsys):
@@ -191,5 +206,5 @@ def test_cli_advise_probe_says_what_it_is_doing(tmp_path):
     result = gradwise_cli("advise", "--model", "mlp", "--data", "iris", "--probe", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "probing the learning rate" in result.stderr
-    assert "lr range test: step 20/100" in result.stderr and "advised in" in result.stderr
-    assert "range test on a copy of the model" in result.stdout  # the lr's reason
+    assert "lr probe: " in result.stderr and "advised in" in result.stderr  # alive while it runs
+    assert "probed 5 rates around" in result.stdout or "probed 6 rates around" in result.stdout

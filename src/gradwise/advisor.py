@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gradwise.facts import Facts
@@ -66,6 +66,9 @@ PATIENCE_FRACTION, PATIENCE_MIN = 0.2, 5  # early stopping: a fifth of the budge
 BATCH_CHOICES = (128, 64, 32, 16)  # the largest that still gives MIN_STEPS optimizer steps
 MIN_STEPS = 500  # fewer updates than this and a smaller batch learns more in the same budget
 MEMORY_FRACTION = 0.5  # leave half the memory for activations' peaks and the allocator
+ACTIVATION_BYTES, ACTIVATION_COPIES = 4, 8
+"""A rough activation estimate per sample: fp32 values of the input's size at every weighted layer,
+times 8 for the hidden widths, the nonlinearities and what backward keeps."""
 HEAVY_TAIL = 0.01  # regression: > 1% of targets beyond 4 sigma -> Huber loss (Huber 1964)
 
 # fine-tuning (recipe section finetune; facts.finetune is scratch | full | partial | peft)
@@ -142,6 +145,7 @@ REFS = {
     "huber": "Huber 1964, Robust Estimation of a Location Parameter",
     "loader": "PyTorch docs, torch.utils.data (num_workers, pin_memory, persistent_workers)",
     "masters": "Masters & Luschi 2018, Revisiting Small Batch Training for Deep Neural Networks, arXiv:1804.07612",
+    "halving": "Jamieson & Talwalkar 2016, Non-stochastic Best Arm Identification and Hyperparameter Optimization (successive halving), arXiv:1502.07943",
     "smith": "Smith 2017, Cyclical Learning Rates for Training Neural Networks (LR range test), arXiv:1506.01186",
     "arora": "Arora, Li & Lyu 2019, Theoretical Analysis of Auto Rate-Tuning by Batch Normalization, arXiv:1812.03981",
     "devlin": "Devlin et al. 2019, BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding, arXiv:1810.04805 (fine-tuning: Adam 2e-5..5e-5, 2-4 epochs, weight decay 0.01)",
@@ -171,14 +175,16 @@ class Advice:
     value: Any
     why: str
     references: list[str] = field(default_factory=list)
+    evidence: dict[str, Any] = field(default_factory=dict)  # what was measured (the lr probe)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "setting": self.setting,
             "value": self.value,
             "why": self.why,
             "references": self.references,
         }
+        return out | ({"evidence": self.evidence} if self.evidence else {})
 
 
 @dataclass
@@ -188,6 +194,13 @@ class Advised:
     recipe: Recipe
     advice: list[Advice]
     facts: Facts
+
+    @property
+    def probe(self) -> dict[str, Any] | None:
+        """The learning-rate probe's evidence (candidates, held-out losses, steps, cost), if run."""
+        return next(
+            (a.evidence for a in self.advice if a.setting == "optim.lr" and a.evidence), None
+        )
 
     def __iter__(self):  # recipe, advice = gradwise.advise(...)
         return iter((self.recipe, self.advice))
@@ -234,21 +247,48 @@ def epochs(c: _Context) -> Decision:
 
 def batch_size(c: _Context) -> Decision:
     n, epochs = c.f.n_samples, c.epochs
-    size = next(
-        (b for b in BATCH_CHOICES if epochs * math.ceil(n / b) >= MIN_STEPS), BATCH_CHOICES[-1]
-    )
+    reaching = [b for b in BATCH_CHOICES if epochs * math.ceil(n / b) >= MIN_STEPS]
+    size = reaching[0] if reaching else BATCH_CHOICES[-1]
     steps = epochs * math.ceil(n / size)
-    why = (
-        f"the largest batch that still gives {MIN_STEPS}+ optimizer steps in {epochs} epochs of "
-        f"{n:,} samples ({steps:,}): with a small budget, more updates beat larger batches"
-    )
+    if not n:
+        why = (
+            f"the data has no length (a stream), so its steps per epoch are unknown: {size}, the "
+            f"smallest of {_choices()}, makes the most optimizer steps of every sample read"
+        )
+    elif reaching:
+        why = (
+            f"the largest of {_choices()} that still gives {MIN_STEPS}+ optimizer steps in "
+            f"{epochs} epochs of {n:,} samples ({steps:,}): with a small budget, more updates beat "
+            "larger batches"
+        )
+    else:
+        why = (
+            f"even the smallest of {_choices()}, {size}, gives only {steps:,} optimizer steps in "
+            f"{epochs} epochs of {n:,} samples (fewer than the {MIN_STEPS} wanted): with so small "
+            "a budget, the smallest batch makes the most updates"
+        )
     if c.f.memory_gb:
-        per_sample_mb = 4 * math.prod(c.f.input_shape) * max(c.f.depth, 1) * 8 / 2**20
-        fits = int(c.f.memory_gb * 1024 * MEMORY_FRACTION / max(per_sample_mb, 1e-6))
+        values = math.prod(c.f.input_shape)
+        layers = max(c.f.depth, 1)
+        per_sample_mb = ACTIVATION_BYTES * values * layers * ACTIVATION_COPIES / 2**20
+        room_gb = c.f.memory_gb * MEMORY_FRACTION
+        fits = int(room_gb * 1024 / max(per_sample_mb, 1e-6))
         if fits < size:
+            wanted = size
             size = max(1, 2 ** int(math.log2(max(fits, 1))))
-            why = f"the largest power of two that fits in {c.f.memory_gb:.1f} GB with half to spare"
+            why = (
+                f"memory: {c.f.memory_gb:.1f} GiB free, half kept for the allocator's peaks, leaves "
+                f"{room_gb:.3g} GiB; activations take about {per_sample_mb:,.3g} MiB per sample "
+                f"({ACTIVATION_BYTES} bytes x {values:,} input values x {layers} weighted layers x "
+                f"{ACTIVATION_COPIES}), so {fits:,} samples fit: {size}, the largest power of two "
+                f"{'at most that' if fits >= 1 else '(even one sample may not fit)'}, instead of "
+                f"{wanted} ({why})"
+            )
     return size, why, ["masters"]
+
+
+def _choices() -> str:
+    return "/".join(str(b) for b in BATCH_CHOICES)
 
 
 def optimizer(c: _Context) -> Decision:
@@ -1014,17 +1054,12 @@ def respect(
         if value == advice.value:
             return advice
         if value == "auto" and advice.value in ("ddp", "none"):  # what auto resolves to here
-            return Advice(
-                advice.setting,
-                value,
-                f"auto chooses {advice.value}: {advice.why}",
-                advice.references,
-            )
+            return replace(advice, value=value, why=f"auto chooses {advice.value}: {advice.why}")
         why = (
             f"recommended, not applied: the recipe keeps {_show(value)}; set {advice.setting}: "
             f"{_show(advice.value)} to follow it: {advice.why}"
         )
-        return Advice(advice.setting, value, why, advice.references)
+        return replace(advice, value=value, why=why)
     fixed = any(advice.setting.startswith(prefix) for prefix in prepared)
     if advice.setting not in explicit and not fixed:
         return advice
@@ -1038,7 +1073,7 @@ def respect(
             f"kept: the model was prepared with {_show(value)}; set {advice.setting}: "
             f"{_show(advice.value)} to follow the advice: {advice.why}"
         )
-    return Advice(advice.setting, value, why, advice.references)
+    return replace(advice, value=value, why=why)
 
 
 def _get(recipe: Recipe, path: str) -> Any:
@@ -1049,30 +1084,41 @@ def _get(recipe: Recipe, path: str) -> Any:
 
 
 def probe_lr(
-    advice: list[Advice], model: Any, dataset: Any, loss_fn: Any, f: Facts
+    advice: list[Advice], model: Any, dataset: Any, loss_fn: Any, f: Facts, seed: int = 0
 ) -> list[Advice]:
-    """Replace the rule-based learning rate with the range test's suggestion (within 10x of it),
-    measured on a private copy of ``model``."""
-    from gradwise.doctor.lr_finder import lr_range_test
-    from gradwise.optim import build_optimizer
-    from gradwise.recipe import OptimSpec
+    """Replace the rule's learning rate with a budgeted probe of rates around it
+    (:mod:`gradwise.lr_probe`), run on private copies of ``model``; the evidence goes with it."""
+    from gradwise.lr_probe import probe_lr as probe
+    from gradwise.recipe import OptimSpec, ScheduleSpec
 
     chosen = {a.setting: a.value for a in advice}
-    spec = OptimSpec(
-        name=chosen["optim.name"], lr=chosen["optim.lr"], weight_decay=chosen["optim.weight_decay"]
+    optim = OptimSpec(
+        name=chosen["optim.name"],
+        lr=chosen["optim.lr"],
+        weight_decay=chosen["optim.weight_decay"],
+        betas=chosen.get("optim.betas"),
+        momentum=chosen.get("optim.momentum", 0.9),
     )
-    result = lr_range_test(
+    schedule = ScheduleSpec(
+        name=chosen["schedule.name"],
+        warmup=chosen["schedule.warmup"],
+        min_lr=chosen["schedule.min_lr"],
+    )
+    batch = chosen["data.batch_size"]
+    result = probe(
         model,
         dataset,
         loss_fn,
-        optimizer=build_optimizer(model, spec),
-        batch_size=chosen["data.batch_size"],
+        prior=chosen["optim.lr"],
+        optim=optim,
+        schedule=schedule,
+        batch_size=batch,
+        run_steps=chosen["train.epochs"] * math.ceil(f.n_samples / batch),
         grad_clip=chosen.get("train.grad_clip"),
+        seed=seed,
     )
-    rule = chosen["optim.lr"]
-    lr = float(f"{min(max(result.suggestion, rule / 10), rule * 10):.2g}")
-    why = f"learning-rate range test on a copy of the model: {result.suggestion:.2g} (the rule of thumb said {rule:g})"
-    return [
-        Advice(a.setting, lr, why, [REFS["smith"]]) if a.setting == "optim.lr" else a
-        for a in advice
-    ]
+    rule = next(a for a in advice if a.setting == "optim.lr")
+    why = f"{result.summary()}; the rule of thumb said {rule.value:g} ({rule.why})"
+    refs = [REFS["halving"], *rule.references]
+    probed = Advice("optim.lr", result.chosen, why, refs, result.to_dict())
+    return [probed if a.setting == "optim.lr" else a for a in advice]

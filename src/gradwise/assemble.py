@@ -124,8 +124,8 @@ def assemble(
 
     model / train_data / val_data: objects, or None to build or load what the recipe names.
     advise: ask the advisor for every setting not in ``explicit`` (dotted paths the user chose; a
-    recipe given as a dict or path counts as chosen); ``probe`` refines its learning rate with the
-    range test and ``budget`` fixes the epochs it plans for. trusted: whether import paths in the
+    recipe given as a dict or path counts as chosen); ``probe`` refines its learning rate with short
+    runs of rates around it (:mod:`gradwise.lr_probe`) and ``budget`` fixes the epochs it plans for. trusted: whether import paths in the
     recipe may be imported (see :mod:`gradwise.trust`). metrics: the names of the user's own
     validation metrics (which the monitor may name).
     """
@@ -222,8 +222,9 @@ def advise(
     model / train_data: objects, or None to build them from ``recipe``'s model and data sections.
     budget: the epoch budget (default: by data size). explicit: dotted settings the user chose
     (e.g. {"optim.lr"}); the advice keeps them and says what it would have chosen. With a recipe
-    file or dict, every setting it names counts as explicit. probe: refine the learning rate with
-    the learning-rate range test (Smith 2017) on a private copy of the model. loss_fn: your loss
+    file or dict, every setting it names counts as explicit. probe: refine the learning rate with short,
+    budgeted runs of candidate rates around the rule's on private copies of the model, judged on
+    held-out training samples (:mod:`gradwise.lr_probe`; the evidence is ``advised.probe``). loss_fn: your loss
     for task="custom". The global random generators are left as they were.
     """
     base = load_recipe(recipe) if recipe is not None else Recipe()
@@ -300,16 +301,16 @@ def _advise(
     from gradwise.facts import facts as measure
 
     dataset = data.train_dataset
-    f = measure(model, dataset, kind, data.info, finetune=r.finetune)
+    val = data.val if data.val is not None else data.val_loader
+    f = measure(model, dataset, kind, data.info, finetune=r.finetune, val_data=val)
     zoo = zoo_kwargs(r.model.name) if not r.model.name.startswith(OBJECT) else set()
     epochs = (
         budget if budget is not None else (r.train.epochs if "train.epochs" in explicit else None)
     )
-    advice = decide(f, epochs, zoo)
-    if probe:
+    advice = [respect(a, r, explicit) for a in decide(f, epochs, zoo)]
+    if probe and "optim.lr" not in explicit:  # probed with the settings the run will have
         loss = Task(kind, width, loss=loss_fn or "auto").unsmoothed()
-        advice = probe_lr(advice, model, dataset, loss, f)
-    advice = [respect(a, r, explicit) for a in advice]
+        advice = probe_lr(advice, model, dataset, loss, f, seed=r.seed)
     settings = {a.setting: a.value for a in advice if a.setting not in explicit}
     return r.override({**settings, "task": kind}), advice, f
 

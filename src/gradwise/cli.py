@@ -177,7 +177,10 @@ def advise(
         int | None, typer.Option(help="Epoch budget (default: by data size).")
     ] = None,
     probe: Annotated[
-        bool, typer.Option(help="Refine the learning rate with the LR range test.")
+        bool,
+        typer.Option(
+            help="Refine the learning rate: short runs of rates around the rule's, judged on held-out loss."
+        ),
     ] = False,
     write: Annotated[Path | None, typer.Option(help="Save the advised recipe as YAML.")] = None,
 ) -> None:
@@ -192,8 +195,8 @@ def advise(
         if value is not None:
             base = base.override({key: {"name": value, "kwargs": {}}})
     if probe:
-        err.print("probing the learning rate: a range test on a copy of the model ...")
-        _show_progress_of("gradwise.doctor.lr_finder")
+        err.print("probing the learning rate: short runs of rates around the rule's ...")
+        _show_progress_of("gradwise.lr_probe")
     started = time.perf_counter()
     advised = run_advise(recipe=base, explicit=explicit, task=task, budget=budget, probe=probe)
     if probe:

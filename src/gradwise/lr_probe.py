@@ -21,6 +21,7 @@ benchmarks/lr_judgment.py (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -51,6 +52,8 @@ MAX_DECADES = 2.0
 """How far the grid may grow from the prior when the best candidate sits at its edge."""
 NEAR = 0.01
 """Candidates whose held-out loss is within this fraction of the best count as equally good."""
+logger = logging.getLogger(__name__)  # INFO: each candidate's result (gradwise advise --probe)
+
 HORIZON_FACTOR = 1.0
 """The full run trains ~1/BUDGET times longer than a candidate; its best rate is this factor times
 the probe's (fitted on the benchmark's fit tasks, benchmarks/fit_lr_priors.py)."""
@@ -157,7 +160,9 @@ def probe_lr(
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
-        return evaluate(clone)
+        loss = evaluate(clone)
+        logger.info("lr probe: %.2g for %d steps: held-out loss %s", lr, steps, loss)
+        return loss
 
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
