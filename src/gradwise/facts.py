@@ -3,6 +3,7 @@
     f = gradwise.facts(model, train_data)
     f.architecture, f.params, f.modality, f.n_samples, f.num_classes, f.imbalance, f.bf16
     f.world_size, f.device_count, f.device_memory_gb
+    f.val_samples, f.target_scale  # with val_data; regression targets' mean and std
 
     f = gradwise.facts(model, train_data, finetune=recipe.finetune)  # after loading and wrapping
     f.finetune, f.peft, f.trainable_params, f.adapter_params, f.head_only, f.layer_groups
@@ -84,6 +85,10 @@ class Facts:
     local_world_size: int = 1  # of them on this machine (LOCAL_WORLD_SIZE; they share its RAM)
     device_count: int = 0  # accelerators (CUDA devices) on this machine; 0 on the CPU
     device_memory_gb: float | None = None  # total memory of one accelerator (GiB); None on the CPU
+    # the validation data and the targets' scale
+    val_samples: int | None = None  # validation samples (None: no validation data given)
+    target_scale: dict[str, float] | None = None  # regression: mean and std of the train targets
+    target_standardized: bool = False  # the data set standardised the targets (its preprocessing)
     # fine-tuning (the recipe's finetune section, measured after loading, wrapping and freezing)
     finetune: str = "scratch"  # scratch | full | partial (frozen parts, unfreezing) | peft
     peft: str | None = None  # lora | dora | ia3 | prefix | prompt: chosen, or adapters found
@@ -112,11 +117,14 @@ def facts(
     info: DataInfo | None = None,
     *,
     finetune: FinetuneSpec | None = None,
+    val_data: Any = None,
 ) -> Facts:
     """Probe ``model`` and ``train_data`` (Dataset, DataLoader or (X, y)) without training.
 
     finetune: the recipe's fine-tuning section; measure after the pretrained weights are loaded,
     adapters added and parts frozen, so the trainable-parameter counts are the real ones.
+    val_data: the validation data, counted (how noisy a validation metric is depends on it); without
+    it, the validation split ``info`` records, if any.
     """
     from gradwise.data import as_dataset, describe
     from gradwise.tasks import resolve_kind
@@ -150,6 +158,9 @@ def facts(
         imbalance=(max(counts) / max(min(counts), 1)) if counts else None,
         feature_scale=_scale(x),
         target_heavy_tail=_heavy_tail(y) if kind == "regression" else None,
+        target_scale=_target_scale(y) if kind == "regression" else None,
+        target_standardized="target_standardize" in info.preprocessing,
+        val_samples=_val_samples(val_data, info),
         device=device,
         bf16=bf16,
         memory_gb=memory,
@@ -378,6 +389,27 @@ def _scale(x: torch.Tensor | None) -> dict[str, float]:
         return {}
     x = x.float()
     return {"mean": float(x.mean()), "std": float(x.std()), "max_abs": float(x.abs().max())}
+
+
+def _target_scale(y: torch.Tensor | None) -> dict[str, float] | None:
+    """Mean and standard deviation of floating targets (over every value of every output)."""
+    if y is None or not y.is_floating_point() or y.numel() < 2:
+        return None
+    y = y.double()
+    return {"mean": float(y.mean()), "std": float(y.std())}
+
+
+def _val_samples(val_data: Any, info: DataInfo) -> int | None:
+    """Samples of the validation data (None for a stream or none at all)."""
+    if val_data is None:
+        return info.n_val or None
+    from gradwise.data import as_dataset
+
+    dataset = val_data.dataset if isinstance(val_data, DataLoader) else as_dataset(val_data)
+    try:
+        return _length(dataset) or None
+    except TypeError:  # a Dataset without a length
+        return None
 
 
 def _heavy_tail(y: torch.Tensor | None) -> float | None:
