@@ -238,9 +238,21 @@ def epochs(c: _Context) -> Decision:
             "(2-4 suffice); more overfit small data and wear away what pre-training learned",
             ["devlin"],
         )
+    if c.budget_given:
+        return c.epochs, f"the epoch budget you gave ({c.epochs})", []
+    n = c.f.n_samples
+    limit = next(limit for limit, e in EPOCHS if n < limit)
+    table = ", ".join(f"{e} below {limit:,}" for limit, e in EPOCHS if limit != math.inf)
+    size = (
+        "the data has no length (a stream; train.max_steps bounds the run)"
+        if not n
+        else f"{n:,} training samples"
+        + (f" (below {limit:,})" if limit != math.inf else f" ({EPOCHS[-2][0]:,} or more)")
+    )
     return (
         c.epochs,
-        f"budget for {c.f.n_samples:,} training samples (the epoch budget you gave or a default by data size)",
+        f"{size}: {c.epochs} epochs, gradwise's default by data size ({table}, else "
+        f"{EPOCHS[-1][1]}): small data needs more passes to learn from",
         [],
     )
 
@@ -282,7 +294,7 @@ def batch_size(c: _Context) -> Decision:
                 f"({ACTIVATION_BYTES} bytes x {values:,} input values x {layers} weighted layers x "
                 f"{ACTIVATION_COPIES}), so {fits:,} samples fit: {size}, the largest power of two "
                 f"{'at most that' if fits >= 1 else '(even one sample may not fit)'}, instead of "
-                f"{wanted} ({why})"
+                f"the {wanted} the step budget alone would choose"
             )
     return size, why, ["masters"]
 
@@ -300,16 +312,19 @@ def optimizer(c: _Context) -> Decision:
             "optimizers (AdamW; Adafactor for prompt tuning)",
             ["adamw", "lora"],
         )
+    large = f"{SGD_MIN_SAMPLES:,}+ samples and {SGD_MIN_EPOCHS}+ epochs"
     if f.architecture == "cnn" and f.n_samples >= SGD_MIN_SAMPLES and c.epochs >= SGD_MIN_EPOCHS:
         return (
             "sgd",
-            "a CNN on a large data set with a long schedule: SGD with Nesterov momentum generalises slightly better than adaptive methods",
+            f"a CNN on {f.n_samples:,} samples for {c.epochs} epochs ({large}): SGD with Nesterov "
+            "momentum generalises slightly better than adaptive methods",
             ["sgd", "wilson"],
         )
     why = {
         "transformer": "Transformers need an adaptive optimizer (SGD trains them poorly); decoupled weight decay",
         "rnn": "recurrent nets train far more reliably with Adam-type optimizers",
-        "cnn": "small data or a short schedule: AdamW converges fast and is forgiving about the learning rate",
+        "cnn": f"a CNN on {f.n_samples:,} samples for {c.epochs} epochs (SGD pays off from {large}): "
+        "AdamW converges fast and is forgiving about the learning rate",
         "mlp": "the robust default for MLPs: fast convergence, forgiving about the learning rate",
     }[f.architecture]
     return "adamw", why, ["adamw"]
@@ -319,10 +334,12 @@ def betas(c: _Context) -> Decision:
     if c.chosen["optim.name"] == "sgd":
         return None
     if c.f.architecture == "transformer":
-        beta2 = 0.95 if c.f.params > LARGE_TRANSFORMER else 0.98
+        large = c.f.params > LARGE_TRANSFORMER
+        beta2 = 0.95 if large else 0.98
+        size = f"{c.f.params:,} parameters, {'above' if large else 'at most'} {LARGE_TRANSFORMER:,}"
         return (
             [0.9, beta2],
-            f"Transformers: a shorter second-moment memory (beta2 {beta2}) damps loss spikes",
+            f"Transformers ({size}): a shorter second-moment memory (beta2 {beta2}) damps loss spikes",
             ["vaswani"],
         )
     return [0.9, 0.999], "Adam's standard moments", ["adamw"]
@@ -445,26 +462,34 @@ def weight_decay(c: _Context) -> Decision:
     if c.epochs <= FEW_EPOCHS:
         return (
             WEIGHT_DECAY["few_epochs"],
-            f"only {c.epochs} passes over the data: the model underfits, so keep decay light",
+            f"only {c.epochs} passes over the data (at most {FEW_EPOCHS}): the model underfits, so "
+            f"keep decay light ({WEIGHT_DECAY['few_epochs']:g})",
             ["adamw"],
         )
     if c.chosen["optim.name"] == "sgd":
-        return WEIGHT_DECAY["sgd"], "SGD: L2 5e-4 is the standard for CNNs", ["goyal"]
+        return (
+            WEIGHT_DECAY["sgd"],
+            f"SGD: L2 {WEIGHT_DECAY['sgd']:g} is the standard for CNNs",
+            ["goyal"],
+        )
     if c.f.architecture == "transformer":
         return (
             WEIGHT_DECAY["adamw_transformer"],
-            "Transformers: 0.1 (GPT-style), never on norms, biases or embeddings",
+            f"Transformers: {WEIGHT_DECAY['adamw_transformer']:g} (GPT-style), never on norms, "
+            "biases or embeddings",
             ["adamw"],
         )
-    if c.f.n_samples < TINY_DATA:
+    if 0 < c.f.n_samples < TINY_DATA:
         return (
             WEIGHT_DECAY["adamw_tiny_data"],
-            f"only {c.f.n_samples} samples: stronger regularisation",
+            f"only {c.f.n_samples:,} samples (below {TINY_DATA:,}): stronger regularisation, "
+            f"{WEIGHT_DECAY['adamw_tiny_data']:g} instead of {WEIGHT_DECAY['adamw']:g}",
             ["adamw"],
         )
     return (
         WEIGHT_DECAY["adamw"],
-        "AdamW's usual 0.01-0.1; never on norms, biases or embeddings",
+        f"{WEIGHT_DECAY['adamw']:g}, within AdamW's usual 0.01-0.1; never on norms, biases or "
+        "embeddings",
         ["adamw"],
     )
 
@@ -487,24 +512,36 @@ def warmup(c: _Context) -> Decision:
         )
     fraction = WARMUP.get(c.f.architecture, WARMUP["default"])
     why = {
-        True: "Transformers: a longer warmup keeps Adam's early, poorly estimated moments from taking huge steps in attention layers",
-        False: "a short warmup protects the first steps, when Adam's second-moment estimate is still noisy",
+        True: f"Transformers: a longer warmup ({fraction:.0%} of the steps) keeps Adam's early, "
+        "poorly estimated moments from taking huge steps in attention layers",
+        False: f"a short warmup ({fraction:.0%} of the steps) protects the first steps, when the "
+        "optimizer's statistics are still noisy",
     }[c.f.architecture == "transformer"]
     return fraction, why, ["popel" if c.f.architecture == "transformer" else "goyal"]
 
 
 def min_lr(c: _Context) -> Decision:
-    return MIN_LR, "decay to 1% of the peak: the last steps refine instead of bouncing", ["cosine"]
+    return (
+        MIN_LR,
+        f"decay to {MIN_LR:.0%} of the peak: the last steps refine instead of bouncing",
+        ["cosine"],
+    )
 
 
 def grad_clip(c: _Context) -> Decision:
     if c.f.architecture in ("transformer", "rnn"):
         return (
             CLIP,
-            f"{c.f.architecture}s have rare, huge gradient spikes: clipping the global norm at 1.0 is essential",
+            f"{c.f.architecture}s have rare, huge gradient spikes: clipping the global norm at "
+            f"{CLIP:g} is essential",
             ["pascanu"],
         )
-    return CLIP, "cheap insurance against a rare bad batch; with Adam it seldom binds", ["pascanu"]
+    return (
+        CLIP,
+        f"clipping the global norm at {CLIP:g}: cheap insurance against a rare bad batch; with "
+        "Adam it seldom binds",
+        ["pascanu"],
+    )
 
 
 def precision(c: _Context) -> Decision:
@@ -529,13 +566,29 @@ def dropout(c: _Context) -> Decision:
             ["dropout"],
         )
     if c.f.architecture == "transformer":
-        return DROPOUT["transformer"], "Transformers: 0.1 on attention and MLP outputs", ["dropout"]
-    size = (
-        "tiny" if c.f.n_samples < TINY_DATA else "small" if c.f.n_samples < SMALL_DATA else "large"
-    )
+        return (
+            DROPOUT["transformer"],
+            f"Transformers: {DROPOUT['transformer']:g} on attention and MLP outputs",
+            ["dropout"],
+        )
+    n = c.f.n_samples
+    if not n:
+        return (
+            DROPOUT["small"],
+            f"the data has no length (a stream): {DROPOUT['small']:g}, the rate for a data set "
+            "of unknown, probably not tiny, size",
+            ["dropout"],
+        )
+    size = "tiny" if n < TINY_DATA else "small" if n < SMALL_DATA else "large"
+    bounds = {
+        "tiny": f"below {TINY_DATA:,}",
+        "small": f"{TINY_DATA:,} to {SMALL_DATA:,}",
+        "large": f"{SMALL_DATA:,} or more",
+    }[size]
     return (
         DROPOUT[size],
-        f"{c.f.n_samples:,} samples for {c.f.params:,} parameters: {size} data set",
+        f"{n:,} samples for {c.f.params:,} parameters: a {size} data set ({bounds} samples) "
+        f"gets dropout {DROPOUT[size]:g}",
         ["dropout"],
     )
 
@@ -545,9 +598,11 @@ def drop_path(c: _Context) -> Decision:
         return None
     deep = c.f.depth >= DROP_PATH_MIN_DEPTH
     value = 0.1 if deep else 0.0
+    depth = f"{'at least' if deep else 'fewer than'} {DROP_PATH_MIN_DEPTH}"
     return (
         value,
-        f"{c.f.depth} weighted layers: stochastic depth {'regularises deep' if deep else 'does not help shallow'} residual stacks",
+        f"{c.f.depth} weighted layers ({depth}): stochastic depth "
+        f"{'regularises deep' if deep else 'does not help shallow'} residual stacks",
         ["droppath"],
     )
 
@@ -558,22 +613,34 @@ def label_smoothing(c: _Context) -> Decision:
     if (c.f.num_classes or 0) >= LABEL_SMOOTHING_MIN_CLASSES:
         return (
             LABEL_SMOOTHING,
-            f"{c.f.num_classes} classes: softer targets generalise and calibrate better",
+            f"{c.f.num_classes} classes (at least {LABEL_SMOOTHING_MIN_CLASSES}): smoothing "
+            f"{LABEL_SMOOTHING:g}, softer targets generalise and calibrate better",
             ["smoothing"],
         )
-    return 0.0, f"only {c.f.num_classes} classes: smoothing brings little", ["smoothing"]
+    return (
+        0.0,
+        f"only {c.f.num_classes} classes (fewer than {LABEL_SMOOTHING_MIN_CLASSES}): smoothing "
+        "brings little",
+        ["smoothing"],
+    )
 
 
 def mixup(c: _Context) -> Decision:
     if c.f.modality != "image" or c.f.task not in ("binary", "multiclass", "multilabel"):
         return None
+    budget = f"{c.f.n_samples:,} images for {c.epochs} epochs"
+    needed = f"{MIXUP_MIN_SAMPLES:,}+ images and {MIXUP_MIN_EPOCHS}+ epochs"
     if c.f.n_samples >= MIXUP_MIN_SAMPLES and c.epochs >= MIXUP_MIN_EPOCHS:
         return (
             MIXUP_ALPHA,
-            "images, enough data and a long schedule: mixup regularises strongly",
+            f"{budget} ({needed}): mixup (alpha {MIXUP_ALPHA:g}) regularises strongly",
             ["mixup"],
         )
-    return 0.0, "mixup and CutMix need long schedules to pay off; off for this budget", ["mixup"]
+    return (
+        0.0,
+        f"{budget}: mixup and CutMix need data and long schedules to pay off ({needed}); off",
+        ["mixup"],
+    )
 
 
 def cutmix(c: _Context) -> Decision:
@@ -589,6 +656,7 @@ def cutmix(c: _Context) -> Decision:
 
 def loss(c: _Context) -> Decision:
     f = c.f
+    classes = "labels' positives" if f.task == "multilabel" else "classes"
     if (
         f.task in ("binary", "multiclass", "multilabel")
         and f.imbalance
@@ -596,7 +664,8 @@ def loss(c: _Context) -> Decision:
     ):
         return (
             "focal",
-            f"classes are {f.imbalance:.0f}:1 imbalanced: focal loss down-weights the easy majority examples",
+            f"the {classes} are {f.imbalance:.0f}:1 imbalanced (focal loss from "
+            f"{IMBALANCE_FOCAL:.0f}:1): focal loss down-weights the easy majority examples",
             ["focal"],
         )
     if (
@@ -606,18 +675,45 @@ def loss(c: _Context) -> Decision:
     ):
         return (
             "huber",
-            f"{f.target_heavy_tail:.1%} of targets lie beyond 4 sigma: Huber is robust to them",
+            f"{f.target_heavy_tail:.1%} of targets lie beyond 4 sigma (more than "
+            f"{HEAVY_TAIL:.0%}): Huber is robust to them",
             ["huber"],
         )
-    if f.task is None:
+    if f.task is None or f.task == "custom":
         return None
+    if f.task == "regression":
+        return "auto", _regression_loss_why(f), []
+    if f.task == "lm":
+        return "auto", "cross-entropy over the vocabulary", []
+    if f.task == "multiclass":
+        return "auto", "cross-entropy on logits (the fused, stable form)", []
+    return "auto", "binary cross-entropy on logits (the fused, stable form)", []
+
+
+TARGET_MEAN_TOL = 0.1
+TARGET_STD_RANGE = (0.5, 2.0)
+"""Regression targets count as standardised when their mean is within TARGET_MEAN_TOL of 0 and their
+standard deviation within TARGET_STD_RANGE (or the data set recorded standardising them): the
+zoo's output layers start near 0 with unit-scale outputs, MSE's size and gradients scale with the
+targets' variance, and the learning-rate priors were measured on unit-scale targets."""
+
+
+def _regression_loss_why(f: Facts) -> str:
+    scale = f.target_scale
+    if f.target_standardized:
+        return "MSE on standardised targets (the data set standardised them with train statistics)"
+    if scale is None:
+        return "MSE; the targets' scale was not measured: standardise them if they are far from unit scale"
+    mean, std = scale["mean"], scale["std"]
+    low, high = TARGET_STD_RANGE
+    measured = f"mean {mean:.3g}, std {std:.3g}"
+    if abs(mean) <= TARGET_MEAN_TOL and low <= std <= high:
+        return f"MSE on standardised targets ({measured})"
     return (
-        "auto",
-        {
-            "regression": "MSE on standardised targets",
-            "lm": "cross-entropy over the vocabulary",
-        }.get(f.task, "cross-entropy on logits (the fused, stable form)"),
-        [],
+        f"MSE; note: the targets are not standardised ({measured}): standardise them ((y - "
+        "mean) / std with the training split's statistics; predictions map back as p * std + "
+        "mean), since MSE's size and gradients grow with the targets' variance and the "
+        "learning-rate priors assume unit-scale targets"
     )
 
 
@@ -628,7 +724,12 @@ def class_weights(c: _Context) -> Decision:
     if f.imbalance >= IMBALANCE_WEIGHTS:
         return (
             "balanced",
-            f"classes are {f.imbalance:.0f}:1 imbalanced: weight each class by n / (C * n_c)",
+            f"classes are {f.imbalance:.0f}:1 imbalanced (weights from {IMBALANCE_WEIGHTS:.0f}:1): "
+            "weight each class by n / (C * n_c)"
+            if f.task != "multilabel"
+            else f"labels' positives are {f.imbalance:.0f}:1 imbalanced (weights from "
+            f"{IMBALANCE_WEIGHTS:.0f}:1): weight each label's positives by its negatives / "
+            "positives (BCE's pos_weight)",
             ["weights"],
         )
     return None
@@ -639,7 +740,8 @@ def ema(c: _Context) -> Decision:
     if steps >= EMA_MIN_STEPS:
         return (
             0.999,
-            f"{steps:,} optimizer steps: an EMA of the weights evaluates smoother and usually better",
+            f"{steps:,} optimizer steps (at least {EMA_MIN_STEPS:,}): an EMA of the weights "
+            "(decay 0.999) evaluates smoother and usually better",
             ["ema"],
         )
     return None
@@ -778,11 +880,12 @@ def lora_rank(c: _Context) -> Decision:
         return None
     rank = next(r for limit, r in LORA_RANKS if f.n_samples < limit)
     size = "little data needs little capacity" if rank <= 8 else "more data profits from capacity"
-    why = f"{f.n_samples:,} training samples: rank {rank} ({size}); lora_alpha defaults to 2 x rank"
+    amount = f"{f.n_samples:,} training samples" if f.n_samples else "data of unknown length"
+    why = f"{amount}: rank {rank} ({size}); lora_alpha defaults to 2 x rank"
     cap = max(1, (f.width or 0) // 4)
     if f.width and rank > cap:
+        why = f"{amount}: rank {rank}, capped at a quarter of the width {f.width}: rank {cap}"
         rank = cap
-        why = f"{f.n_samples:,} training samples, capped at a quarter of the width {f.width}: rank {rank}"
     return rank, why, ["lora", "qlora"]
 
 
