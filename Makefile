@@ -38,7 +38,7 @@ lint: install
 test: lint
 	sh scripts/ensure_chromium.sh  # the doctor's HTML report is checked in headless Chromium
 	sh scripts/ensure_postgres.sh  # a local PostgreSQL server for the multi-machine tuning tests
-	GRADWISE_REQUIRE_FRAMEWORKS=1 GRADWISE_REQUIRE_POSTGRES=1 $(BIN)/pytest
+	GRADWISE_REQUIRE_FRAMEWORKS=1 GRADWISE_REQUIRE_POSTGRES=1 $(BIN)/pytest --durations=30
 
 format: install
 	$(BIN)/ruff check --fix .
