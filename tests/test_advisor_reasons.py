@@ -168,3 +168,81 @@ def test_ema_reason_counts_the_steps_of_the_chosen_batch():
     a = _advice(_facts(n_samples=100_000), epochs=20)
     steps = int(_number(re.match(r"([\d,]+) optimizer steps", a["train.ema_decay"].why).group(1)))
     assert steps == 20 * math.ceil(100_000 / a["data.batch_size"].value)
+
+
+# -- early stopping ---------------------------------------------------------------------------
+
+
+def _patience(val_samples: int, epochs: int = 50, params: int = 50_000_000) -> advisor.Advice:
+    """Patience for a run too costly to count as cheap, unless ``params`` is small."""
+    f = _facts(n_samples=4 * val_samples, val_samples=val_samples, params=params)
+    return _advice(f, epochs=epochs)["early_stopping.patience"]
+
+
+def _check_numbers(a: advisor.Advice, epochs: int, val_samples: int) -> None:
+    found = re.match(r"(\d+) of the run's (\d+) evaluations \(one per epoch; (\d+)%", a.why)
+    patience, evals, percent = (int(g) for g in found.groups())
+    assert patience == a.value and evals == epochs and percent == round(100 * a.value / epochs)
+    assert f"on {val_samples:,} validation samples" in a.why
+    se = float(re.search(r"standard error of up to ([\d.]+)%", a.why).group(1))
+    assert se == pytest.approx(100 * 0.5 / math.sqrt(val_samples), abs=0.051)
+
+
+def test_patience_grows_as_the_validation_set_shrinks():
+    sizes = [40_000, 5_000, 1_000, 100]
+    advice = [_patience(n) for n in sizes]
+    values = [a.value for a in advice]
+    assert values == sorted(values) and values[0] < values[-1]
+    assert values[0] == round(advisor.PATIENCE_FRACTION * 50)  # precise: a fifth of the budget
+    assert values[-1] == round(advisor.PATIENCE_MAX_FRACTION * 50)  # noisy: capped at half
+    for a, n in zip(advice, sizes, strict=True):
+        _check_numbers(a, 50, n)
+    ratio = float(re.search(r"20% of the evaluations x ([\d.]+)", advice[2].why).group(1))
+    assert ratio == pytest.approx(math.sqrt(advisor.NOISE_REF_VAL / 1_000), rel=0.02)
+
+
+def test_cheap_runs_get_half_the_budget_and_say_why():
+    a = _patience(
+        20_000, epochs=20, params=1_000
+    )  # a precise validation set, but seconds of compute
+    assert a.value == 10 and "the run is cheap" in a.why
+    flops = float(re.search(r"~([\d.e+]+) FLOPs", a.why).group(1))
+    assert flops == pytest.approx(6 * 1_000 * 80_000 * 20, rel=0.5)
+
+
+def test_unknown_validation_size_is_assumed_and_said():
+    f = _facts(n_samples=2_000, params=50_000_000)
+    a = _advice(f, epochs=40)["early_stopping.patience"]
+    assert "~500 validation samples (none given to count" in a.why
+
+
+def test_a_noisy_flat_then_improving_curve_is_not_stopped_by_the_advised_patience():
+    """The Trainer's own improvement test on a validation accuracy over 100 samples: rising, then a
+    plateau where one lucky evaluation sets the best, then a slow real climb past it."""
+    from gradwise.trainer import improves
+
+    g = torch.Generator().manual_seed(0)
+    epochs = 50
+    noise = 0.03 * torch.randn(epochs, generator=g)  # sqrt(0.9 * 0.1 / 100): the standard error
+    curve = [min(0.9, 0.6 + 0.05 * e) for e in range(epochs)]  # rises to a plateau at 0.90
+    curve = [c + (0.004 * (e - 24) if e > 24 else 0.0) for e, c in enumerate(curve)]  # real climb
+    values = [round(c + float(n), 2) for c, n in zip(curve, noise, strict=True)]
+    values[12] = 0.96  # the lucky evaluation on the plateau
+
+    def stopped(patience: int) -> tuple[int, float]:
+        best, bad = None, 0
+        for i, v in enumerate(values):
+            if improves(v, best, "max"):
+                best, bad = v, 0
+            else:
+                bad += 1
+            if bad >= patience:
+                return i + 1, best
+        return epochs, best
+
+    advised = _patience(100, epochs=epochs)
+    assert advised.value == 25
+    trained, kept = stopped(advised.value)
+    assert kept == max(values) > 0.96 and trained > values.index(max(values))
+    old_trained, old_kept = stopped(max(5, round(0.2 * epochs)))  # the rule before issue 16
+    assert old_kept == 0.96 and old_trained < values.index(max(values))

@@ -27,7 +27,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from gradwise._lazy import callable_as_namesake
-from gradwise.advisor import Advice, Advised, decide, probe_lr, respect, zoo_kwargs
+from gradwise.advisor import (
+    STREAM_EVALUATIONS,
+    Advice,
+    Advised,
+    decide,
+    probe_lr,
+    respect,
+    zoo_kwargs,
+)
 from gradwise.batch import outputs_of, run_model, split_batch, takes_labels
 from gradwise.data.bundle import IGNORE_INDEX, DataInfo
 from gradwise.data.loader import make_loader, num_batches, steps_per_epoch
@@ -180,7 +188,7 @@ def assemble(
 
     train_loader, val_loader = _loaders(r, data, device)
     per_epoch, total, epochs = _budget(r, train_loader)
-    eval_steps = r.train.eval_steps or (None if per_epoch else max(1, total // 10))
+    eval_steps = r.train.eval_steps or (None if per_epoch else max(1, total // STREAM_EVALUATIONS))
     monitor, mode = resolve_monitor(task, r.early_stopping, val_loader is not None, metrics)
     return Assembly(
         recipe=r,

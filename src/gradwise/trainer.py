@@ -742,15 +742,9 @@ class Trainer:
             self.doctor.validate(loss=results.get("val_loss"), metric=value)
         if not self.per_step_schedule:
             self.scheduler.step(value)
-        delta = self.recipe.early_stopping.min_delta
         finite = all(math.isfinite(entry[k]) for k in ("train_loss", "val_loss") if k in entry)
-        improved = (
-            finite
-            and math.isfinite(value)
-            and (
-                s.best is None
-                or (value < s.best - delta if self.mode == "min" else value > s.best + delta)
-            )
+        improved = finite and improves(
+            value, s.best, self.mode, self.recipe.early_stopping.min_delta
         )
         if improved:
             s.best, s.best_step, s.bad_evals = value, pos.step, 0
@@ -1144,6 +1138,17 @@ def ema_update(decay: float) -> Callable[[list, list, torch.Tensor], None]:
                 a.copy_(c)
 
     return update
+
+
+def improves(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether a monitored value beats the best so far by more than ``min_delta`` (``mode`` min or
+    max): it becomes the best checkpoint, else the evaluation counts towards early stopping's
+    patience."""
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:
