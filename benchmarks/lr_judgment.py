@@ -56,7 +56,7 @@ def _seqs(**kwargs: Any) -> dict:
 
 
 TASKS = {
-    # -- the priors are fitted on these five ------------------------------------------------------
+    # -- the priors are fitted on these six -------------------------------------------------------
     "digits-cnn": _task(
         {"model": {"name": "cnn"}, "data": {"name": "digits"}}, 6, True, "CNN with BatchNorm"
     ),
@@ -77,6 +77,15 @@ TASKS = {
         20,
         True,
         "tabular, MLP without normalisation",
+    ),
+    "digits-bn-mlp": _task(
+        {
+            "model": {"name": "mlp", "kwargs": {"norm": "batchnorm"}},
+            "data": {"name": "digits", "kwargs": {"flatten": True}},
+        },
+        15,
+        True,
+        "images as tabular, BatchNorm MLP",
     ),
     "count-lstm": _task(
         {
@@ -344,6 +353,32 @@ def _range_test(recipe) -> float:
     ).suggestion
 
 
+# -- reading a search -------------------------------------------------------------------------
+
+SMOOTH_DECADES = 0.3
+"""Bandwidth of the Gaussian kernel that smooths a search's trials against log10(lr)."""
+
+
+def smoothed_best(trials: list[dict], mode: str) -> float:
+    """The rate at the optimum of the kernel-smoothed trials: on a flat stretch, where one seed's
+    noise crowns an arbitrary trial, the middle of the good region instead of that trial."""
+    points = [(math.log10(t["lr"]), t["value"]) for t in trials if t["value"] is not None]
+    if not points:
+        return math.nan
+    worst = min(v for _, v in points) if mode == "max" else max(v for _, v in points)
+    points += [(math.log10(t["lr"]), worst) for t in trials if t["value"] is None]
+    lo, hi = min(x for x, _ in points), max(x for x, _ in points)
+    grid = [lo + (hi - lo) * i / 200 for i in range(201)]
+
+    def smooth(x: float) -> float:
+        weights = [math.exp(-0.5 * ((x - px) / SMOOTH_DECADES) ** 2) for px, _ in points]
+        return sum(w * v for w, (_, v) in zip(weights, points, strict=True)) / sum(weights)
+
+    values = [smooth(x) for x in grid]
+    pick = max if mode == "max" else min
+    return 10 ** grid[values.index(pick(values))]
+
+
 # -- the table --------------------------------------------------------------------------------
 
 
@@ -432,8 +467,8 @@ def main() -> None:
                 for name, stages in todo.items()
             }
             for future in futures:
-                name = futures[future]
-                results = load() | {name: future.result()}  # another job may have saved meanwhile
+                result = future.result()
+                results = load() | {futures[future]: result}  # another run may have saved meanwhile
                 save(results)
     print(table(results))
 

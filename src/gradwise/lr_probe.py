@@ -10,8 +10,7 @@ compressed into the probe (warmup, then cosine to the floor), and is judged by i
 held out of the training data. The candidates sit on a half-decade grid around the prior; when the
 best one is at an edge the grid grows that way, up to ``MAX_DECADES`` from the prior. The rate chosen
 is the geometric centre of the candidates whose loss is within ``NEAR`` of the best (the bottom of
-the valley, not the noisiest point in it), then moved by ``HORIZON_FACTOR`` for the full run's
-longer horizon.
+the valley, not the noisiest point in it).
 
 This is successive-halving's first rung (Jamieson & Talwalkar 2016; Li et al. 2018) with one idea of
 Smith's range test kept (the loss, not a metric, reads the rate) and the cost bounded in advance: the
@@ -34,29 +33,28 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from gradwise.doctor.lr_finder import batch_at, batches, forward, private_copy, to_device
 from gradwise.recipe import OptimSpec, ScheduleSpec
 
-BUDGET = 0.15
-"""The candidates together train for this fraction of the run's optimizer steps. The probe's loop has
-none of the run's per-step metrics, evaluations or checkpoints, so this costs under a tenth of the
-run's time on the benchmark's tasks."""
-NOMINAL_CANDIDATES = 6
-"""Each candidate's share of the budget: the first five candidates and one extension of the grid."""
-STEPS = (12, 400)
-"""Bounds on each candidate's steps: fewer steps show nothing but the warmup; more buy little once
-the ranking has settled (and keep the probe of a long run in minutes)."""
-GRID = 0.5
-"""Decades between neighbouring candidates: a factor of 3.16, the resolution at which validation
-loss curves against the learning rate stop being flat (docs/benchmarks.md, lr_finder)."""
-FIRST = (-2, -1, 0, 1, 2)
-"""The first candidates, in grid steps from the prior: one decade either way."""
-MAX_DECADES = 2.0
-"""How far the grid may grow from the prior when the best candidate sits at its edge."""
-NEAR = 0.01
-"""Candidates whose held-out loss is within this fraction of the best count as equally good."""
 logger = logging.getLogger(__name__)  # INFO: each candidate's result (gradwise advise --probe)
 
-HORIZON_FACTOR = 1.0
-"""The full run trains ~1/BUDGET times longer than a candidate; its best rate is this factor times
-the probe's (fitted on the benchmark's fit tasks, benchmarks/fit_lr_priors.py)."""
+BUDGET = 0.1
+"""The candidates together train for about this fraction of the run's optimizer steps..."""
+NOMINAL_CANDIDATES = 4
+"""...shared by this many: the first three and one step of the grid growing."""
+STEPS = (12, 400)
+"""Bounds on each candidate's steps. Below 12 the held-out losses barely move from the untrained
+model's and rank the candidates by noise; a run too short to give three candidates that many
+steps within BUDGET is not probed (its rule's rate stands). Above 400 the ranking has settled,
+and the probe of a long run stays within minutes."""
+GRID = 0.5
+"""Decades between neighbouring candidates: a factor of 3.16, the resolution at which held-out loss
+against the learning rate stops being flat (docs/benchmarks.md, lr_finder)."""
+FIRST = (-1, 0, 1)
+"""The first candidates, in grid steps from the prior."""
+MAX_DECADES = 2.0
+"""How far the grid may grow from the prior, a step at a time, while the best candidate sits at
+its edge (the benchmark's rules of thumb were off by up to 30x before their priors were fitted)."""
+NEAR = 0.01
+"""Candidates whose held-out loss is within this fraction of the best count as equally good; the
+rate chosen is their geometric centre."""
 HOLDOUT = (0.15, 64, 512)
 """Samples held out of the training data to judge the candidates: this fraction, within these
 bounds (enough for the loss to rank them, few enough to evaluate in a fraction of the probe)."""
@@ -89,18 +87,13 @@ class ProbeResult:
             for lr, loss in zip(self.candidates, self.losses, strict=True)
         )
         total = self.steps * len(self.candidates)
-        horizon = (
-            f"; x{HORIZON_FACTOR:g} for the run's {self.run_steps:,}-step horizon"
-            if HORIZON_FACTOR != 1
-            else ""
-        )
         return (
             f"probed {len(self.candidates)} rates around {self.prior:.2g} for {self.steps} steps "
             f"each ({total:,} steps, {total / max(self.run_steps, 1):.0%} of the run's "
             f"{self.run_steps:,}; {self.seconds:.1f} s), held-out loss on {self.held_out} "
             f"training samples kept aside (untrained {self.initial_loss:.4g}): {shown}; "
             f"within {NEAR:.0%} of the best: {', '.join(f'{lr:.2g}' for lr in self.near)}, "
-            f"centre {self._centre():.2g}{horizon}"
+            f"centre {self._centre():.2g}"
         )
 
     def _centre(self) -> float:
@@ -119,15 +112,19 @@ def probe_lr(
     run_steps: int,
     grad_clip: float | None = None,
     seed: int = 0,
-) -> ProbeResult:
-    """Probe rates around ``prior`` (see the module docstring); the model is never modified and the
-    global random state is left as it was."""
+) -> ProbeResult | None:
+    """Probe rates around ``prior`` (see the module docstring); None when ``run_steps`` is too short
+    to probe within the budget. The model is never modified and the global random state is left as
+    it was."""
     from gradwise.optim import build_optimizer, lr_multiplier
 
     started = time.perf_counter()
     train, held = _split(dataset, seed)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    steps = min(max(round(BUDGET * run_steps / NOMINAL_CANDIDATES), STEPS[0]), STEPS[1])
+    share = BUDGET * run_steps
+    if share < STEPS[0] * len(FIRST):
+        return None
+    steps = min(max(round(share / NOMINAL_CANDIDATES), STEPS[0]), STEPS[1])
     multiplier = lr_multiplier(schedule, steps)
     held_batches = [to_device(b, device) for b in _chunks(held)]
 
@@ -193,7 +190,7 @@ def probe_lr(
             if v is not None and v <= best * (1 + NEAR)
         ]
     centre = math.exp(sum(math.log(lr) for lr in near) / len(near))
-    chosen = float(f"{centre * HORIZON_FACTOR:.2g}")
+    chosen = float(f"{centre:.2g}")
     return ProbeResult(
         prior=prior,
         chosen=chosen,
