@@ -1,13 +1,14 @@
 """Tasks: what is learned, which loss trains it, which metrics judge it.
 
-One table (``TASKS``) says, for each task, its loss, its validation metrics (torchmetrics, updated
-batch by batch with constant memory) and the metric that picks the best checkpoint.
+One table (``TASKS``) says, for each task, its loss, its validation metrics (gradwise.metrics,
+updated batch by batch with constant memory) and the metric that picks the best checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,9 +19,10 @@ import torch.nn.functional as F
 
 from gradwise.data.bundle import IGNORE_INDEX, DataInfo
 from gradwise.errors import ConfigError, DataError
+from gradwise.metrics import AUROC_BINS, TaskMetrics
 from gradwise.registry import import_path
 
-AUROC_BINS = 200  # binned AUROC keeps memory constant; exact AUROC stores every prediction
+__all__ = ["AUROC_BINS", "TASKS", "Metrics", "Task"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -360,13 +362,13 @@ class Metrics:
         self, task: Task, device: torch.device, extra: dict[str, Any] | None = None
     ) -> None:
         self.task = task
-        self.collection = _collection(task).to(device) if task.kind != "custom" else None
+        self.collection = (
+            TaskMetrics(task.kind, task.num_outputs, device) if task.kind != "custom" else None
+        )
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
-        from torchmetrics import Metric
-
         extra = extra or {}
-        self.streaming = {k: m.to(device) for k, m in extra.items() if isinstance(m, Metric)}
+        self.streaming = {k: m.to(device) for k, m in extra.items() if _torchmetric(m)}
         self.functions = {k: f for k, f in extra.items() if k not in self.streaming}
         self._seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -397,23 +399,14 @@ class Metrics:
             self._seen.append((out.detach().float().cpu(), target.detach().cpu()))
 
     def _update_collection(self, out: torch.Tensor, target: torch.Tensor) -> None:
-        kind = self.task.kind
-        out = out.float()
-        if kind == "binary":
-            self.collection.update(torch.sigmoid(self.task.align(out, target)), target.long())
-        elif kind == "multiclass":
-            self.collection.update(torch.softmax(out, dim=-1), target)
-        elif kind == "multilabel":
-            self.collection.update(torch.sigmoid(out), target.long())
-        elif kind == "regression":
-            self.collection.update(self.task.align(out, target), target.float())
-        else:  # lm: Perplexity takes logits [B, T, V]
-            self.collection.update(out, target)
+        if self.task.kind in ("binary", "regression"):  # one logit (or score) per target
+            out = self.task.align(out, target)
+        self.collection.update(out, target)
 
     def compute(self) -> dict[str, float]:
         results = {"val_loss": (self.loss_sum / self.count.clamp(min=1)).item()}
         if self.collection is not None:
-            results.update({f"val_{k}": float(v) for k, v in self.collection.compute().items()})
+            results.update({f"val_{k}": v for k, v in self.collection.compute().items()})
         results.update({f"val_{k}": float(m.compute()) for k, m in self.streaming.items()})
         if self.functions and self._seen:
             outputs = torch.cat([o for o, _ in self._seen])
@@ -423,13 +416,21 @@ class Metrics:
         return results
 
 
+def _torchmetric(metric: Any) -> bool:
+    """Whether ``metric`` is a torchmetrics Metric, without importing torchmetrics (seconds): a
+    torchmetrics object exists only once its package was imported."""
+    module = sys.modules.get("torchmetrics")
+    return module is not None and isinstance(metric, module.Metric)
+
+
 @contextmanager
 def _counting_kernels_allowed() -> Iterator[None]:
     """Lift ``torch.use_deterministic_algorithms`` while the metrics count.
 
-    Under it torchmetrics replaces ``bincount`` by a one-hot sum of (samples x bins) entries: 16 GB
-    for a 200-threshold AUROC over one batch of 10 classes. Integer counts are exact either way, and
-    metrics never feed back into training, so a deterministic run stays deterministic.
+    Under it, CUDA's scatter-add (the metrics' histograms) sorts its indices to add them in a fixed
+    order (torchmetrics, used before, replaced ``bincount`` by a one-hot sum of samples x bins
+    entries: 16 GB for a 200-threshold AUROC over one batch of 10 classes). Integer counts are exact
+    in any order, so the metrics, and a deterministic run, stay deterministic.
     """
     if not torch.are_deterministic_algorithms_enabled():
         yield
@@ -440,50 +441,6 @@ def _counting_kernels_allowed() -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(True, warn_only=warn_only)
-
-
-def _collection(task: Task):
-    """torchmetrics for the task; imported here because torchmetrics takes seconds to import."""
-    from torchmetrics import MetricCollection, classification, regression
-
-    kind, n = task.kind, task.num_outputs
-    common = {"validate_args": False}
-    if kind == "binary":
-        metrics = {
-            "accuracy": classification.BinaryAccuracy(**common),
-            "f1": classification.BinaryF1Score(**common),
-            "auroc": classification.BinaryAUROC(thresholds=AUROC_BINS, **common),
-            "pr_auc": classification.BinaryAveragePrecision(thresholds=AUROC_BINS, **common),
-        }
-    elif kind == "multiclass":
-        metrics = {
-            "accuracy": classification.MulticlassAccuracy(n, average="micro", **common),
-            "f1": classification.MulticlassF1Score(n, average="macro", **common),
-            "auroc": classification.MulticlassAUROC(n, thresholds=AUROC_BINS, **common),
-            "pr_auc": classification.MulticlassAveragePrecision(
-                n, average="macro", thresholds=AUROC_BINS, **common
-            ),
-        }
-    elif kind == "multilabel":
-        metrics = {
-            "accuracy": classification.MultilabelAccuracy(n, **common),
-            "f1": classification.MultilabelF1Score(n, average="macro", **common),
-            "auroc": classification.MultilabelAUROC(n, thresholds=AUROC_BINS, **common),
-            "pr_auc": classification.MultilabelAveragePrecision(
-                n, average="macro", thresholds=AUROC_BINS, **common
-            ),
-        }
-    elif kind == "regression":
-        metrics = {
-            "mse": regression.MeanSquaredError(),
-            "mae": regression.MeanAbsoluteError(),
-            "r2": regression.R2Score(),
-        }
-    else:  # torchmetrics.text imports transformers when installed (seconds): only for lm
-        from torchmetrics.text import Perplexity
-
-        metrics = {"perplexity": Perplexity(ignore_index=IGNORE_INDEX)}
-    return MetricCollection(metrics, compute_groups=False)
 
 
 def balanced_weights(counts: list[int], kind: str, n: int) -> torch.Tensor:

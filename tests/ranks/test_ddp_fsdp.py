@@ -73,6 +73,9 @@ def test_ddp_equals_one_process_on_the_global_batch_and_writes_one_run(tmp_path)
     assert_close(weights(one["dir"]), weights(two["dir"]))
     losses = [h["train_loss"] for h in two["history"]]
     assert losses == pytest.approx([h["train_loss"] for h in one["history"]], rel=1e-5)
+    for metric in ("val_accuracy", "val_f1", "val_auroc", "val_pr_auc"):  # summed over the ranks
+        values = [h[metric] for h in two["history"]]
+        assert values == pytest.approx([h[metric] for h in one["history"]], abs=1e-4), metric
     runs = [p for p in (tmp_path / "two" / "runs").iterdir()]
     assert [p.name for p in runs] == ["run"]  # one run directory, rank 0's
     assert len((runs[0] / "metrics.jsonl").read_text().splitlines()) > 0
