@@ -7,10 +7,16 @@
 Each candidate trains a private copy of the model from the same initial weights, on the same batches,
 with the run's optimizer (its parameter groups, weight decay and clipping) and the run's schedule
 compressed into the probe (warmup, then cosine to the floor), and is judged by its loss on samples
-held out of the training data. The candidates sit on a half-decade grid around the prior; when the
-best one is at an edge the grid grows that way, up to ``MAX_DECADES`` from the prior. The rate chosen
-is the geometric centre of the candidates whose loss is within ``NEAR`` of the best (the bottom of
-the valley, not the noisiest point in it).
+held out of the training data. The candidates sit on a half-decade grid around the prior; while the
+best one is at an edge the grid grows that way, up to ``MAX_DECADES`` from the prior.
+
+The probe moves the rate only as far as its evidence demands. A candidate counts as good as the best
+unless the best beats it by ``Z`` standard errors of their paired difference in held-out loss (read
+on ``CHUNKS`` chunks of the held-out samples, the same for every candidate). The prior stands when it
+is among them; otherwise the rate chosen is the one among them nearest the prior. A short probe on a
+flat stretch of the curve ranks rates by noise (and by the short horizon, which favours different
+rates than a full run); it then keeps the fitted prior, and it moves by decades when the prior is
+clearly too high (it diverges or learns far worse) or too low.
 
 This is successive-halving's first rung (Jamieson & Talwalkar 2016; Li et al. 2018) with one idea of
 Smith's range test kept (the loss, not a metric, reads the rate) and the cost bounded in advance: the
@@ -52,9 +58,13 @@ FIRST = (-1, 0, 1)
 MAX_DECADES = 2.0
 """How far the grid may grow from the prior, a step at a time, while the best candidate sits at
 its edge (the benchmark's rules of thumb were off by up to 30x before their priors were fitted)."""
-NEAR = 0.01
-"""Candidates whose held-out loss is within this fraction of the best count as equally good; the
-rate chosen is their geometric centre."""
+Z = 2.0
+"""Standard errors of the paired difference in held-out loss by which the best candidate must beat
+another for that one to count as worse (one-sided, ~2.3% false alarms per comparison), read in the
+mean of the paired chunk differences and, robustly, in their median (see ``_worse``)."""
+CHUNKS = 32
+"""Held-out losses are read per chunk of samples: 32 paired chunk differences give the standard error
+of a candidate's difference from the best."""
 HOLDOUT = (0.15, 64, 512)
 """Samples held out of the training data to judge the candidates: this fraction, within these
 bounds (enough for the loss to rank them, few enough to evaluate in a fraction of the probe)."""
@@ -69,12 +79,12 @@ class ProbeResult:
     prior: float
     chosen: float
     candidates: list[float]
-    losses: list[float | None]  # held-out loss after training (None: diverged or not finite)
+    losses: list[float | None]  # mean held-out loss after training (None: diverged or not finite)
     initial_loss: float
     steps: int  # optimizer steps per candidate
     run_steps: int
     held_out: int
-    near: list[float] = field(default_factory=list)  # the candidates within NEAR of the best
+    as_good: list[float] = field(default_factory=list)  # not worse than the best by Z errors
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,17 +97,19 @@ class ProbeResult:
             for lr, loss in zip(self.candidates, self.losses, strict=True)
         )
         total = self.steps * len(self.candidates)
+        good = ", ".join(f"{lr:.2g}" for lr in self.as_good)
+        verdict = (
+            f"the rule's {self.prior:.2g} is among them: kept"
+            if self.prior in self.as_good
+            else f"the rule's {self.prior:.2g} is not: the nearest of them, {self.chosen:.2g}"
+        )
         return (
             f"probed {len(self.candidates)} rates around {self.prior:.2g} for {self.steps} steps "
             f"each ({total:,} steps, {total / max(self.run_steps, 1):.0%} of the run's "
             f"{self.run_steps:,}; {self.seconds:.1f} s), held-out loss on {self.held_out} "
-            f"training samples kept aside (untrained {self.initial_loss:.4g}): {shown}; "
-            f"within {NEAR:.0%} of the best: {', '.join(f'{lr:.2g}' for lr in self.near)}, "
-            f"centre {self._centre():.2g}"
+            f"training samples kept aside (untrained {self.initial_loss:.4g}): {shown}; as good "
+            f"as the best within {Z:g} standard errors: {good}; {verdict}"
         )
-
-    def _centre(self) -> float:
-        return math.exp(sum(math.log(lr) for lr in self.near) / len(self.near))
 
 
 def probe_lr(
@@ -118,28 +130,26 @@ def probe_lr(
     it was."""
     from gradwise.optim import build_optimizer, lr_multiplier
 
-    started = time.perf_counter()
-    train, held = _split(dataset, seed)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     share = BUDGET * run_steps
     if share < STEPS[0] * len(FIRST):
         return None
+    started = time.perf_counter()
     steps = min(max(round(share / NOMINAL_CANDIDATES), STEPS[0]), STEPS[1])
     multiplier = lr_multiplier(schedule, steps)
-    held_batches = [to_device(b, device) for b in _chunks(held)]
+    train, held = _split(dataset, seed)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    chunks = [to_device(b, device) for b in _chunks(held, math.ceil(len(held) / CHUNKS))]
 
-    def evaluate(net: nn.Module) -> float | None:
+    def evaluate(net: nn.Module) -> torch.Tensor | None:
+        """The held-out loss of each chunk (None when one is not finite)."""
         net.eval()
-        total = count = 0.0
         with torch.no_grad():
-            for x, y in held_batches:
-                total += float(loss_fn(forward(net, x), y)) * len(y)
-                count += len(y)
+            losses = torch.stack([loss_fn(forward(net, x), y).double().cpu() for x, y in chunks])
         net.train()
-        loss = total / count
-        return loss if math.isfinite(loss) else None
+        return losses if bool(torch.isfinite(losses).all()) else None
 
-    def run(lr: float) -> float | None:
+    def run(k: int) -> torch.Tensor | None:
+        lr = prior * 10 ** (k * GRID)
         clone = private_copy(model).train()
         opt = build_optimizer(clone, optim.model_copy(update={"lr": lr}))
         peaks = [g["lr"] for g in opt.param_groups]
@@ -152,68 +162,79 @@ def probe_lr(
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(forward(clone, x), y)
             if not torch.isfinite(loss):
+                logger.info("lr probe: %.2g diverged at step %d", lr, step)
                 return None
             loss.backward()
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
-        loss = evaluate(clone)
-        logger.info("lr probe: %.2g for %d steps: held-out loss %s", lr, steps, loss)
-        return loss
+        losses = evaluate(clone)
+        if losses is not None and float(losses.mean()) > DIVERGED * initial:
+            losses = None
+        shown = "diverged" if losses is None else f"{float(losses.mean()):.4g}"
+        logger.info("lr probe: %.2g for %d steps: held-out loss %s", lr, steps, shown)
+        return losses
 
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        initial = evaluate(private_copy(model)) or math.inf
-        losses: dict[int, float | None] = {}
-        for k in FIRST:
-            losses[k] = _judge(run(prior * 10 ** (k * GRID)), initial)
+        untrained = evaluate(private_copy(model))
+        initial = float(untrained.mean()) if untrained is not None else math.inf
+        results = {k: run(k) for k in FIRST}
         while True:  # grow the grid while the best candidate sits at its edge
-            best = _best(losses)
-            edge = (
-                min(losses) if best == min(losses) else max(losses) if best == max(losses) else None
-            )
-            if edge is None or abs(edge * GRID) >= MAX_DECADES:
+            best = _best(results)
+            low, high = min(results), max(results)
+            if best not in (low, high) or abs(best * GRID) >= MAX_DECADES:
                 break
-            k = edge - 1 if edge == min(losses) else edge + 1
-            losses[k] = _judge(run(prior * 10 ** (k * GRID)), initial)
-    order = sorted(losses)
-    candidates = [prior * 10 ** (k * GRID) for k in order]
-    values = [losses[k] for k in order]
-    finite = [v for v in values if v is not None]
-    if not finite:  # every candidate diverged: keep the lowest rate probed, the prior's side
-        near = [candidates[0]]
-    else:
-        best = min(finite)
-        near = [
-            lr
-            for lr, v in zip(candidates, values, strict=True)
-            if v is not None and v <= best * (1 + NEAR)
-        ]
-    centre = math.exp(sum(math.log(lr) for lr in near) / len(near))
-    chosen = float(f"{centre:.2g}")
+            results[best - 1 if best == low else best + 1] = run(
+                best - 1 if best == low else best + 1
+            )
+    order = sorted(results)
+    good = _as_good(results)
+    pick = 0 if 0 in good else min(good, key=lambda k: (abs(k), k))
+    rate = lambda k: prior * 10 ** (k * GRID)  # noqa: E731
     return ProbeResult(
         prior=prior,
-        chosen=chosen,
-        candidates=candidates,
-        losses=values,
+        chosen=prior if pick == 0 else float(f"{rate(pick):.2g}"),
+        candidates=[rate(k) for k in order],
+        losses=[None if results[k] is None else float(results[k].mean()) for k in order],
         initial_loss=initial,
         steps=steps,
         run_steps=run_steps,
         held_out=len(held),
-        near=near,
+        as_good=[rate(k) for k in order if k in good],
         seconds=time.perf_counter() - started,
     )
 
 
-def _judge(loss: float | None, initial: float) -> float | None:
-    return None if loss is None or loss > DIVERGED * initial else loss
+def _best(results: dict[int, torch.Tensor | None]) -> int:
+    finite = {k: float(v.mean()) for k, v in results.items() if v is not None}
+    return min(finite, key=finite.get) if finite else min(results)
 
 
-def _best(losses: dict[int, float | None]) -> int:
-    finite = {k: v for k, v in losses.items() if v is not None}
-    if not finite:
-        return min(losses)
-    return min(finite, key=finite.get)
+def _as_good(results: dict[int, torch.Tensor | None]) -> set[int]:
+    """The candidates the best does not beat by Z standard errors of their paired difference (the
+    lowest rate when every candidate diverged)."""
+    best = _best(results)
+    if results[best] is None:
+        return {best}
+    good = set()
+    for k, losses in results.items():
+        if losses is None:
+            continue
+        if k == best or not _worse(losses - results[best]):
+            good.add(k)
+    return good
+
+
+def _worse(diff: torch.Tensor) -> bool:
+    """Whether paired differences (candidate minus best) show the candidate worse by Z errors: in
+    their mean (a rate worse everywhere) or in their median, with the error from the median absolute
+    deviation (a rate that wrecks some chunks, whose heavy tail inflates the standard deviation)."""
+    root = math.sqrt(len(diff))
+    mean, median = float(diff.mean()), float(diff.median())
+    spread = float(diff.std()) if len(diff) > 1 else 0.0
+    mad = 1.4826 * float((diff - median).abs().median())
+    return mean > Z * spread / root or median > Z * mad / root
 
 
 def _split(dataset: Dataset, seed: int) -> tuple[Dataset, Dataset]:
@@ -232,7 +253,7 @@ def _take(dataset: Dataset, index: torch.Tensor) -> Dataset:
     return Subset(dataset, index.tolist())
 
 
-def _chunks(dataset: Dataset, size: int = 256) -> list[tuple[Any, Any]]:
+def _chunks(dataset: Dataset, size: int) -> list[tuple[Any, Any]]:
     n = len(dataset)
     return [batch_at(dataset, torch.arange(i, min(i + size, n))) for i in range(0, n, size)]
 
