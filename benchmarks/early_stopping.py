@@ -71,7 +71,12 @@ def one(data: str, seed: int, verify: bool) -> dict:
     mode = monitor_mode(monitor, full.recipe.early_stopping.mode)
     values = [h[monitor] for h in history]
     best = max(values) if mode == "max" else min(values)
-    rows = {"best": best, "evals": len(values), "epochs": advised.recipe.train.epochs}
+    rows = {
+        "best": best,
+        "best_at": values.index(best) + 1,
+        "evals": len(values),
+        "epochs": advised.recipe.train.epochs,
+    }
     for label, patience, delta in (
         ("before", old_patience(advised.recipe.train.epochs), 0.0),
         ("after", es.patience, es.min_delta),
@@ -119,6 +124,14 @@ def main() -> None:
                     f"{'/'.join(map(str, patience)):>9}{best:>15.4f}{kept:>11.4f}"
                     f"{f'{early}/{len(rows)}':>15}"
                     f"{f'{trained:.1f}/{evals}':>15}"
+                )
+            for seed, r in zip(args.seeds, results, strict=True):
+                print(
+                    f"  seed {seed}: best {r['best']:.4f} at evaluation {r['best_at']}; "
+                    + "; ".join(
+                        f"{label} kept {r[label]['kept']:.4f}, stopped at {r[label]['stopped_at']}"
+                        for label in ("before", "after")
+                    )
                 )
             print(f"  advice: {results[0]['why']}")
 

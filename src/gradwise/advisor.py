@@ -78,10 +78,10 @@ On fewer samples the metric is noisier by sqrt(NOISE_REF_VAL / n) (4.7% on 114 s
 above a lucky earlier best, so the patience grows in proportion, up to PATIENCE_MAX_FRACTION."""
 PATIENCE_MAX_FRACTION = 0.5
 """At most half the budget. The zoo MLP on breast_cancer, wine, iris, digits, a noisy synthetic set
-and diabetes (seeds 0-2, benchmarks/early_stopping.py) reached its best as late as epoch 36 of 50,
-20+ evaluations after a lucky earlier one: a fifth of the budget stopped 5 of 18 runs before their
-best (3/3 on digits), half of it 1 (one validation sample short), for 10-20 more epochs of a
-seconds-long run."""
+and diabetes (seeds 0-2, benchmarks/early_stopping.py, docs/benchmarks.md) reached its best as late
+as evaluation 47 of 50, often 20+ evaluations after a lucky earlier one: a fifth of the budget
+stopped 8 of 18 runs before their best (3/3 on digits and on the noisy set), half of it 1, for
+10-28 more epochs of seconds-long runs."""
 CHEAP_RUN_FLOPS = 1e12
 """A run cheaper than this (6 x parameters x samples x epochs, x positions for token data; Kaplan et
 al. 2020; an underestimate for convolutions) takes seconds to minutes: stopping early saves little,
