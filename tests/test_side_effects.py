@@ -45,7 +45,7 @@ def _scrambled() -> None:
 
 CALLS = {
     "advise": lambda model, d: gw.advise(model, d, budget=2),
-    "advise, probe": lambda model, d: gw.advise(model, d, budget=2, probe=True),
+    "advise, probe": lambda model, d: gw.advise(model, d, budget=80, probe=True),  # it probes
     "advise, zoo model": lambda model, d: gw.advise(  # the model is built inside, from the seed
         None, d, budget=2, recipe={"model": {"name": "mlp", "kwargs": {"hidden": [8]}}}
     ),
@@ -74,3 +74,10 @@ def test_models_built_after_advise_follow_the_users_seed(data):
 
     assert not torch.equal(first_weights(1), first_weights(2))
     assert torch.equal(first_weights(3), first_weights(3))
+
+
+def test_advise_leaves_deterministic_algorithms_as_they_were(data) -> None:
+    recipe = {"train": {"deterministic": True}}  # for the run it plans, not for the caller
+    before = torch.are_deterministic_algorithms_enabled()
+    gw.advise(mlp(), data, budget=2, recipe=recipe)
+    assert torch.are_deterministic_algorithms_enabled() == before

@@ -239,7 +239,7 @@ def advise(
     chosen = set(explicit or ()) | (set_paths(recipe) if isinstance(recipe, (dict, str)) else set())
     if task is not None:
         base = base.override(task=task)
-    with preserved_rng():
+    with preserved_rng(), _preserved_determinism():
         a = assemble(
             model,
             train_data,
@@ -551,6 +551,20 @@ def preserved_rng() -> Iterator[None]:
         finally:
             random.setstate(python)
             np.random.set_state(numpy)
+
+
+@contextlib.contextmanager
+def _preserved_determinism() -> Iterator[None]:
+    """Leave torch's deterministic-algorithms switch as it was (a recipe with train.deterministic
+    sets it for the run it assembles; advice alone must not)."""
+    enabled, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 def resolve_device(name: str) -> torch.device:
