@@ -179,7 +179,7 @@ def test_probe_refines_the_learning_rate_and_shows_its_evidence():
         assert f"{candidate:.2g}: {'diverged' if loss is None else f'{loss:.4g}'}" in lr.why
     finite = [loss for loss in probe["losses"] if loss is not None]
     assert min(finite) < probe["initial_loss"]  # the candidates trained
-    assert f"for {probe['steps']} steps each" in lr.why and "held-out loss" in lr.why
+    assert f"the run's first {probe['steps']} steps each" in lr.why and "held-out loss" in lr.why
     assert advised.recipe.data.batch_size == 32
     assert probe["run_steps"] == advised.recipe.train.epochs * math.ceil(800 / 32)
 

@@ -5,18 +5,19 @@
     result.chosen, result.candidates, result.losses, result.steps, result.seconds
 
 Each candidate trains a private copy of the model from the same initial weights, on the same batches,
-with the run's optimizer (its parameter groups, weight decay and clipping) and the run's schedule
-compressed into the probe (warmup, then cosine to the floor), and is judged by its loss on samples
-held out of the training data. The candidates sit on a half-decade grid around the prior; while the
-best one is at an edge the grid grows that way, up to ``MAX_DECADES`` from the prior.
+with the run's optimizer (its parameter groups, weight decay and clipping), through the first steps
+of the run's own schedule (its warmup included: a compressed warmup would fail every high rate), and
+is judged by how far it brings the loss on samples held out of the training data below the untrained
+model's. The candidates sit on a half-decade grid around the prior; while the best one is at an edge
+the grid grows that way, within the budget (``MAX_CANDIDATES``: up to 1.5 decades from the prior).
 
-The probe moves the rate only as far as its evidence demands. A candidate counts as good as the best
-unless the best beats it by ``Z`` standard errors of their paired difference in held-out loss (read
-on ``CHUNKS`` chunks of the held-out samples, the same for every candidate). The prior stands when it
-is among them; otherwise the rate chosen is the one among them nearest the prior. A short probe on a
-flat stretch of the curve ranks rates by noise (and by the short horizon, which favours different
-rates than a full run); it then keeps the fitted prior, and it moves by decades when the prior is
-clearly too high (it diverges or learns far worse) or too low.
+The prior is fitted on a wider set of tasks than one probe sees, and a short probe favours other
+rates than the full run does, so the probe vetoes the prior only when it fails outright: it diverges,
+or it takes the held-out loss down less than ``GOOD`` as far as the best candidate does. The rate
+chosen then moves halfway (``SHRINK``, in log rate) to the one nearest the prior among those that
+do reach ``GOOD`` of the best, or all the way if the prior diverged. When no
+candidate moves the held-out loss by ``SIGNAL`` of its untrained value, the probe saw too little to
+overrule anything and the prior stands.
 
 This is successive-halving's first rung (Jamieson & Talwalkar 2016; Li et al. 2018) with one idea of
 Smith's range test kept (the loss, not a metric, reads the rate) and the cost bounded in advance: the
@@ -43,8 +44,9 @@ logger = logging.getLogger(__name__)  # INFO: each candidate's result (gradwise 
 
 BUDGET = 0.1
 """The candidates together train for about this fraction of the run's optimizer steps..."""
-NOMINAL_CANDIDATES = 4
-"""...shared by this many: the first three and one step of the grid growing."""
+MAX_CANDIDATES = 5
+"""...shared by at most this many: the first three and two steps of the grid growing (fewer when a
+short run's budget cannot give each STEPS[0] steps)."""
 STEPS = (12, 400)
 """Bounds on each candidate's steps. Below 12 the held-out losses barely move from the untrained
 model's and rank the candidates by noise; a run too short to give three candidates that many
@@ -55,16 +57,17 @@ GRID = 0.5
 against the learning rate stops being flat (docs/benchmarks.md, lr_finder)."""
 FIRST = (-1, 0, 1)
 """The first candidates, in grid steps from the prior."""
-MAX_DECADES = 2.0
-"""How far the grid may grow from the prior, a step at a time, while the best candidate sits at
-its edge (the benchmark's rules of thumb were off by up to 30x before their priors were fitted)."""
-Z = 2.0
-"""Standard errors of the paired difference in held-out loss by which the best candidate must beat
-another for that one to count as worse (one-sided, ~2.3% false alarms per comparison), read in the
-mean of the paired chunk differences and, robustly, in their median (see ``_worse``)."""
-CHUNKS = 32
-"""Held-out losses are read per chunk of samples: 32 paired chunk differences give the standard error
-of a candidate's difference from the best."""
+GOOD = 0.5
+"""A rate fails when it lowers the held-out loss less than this fraction as much as the best one."""
+SHRINK = 0.5
+"""A prior that learned too little moves this fraction of the way (in log rate) to the nearest rate
+that learned enough: the probe sees the run's first steps only, where fast rates shine (on the fit
+tasks the full move overshot the best rate of the whole run; half the move landed within 2x of it).
+A prior that diverged moves all the way."""
+SIGNAL = 0.05
+"""The best candidate must lower the held-out loss by this fraction of the untrained model's loss for
+the probe to overrule the prior (a sequence model that has not started to learn in the probe's steps
+ranks the rates by noise and by their first few updates)."""
 HOLDOUT = (0.15, 64, 512)
 """Samples held out of the training data to judge the candidates: this fraction, within these
 bounds (enough for the loss to rank them, few enough to evaluate in a fraction of the probe)."""
@@ -84,7 +87,8 @@ class ProbeResult:
     steps: int  # optimizer steps per candidate
     run_steps: int
     held_out: int
-    as_good: list[float] = field(default_factory=list)  # not worse than the best by Z errors
+    good: list[float] = field(default_factory=list)  # lowered the loss >= GOOD as far as the best
+    towards: float | None = None  # the rate the prior was moved towards, if it was
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,18 +101,27 @@ class ProbeResult:
             for lr, loss in zip(self.candidates, self.losses, strict=True)
         )
         total = self.steps * len(self.candidates)
-        good = ", ".join(f"{lr:.2g}" for lr in self.as_good)
-        verdict = (
-            f"the rule's {self.prior:.2g} is among them: kept"
-            if self.prior in self.as_good
-            else f"the rule's {self.prior:.2g} is not: the nearest of them, {self.chosen:.2g}"
-        )
+        good = ", ".join(f"{lr:.2g}" for lr in self.good)
+        if self.chosen == self.prior:
+            verdict = (
+                f"the rule's {self.prior:.2g} is among them: kept"
+                if self.prior in self.good
+                else f"no rate learned enough in {self.steps} steps to judge: the rule's "
+                f"{self.prior:.2g} kept"
+            )
+        elif self.losses[self.candidates.index(self.prior)] is None:
+            verdict = f"the rule's {self.prior:.2g} diverged: the nearest rate that did not, {self.chosen:.2g}"
+        else:
+            verdict = (
+                f"the rule's {self.prior:.2g} is not: {self.chosen:.2g}, halfway (in log rate) to "
+                f"the nearest of them, {self.towards:.2g}"
+            )
         return (
-            f"probed {len(self.candidates)} rates around {self.prior:.2g} for {self.steps} steps "
-            f"each ({total:,} steps, {total / max(self.run_steps, 1):.0%} of the run's "
-            f"{self.run_steps:,}; {self.seconds:.1f} s), held-out loss on {self.held_out} "
-            f"training samples kept aside (untrained {self.initial_loss:.4g}): {shown}; as good "
-            f"as the best within {Z:g} standard errors: {good}; {verdict}"
+            f"probed {len(self.candidates)} rates around {self.prior:.2g} for the run's first "
+            f"{self.steps} steps each ({total:,} steps, {total / max(self.run_steps, 1):.0%} of the "
+            f"run's {self.run_steps:,}; {self.seconds:.1f} s), held-out loss on {self.held_out} "
+            f"training samples kept aside (untrained {self.initial_loss:.4g}): {shown}; "
+            f"lowered it at least {GOOD:.0%} as far as the best: {good or 'none'}; {verdict}"
         )
 
 
@@ -134,21 +147,23 @@ def probe_lr(
     if share < STEPS[0] * len(FIRST):
         return None
     started = time.perf_counter()
-    steps = min(max(round(share / NOMINAL_CANDIDATES), STEPS[0]), STEPS[1])
-    multiplier = lr_multiplier(schedule, steps)
+    steps = min(max(round(share / MAX_CANDIDATES), STEPS[0]), STEPS[1])
+    allowed = min(MAX_CANDIDATES, int(share // steps))  # never more than the budget
+    multiplier = lr_multiplier(schedule, run_steps)  # the run's schedule, its first steps
     train, held = _split(dataset, seed)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    chunks = [to_device(b, device) for b in _chunks(held, math.ceil(len(held) / CHUNKS))]
+    chunks = [to_device(b, device) for b in _chunks(held, 256)]
 
-    def evaluate(net: nn.Module) -> torch.Tensor | None:
-        """The held-out loss of each chunk (None when one is not finite)."""
+    def evaluate(net: nn.Module) -> float | None:
+        """The mean held-out loss (None when not finite)."""
         net.eval()
         with torch.no_grad():
-            losses = torch.stack([loss_fn(forward(net, x), y).double().cpu() for x, y in chunks])
+            total = sum(float(loss_fn(forward(net, x), y)) * len(y) for x, y in chunks)
         net.train()
-        return losses if bool(torch.isfinite(losses).all()) else None
+        loss = total / len(held)
+        return loss if math.isfinite(loss) else None
 
-    def run(k: int) -> torch.Tensor | None:
+    def run(k: int) -> float | None:
         lr = prior * 10 ** (k * GRID)
         clone = private_copy(model).train()
         opt = build_optimizer(clone, optim.model_copy(update={"lr": lr}))
@@ -168,73 +183,66 @@ def probe_lr(
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
-        losses = evaluate(clone)
-        if losses is not None and float(losses.mean()) > DIVERGED * initial:
-            losses = None
-        shown = "diverged" if losses is None else f"{float(losses.mean()):.4g}"
+        loss = evaluate(clone)
+        if loss is not None and loss > DIVERGED * initial:
+            loss = None
+        shown = "diverged" if loss is None else f"{loss:.4g}"
         logger.info("lr probe: %.2g for %d steps: held-out loss %s", lr, steps, shown)
-        return losses
+        return loss
 
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        untrained = evaluate(private_copy(model))
-        initial = float(untrained.mean()) if untrained is not None else math.inf
+        initial = evaluate(private_copy(model)) or math.inf
         results = {k: run(k) for k in FIRST}
         while True:  # grow the grid while the best candidate sits at its edge
             best = _best(results)
             low, high = min(results), max(results)
-            if best not in (low, high) or abs(best * GRID) >= MAX_DECADES:
+            if best not in (low, high) or len(results) >= allowed:
                 break
             results[best - 1 if best == low else best + 1] = run(
                 best - 1 if best == low else best + 1
             )
     order = sorted(results)
-    good = _as_good(results)
-    pick = 0 if 0 in good else min(good, key=lambda k: (abs(k), k))
+    good = _good(results, initial)
     rate = lambda k: prior * 10 ** (k * GRID)  # noqa: E731
+    if results[0] is not None and (0 in good or not good):
+        chosen, towards = prior, None  # the prior did not fail (or nothing learned enough to say)
+    else:  # the nearest good rate; when none learned, the nearest that did not diverge
+        pool = good or {k for k, v in results.items() if v is not None} or {min(results)}
+        pick = min(pool, key=lambda k: (abs(k), k))
+        shrink = SHRINK if results[0] is not None else 1.0  # a diverging prior moves all the way
+        chosen, towards = float(f"{rate(pick * shrink):.2g}"), rate(pick)
     return ProbeResult(
         prior=prior,
-        chosen=prior if pick == 0 else float(f"{rate(pick):.2g}"),
+        chosen=chosen,
         candidates=[rate(k) for k in order],
-        losses=[None if results[k] is None else float(results[k].mean()) for k in order],
+        losses=[results[k] for k in order],
         initial_loss=initial,
         steps=steps,
         run_steps=run_steps,
         held_out=len(held),
-        as_good=[rate(k) for k in order if k in good],
+        good=[rate(k) for k in order if k in good],
+        towards=towards,
         seconds=time.perf_counter() - started,
     )
 
 
-def _best(results: dict[int, torch.Tensor | None]) -> int:
-    finite = {k: float(v.mean()) for k, v in results.items() if v is not None}
+def _best(results: dict[int, float | None]) -> int:
+    finite = {k: v for k, v in results.items() if v is not None}
     return min(finite, key=finite.get) if finite else min(results)
 
 
-def _as_good(results: dict[int, torch.Tensor | None]) -> set[int]:
-    """The candidates the best does not beat by Z standard errors of their paired difference (the
-    lowest rate when every candidate diverged)."""
-    best = _best(results)
-    if results[best] is None:
-        return {best}
-    good = set()
-    for k, losses in results.items():
-        if losses is None:
-            continue
-        if k == best or not _worse(losses - results[best]):
-            good.add(k)
-    return good
-
-
-def _worse(diff: torch.Tensor) -> bool:
-    """Whether paired differences (candidate minus best) show the candidate worse by Z errors: in
-    their mean (a rate worse everywhere) or in their median, with the error from the median absolute
-    deviation (a rate that wrecks some chunks, whose heavy tail inflates the standard deviation)."""
-    root = math.sqrt(len(diff))
-    mean, median = float(diff.mean()), float(diff.median())
-    spread = float(diff.std()) if len(diff) > 1 else 0.0
-    mad = 1.4826 * float((diff - median).abs().median())
-    return mean > Z * spread / root or median > Z * mad / root
+def _good(results: dict[int, float | None], initial: float) -> set[int]:
+    """The candidates that lowered the held-out loss at least GOOD as far as the best; empty when the
+    best lowered it by less than SIGNAL of the untrained loss (or every candidate diverged)."""
+    best = results[_best(results)]
+    if best is None or not math.isfinite(initial) or initial - best < SIGNAL * abs(initial):
+        return set()
+    return {
+        k
+        for k, loss in results.items()
+        if loss is not None and initial - loss >= GOOD * (initial - best)
+    }
 
 
 def _split(dataset: Dataset, seed: int) -> tuple[Dataset, Dataset]:
