@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,6 +116,39 @@ def test_numpy_arrays_dataset_and_dataloader(blobs):
     )
     assert arrays.history[-1]["val_accuracy"] == dataset.history[-1]["val_accuracy"]
     assert loaders.steps == 7  # 200 samples in batches of 32
+
+
+class _Samples(Dataset):
+    """Samples one by one, not from memory: the loader gets worker processes, which record their
+    pids."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, pids: Path) -> None:
+        self.x, self.y, self.pids = x, y, pids
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with open(self.pids, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return self.x[i], self.y[i]
+
+
+def test_fit_stops_its_persistent_data_loader_workers(blobs, tmp_path):
+    x, y = blobs
+    pids = tmp_path / "pids"
+    train, val = _Samples(x[:200], y[:200], pids), _Samples(x[200:], y[200:], pids)
+    trainer = gw.Trainer(mlp(), train, val, epochs=2, num_workers=1, **QUIET)
+    steps = trainer.fit().steps
+    workers = {int(p) for p in pids.read_text().split()} - {os.getpid()}
+    assert len(workers) == 2  # one per loader, kept across the epochs (persistent)
+    for pid in workers:  # stopped and reaped by fit, not at some later garbage collection
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    start = time.perf_counter()
+    gc.collect()  # a collection used to wait 5 s for each worker the trainer left running
+    assert time.perf_counter() - start < 2.0
+    assert trainer.fit().steps == steps  # the loaders start new workers when used again
 
 
 def test_training_without_validation_monitors_train_loss(blobs):

@@ -41,7 +41,7 @@ from gradwise.assemble import (
 )
 from gradwise.augment import mix_batch, soft_targets
 from gradwise.batch import outputs_of, run_model, split_batch
-from gradwise.data.loader import epoch_batches, num_batches
+from gradwise.data.loader import epoch_batches, num_batches, stop_workers
 from gradwise.errors import ConfigError, DataError, GradwiseError, GradwiseWarning
 from gradwise.finetune import settle_batchnorm
 from gradwise.optim import build_optimizer, build_scheduler
@@ -452,6 +452,8 @@ class Trainer:
             raise
         finally:
             heartbeat.stop()
+            for loader in (self.train_loader, self.val_loader):
+                stop_workers(loader)  # persistent workers: now, not at a later garbage collection
             # while an error propagates, a cleanup error (a full disk) must not replace it
             quiet = contextlib.suppress(OSError) if sys.exc_info()[1] else contextlib.nullcontext()
             self._restore_signal_handlers(previous_handlers)
