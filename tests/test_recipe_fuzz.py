@@ -5,8 +5,9 @@ The mutations are seeded, so every run tries the same recipes. They start from e
 delete keys, swap value types (text, empty text, unicode, numbers huge, negative and tiny, lists,
 mappings, null, booleans), add unknown keys, give the model and data factories wrong arguments,
 duplicate keys, damage the YAML syntax and add aliases (billion laughs among them). The cases run
-in one worker process that imports gradwise once and calls the real entry point, ``main()``; the
-test restarts it when a case hangs. A valid mutant trains one step on its (small) data.
+in two worker processes at once (CI's two cores) that import gradwise once and call the real entry
+point, ``main()``; the test restarts a worker when a case hangs. A valid mutant trains one step on its
+(small) data.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,7 @@ Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
 MUTANTS_PER_EXAMPLE = 35  # with the edge cases, 308 recipes: the suite stays inside its budget
 CASE_TIMEOUT_S = 60.0
+WORKERS = 2  # worker processes at once: CI has two cores, and pytest itself uses one
 FAST = ["--set", "train.max_steps=1", "--set", "tracking.mlflow=false"]
 FAST += ["--set", "tracking.tensorboard=false", "--set", "tracking.root=runs", "-q"]
 
@@ -185,11 +188,15 @@ def mutant(example: Path, index: int) -> str:
 # -- running the cases --------------------------------------------------------------------------
 
 _WORKER = """
-import contextlib, io, json, os, sys, time, traceback
+import contextlib, functools, io, json, os, sys, time, traceback
 os.environ["GRADWISE_DEBUG"] = "0"
+import typer.main
 from gradwise.cli import main
 from gradwise.errors import ConfigError
 from gradwise.recipe import Recipe, load_recipe
+# main() builds the click command from gradwise's typer app at each call (20 ms, half of a refusal);
+# a real process calls it once, so build it once here too: parsing and running stay per case
+typer.main.get_command = functools.cache(typer.main.get_command)
 real_stdout = sys.stdout
 for line in sys.stdin:
     case = json.loads(line)
@@ -356,10 +363,19 @@ def _loads(text: str) -> object:
 @pytest.mark.slow
 @pytest.mark.timeout(3000)
 def test_every_mutant_recipe_fails_with_one_line_or_trains(tmp_path):
-    outcomes: list[Outcome] = []
-    with Worker() as worker:
-        for name, text in _cases():
-            outcomes += _run_case(worker, name, text, tmp_path)
+    cases = _cases()
+
+    def run_share(i: int) -> list[Outcome]:  # every WORKERS-th case, in one worker process
+        with Worker() as worker:
+            return [
+                o
+                for name, text in cases[i::WORKERS]
+                for o in _run_case(worker, name, text, tmp_path)
+            ]
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        outcomes = [o for share in pool.map(run_share, range(WORKERS)) for o in share]
+    assert len(outcomes) == 2 * len(cases)
     failed = _report(outcomes)
     trained = sum(o.command == "train" and o.code == 0 for o in outcomes)
     refused = sum(o.command == "train" and o.code == 2 for o in outcomes)
@@ -372,14 +388,18 @@ def test_every_mutant_recipe_fails_with_one_line_or_trains(tmp_path):
 @pytest.mark.slow
 def test_a_sample_of_mutants_through_real_processes(tmp_path):
     cases = _cases()[7::24][:10]  # ten of them, across the examples
-    outcomes = []
-    for name, text in cases:
+
+    def run(case: tuple[str, str]) -> Outcome:
+        name, text = case
         case_dir = tmp_path / name
         case_dir.mkdir()
         (case_dir / "recipe.yaml").write_text(text, encoding="utf-8")
         start = time.monotonic()
         r = gradwise_cli("train", "recipe.yaml", *FAST, cwd=case_dir, timeout=180)
-        outcomes.append(Outcome(name, "train", r.returncode, r.stderr, time.monotonic() - start))
+        return Outcome(name, "train", r.returncode, r.stderr, time.monotonic() - start)
+
+    with ThreadPoolExecutor(WORKERS) as pool:  # WORKERS processes at once
+        outcomes = list(pool.map(run, cases))
     assert len(outcomes) == 10 and not _report(outcomes), _report(outcomes)
 
 
