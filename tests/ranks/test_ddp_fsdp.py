@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import gradwise_cli
+from conftest import gradwise_cli, gradwise_main
 
 import gradwise as gw
 from gradwise.checkpoint import list_checkpoints
@@ -126,7 +126,7 @@ def test_a_killed_rank_then_resume_equals_the_uninterrupted_run(tmp_path):
     )
 
 
-def test_cli_nproc_launches_torchrun_and_strategy_none_is_refused(tmp_path):
+def test_cli_nproc_launches_torchrun_and_strategy_none_is_refused(tmp_path, monkeypatch, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "model: {name: mlp}\ndata: {name: iris}\ntrain: {epochs: 1}\n"
@@ -139,9 +139,21 @@ def test_cli_nproc_launches_torchrun_and_strategy_none_is_refused(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("run directory:") == 1  # rank 0 reports
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["mlp-iris"]
-    refused = gradwise_cli(
-        "train", str(recipe), "--nproc", "2", "-q", "--set", "distributed.strategy=none",
-        cwd=tmp_path, env=env, timeout=240,
-    )  # fmt: skip
-    assert refused.returncode != 0
-    assert "distributed.strategy: got 'none'" in refused.stderr
+    # the launcher (in this process, torchrun not started) runs the same command without --nproc
+    # and exits with torchrun's status
+    refuse = ["train", str(recipe), "--nproc", "2", "-q", "--set", "distributed.strategy=none"]
+    launched = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: launched.append(cmd) or 1)
+    code, _, _ = gradwise_main(monkeypatch, capsys, *refuse)
+    assert code == 1 and len(launched) == 1
+    assert launched[0][:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nproc-per-node=2" in launched[0]
+    same = ["train", str(recipe), "-q", "--set", "distributed.strategy=none"]
+    assert launched[0][-7:] == ["-m", "gradwise", *same]
+    # each rank torchrun starts (its environment, here in this process) refuses strategy none
+    # before it joins the process group
+    for name, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = gradwise_main(monkeypatch, capsys, *refuse)
+    assert code == 2 and len(launched) == 1
+    assert "distributed.strategy: got 'none'" in err and "Traceback" not in err
