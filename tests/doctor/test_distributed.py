@@ -1,9 +1,10 @@
 """The Doctor under torch.distributed: real 2-process gloo runs on the CPU, DDP and FSDP2.
 
-Each test starts two processes the way torchrun does (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)
-running this file as a script; each rank trains a tiny MLP on its half of every global batch with
-Doctors attached and writes what they saw (findings, series, what it printed) to JSON. The test
-process compares that with one process training on the whole global batch.
+The tests start two processes once, the way torchrun does (MASTER_ADDR, MASTER_PORT, RANK,
+WORLD_SIZE), running this file as a script: the DDP scenarios, then FSDP2. Each rank trains a tiny
+MLP on its half of every global batch with Doctors attached and writes what they saw (findings,
+series, what it printed, each scenario's stderr apart) to JSON. The test process compares that with
+one process training on the whole global batch.
 """
 
 from __future__ import annotations
@@ -195,14 +196,22 @@ def _fsdp_phases(rank: int) -> dict:
     return {"own": _summary(own), "given": _summary(given), "sharded": sharded}
 
 
-def _worker(scenario: str, out_dir: str) -> None:
+PHASES = {"ddp": _ddp_phases, "fsdp": _fsdp_phases}
+SEPARATOR = "---- gradwise test: next scenario ----"  # between the scenarios' stderr
+
+
+def _worker(scenarios: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo")
+    result = {}
     try:
-        result = _ddp_phases(rank) if scenario == "ddp" else _fsdp_phases(rank)
+        for i, scenario in enumerate(scenarios.split(",")):
+            if i:
+                print(SEPARATOR, file=sys.stderr, flush=True)
+            result[scenario] = PHASES[scenario](rank)
         dist.barrier()  # both ranks done before either tears gloo down (else an abort at exit)
     finally:
         dist.destroy_process_group()
@@ -218,8 +227,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(scenario: str, tmp: Path) -> tuple[list[dict], list[str]]:
-    """Run ``scenario`` on 2 ranks; each rank's JSON result and its stderr."""
+def _launch(scenarios: list[str], tmp: Path) -> dict[str, tuple[list[dict], list[str]]]:
+    """Run the ``scenarios`` one after the other on the same 2 ranks (one start of two processes);
+    for each, each rank's JSON result and what it wrote to stderr."""
     port = _free_port()
     procs = []
     for rank in range(WORLD):
@@ -234,7 +244,7 @@ def _launch(scenario: str, tmp: Path) -> tuple[list[dict], list[str]]:
         }
         procs.append(
             subprocess.Popen(
-                [sys.executable, __file__, scenario, str(tmp)],
+                [sys.executable, __file__, ",".join(scenarios), str(tmp)],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -252,17 +262,28 @@ def _launch(scenario: str, tmp: Path) -> tuple[list[dict], list[str]]:
                 p.kill()
     for p, err in zip(procs, errs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)], errs
+    results = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    parts = [err.split(SEPARATOR + "\n") for err in errs]
+    assert all(len(p) == len(scenarios) for p in parts), errs
+    return {
+        scenario: ([r[scenario] for r in results], [p[i] for p in parts])
+        for i, scenario in enumerate(scenarios)
+    }
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory) -> tuple[list[dict], list[str]]:
-    return _launch("ddp", tmp_path_factory.mktemp("ddp"))
+def runs(tmp_path_factory) -> dict[str, tuple[list[dict], list[str]]]:
+    return _launch(["ddp", "fsdp"], tmp_path_factory.mktemp("ranks"))
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory) -> tuple[list[dict], list[str]]:
-    return _launch("fsdp", tmp_path_factory.mktemp("fsdp"))
+def ddp_run(runs) -> tuple[list[dict], list[str]]:
+    return runs["ddp"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(runs) -> tuple[list[dict], list[str]]:
+    return runs["fsdp"]
 
 
 def _reference() -> dict:
