@@ -1,10 +1,9 @@
 """The Doctor under torch.distributed: real 2-process gloo runs on the CPU, DDP and FSDP2.
 
-The tests start two processes once, the way torchrun does (MASTER_ADDR, MASTER_PORT, RANK,
-WORLD_SIZE), running this file as a script: the DDP scenarios, then FSDP2. Each rank trains a tiny
-MLP on its half of every global batch with Doctors attached and writes what they saw (findings,
-series, what it printed, each scenario's stderr apart) to JSON. The test process compares that with
-one process training on the whole global batch.
+Each test starts two processes the way torchrun does (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)
+running this file as a script; each rank trains a tiny MLP on its half of every global batch with
+Doctors attached and writes what they saw (findings, series, what it printed) to JSON. The test
+process compares that with one process training on the whole global batch.
 """
 
 from __future__ import annotations
@@ -196,22 +195,14 @@ def _fsdp_phases(rank: int) -> dict:
     return {"own": _summary(own), "given": _summary(given), "sharded": sharded}
 
 
-PHASES = {"ddp": _ddp_phases, "fsdp": _fsdp_phases}
-SEPARATOR = "---- gradwise test: next scenario ----"  # between the scenarios' stderr
-
-
-def _worker(scenarios: str, out_dir: str) -> None:
+def _worker(scenario: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo")
-    result = {}
     try:
-        for i, scenario in enumerate(scenarios.split(",")):
-            if i:
-                print(SEPARATOR, file=sys.stderr, flush=True)
-            result[scenario] = PHASES[scenario](rank)
+        result = _ddp_phases(rank) if scenario == "ddp" else _fsdp_phases(rank)
         dist.barrier()  # both ranks done before either tears gloo down (else an abort at exit)
     finally:
         dist.destroy_process_group()
@@ -227,9 +218,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(scenarios: list[str], tmp: Path) -> dict[str, tuple[list[dict], list[str]]]:
-    """Run the ``scenarios`` one after the other on the same 2 ranks (one start of two processes);
-    for each, each rank's JSON result and what it wrote to stderr."""
+def _launch(scenario: str, tmp: Path) -> tuple[list[dict], list[str]]:
+    """Run ``scenario`` on 2 ranks; each rank's JSON result and its stderr."""
     port = _free_port()
     procs = []
     for rank in range(WORLD):
@@ -244,7 +234,7 @@ def _launch(scenarios: list[str], tmp: Path) -> dict[str, tuple[list[dict], list
         }
         procs.append(
             subprocess.Popen(
-                [sys.executable, __file__, ",".join(scenarios), str(tmp)],
+                [sys.executable, __file__, scenario, str(tmp)],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -262,28 +252,17 @@ def _launch(scenarios: list[str], tmp: Path) -> dict[str, tuple[list[dict], list
                 p.kill()
     for p, err in zip(procs, errs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    results = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    parts = [err.split(SEPARATOR + "\n") for err in errs]
-    assert all(len(p) == len(scenarios) for p in parts), errs
-    return {
-        scenario: ([r[scenario] for r in results], [p[i] for p in parts])
-        for i, scenario in enumerate(scenarios)
-    }
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)], errs
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, tuple[list[dict], list[str]]]:
-    return _launch(["ddp", "fsdp"], tmp_path_factory.mktemp("ranks"))
+def ddp_run(tmp_path_factory) -> tuple[list[dict], list[str]]:
+    return _launch("ddp", tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.fixture(scope="module")
-def ddp_run(runs) -> tuple[list[dict], list[str]]:
-    return runs["ddp"]
-
-
-@pytest.fixture(scope="module")
-def fsdp_run(runs) -> tuple[list[dict], list[str]]:
-    return runs["fsdp"]
+def fsdp_run(tmp_path_factory) -> tuple[list[dict], list[str]]:
+    return _launch("fsdp", tmp_path_factory.mktemp("fsdp"))
 
 
 def _reference() -> dict:
