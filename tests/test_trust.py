@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import QUIET, gradwise_cli, gradwise_main, mlp
+from conftest import QUIET, gradwise_cli, mlp
 
 import gradwise as gw
 from gradwise.errors import ConfigError
@@ -96,26 +95,19 @@ def test_cli_export_refuses_a_run_directory_that_names_a_hostile_module(workdir,
     assert not (workdir / "PWNED").exists() and not (run / "export").exists()
 
 
-def test_cli_resume_export_and_bench_a_trusted_run(in_workdir, tmp_path, monkeypatch, capsys):
-    # gradwise's entry point in this process, in the project folder (the tests above run each
-    # command in a real process); sys.path comes back as it was
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        code, out, err = gradwise_main(monkeypatch, capsys, *args)
-        return subprocess.CompletedProcess(args, 0 if code is None else code, out, err)
-
+def test_cli_resume_export_and_bench_a_trusted_run(workdir, tmp_path):
     run = tmp_path / "custom"
-    shutil.copytree(in_workdir / "runs" / "custom", run)
-    resumed = cli("resume", str(run), "-q", "--trust")
+    shutil.copytree(workdir / "runs" / "custom", run)
+    resumed = gradwise_cli("resume", str(run), "-q", "--trust", cwd=workdir, env=SAFE_PATH)
     assert resumed.returncode == 0, resumed.stderr
     assert "finished" in resumed.stdout
-    exported = cli("export", str(run), "-f", "torch-export", "-o", str(tmp_path / "pt2"), "--trust")
+    args = ("export", str(run), "-f", "torch-export", "-o", str(tmp_path / "pt2"))
+    exported = gradwise_cli(*args, "--trust", cwd=workdir, env=SAFE_PATH)
     assert exported.returncode == 0, exported.stderr
     bench = ("bench", str(tmp_path / "pt2"), "--batch-sizes", "2", "--seconds", "0.02")
-    # the card's recipe names the user's module: rebuilding eager PyTorch needs trust, even where
-    # the module is importable (as `python -m gradwise` puts the current directory on sys.path)
-    monkeypatch.syspath_prepend(str(in_workdir))
-    one_error_line(cli(*bench), "model.name", "trust_models_gw:build")
-    trusted = cli(*bench, "--trust")
+    # the card's recipe names the user's module: rebuilding eager PyTorch needs trust
+    one_error_line(gradwise_cli(*bench, cwd=workdir), "model.name", "trust_models_gw:build")
+    trusted = gradwise_cli(*bench, "--trust", cwd=workdir, env=SAFE_PATH)
     assert trusted.returncode == 0, trusted.stderr
     assert "eager" in trusted.stdout and "torch-export" in trusted.stdout
 
