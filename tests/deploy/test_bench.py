@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QUIET, gradwise_cli, gradwise_main
+from conftest import QUIET, gradwise_cli
 
 import gradwise as gw
 from gradwise.deploy import bench, export
@@ -107,7 +107,7 @@ def test_bench_bad_input(exported, tmp_path):
         bench(tmp_path)
 
 
-def test_cli_bench(exported, tmp_path, monkeypatch, capsys):
+def test_cli_bench(exported, tmp_path):
     result = gradwise_cli(
         "bench", str(exported), "--batch-sizes", "1,4", "--threads", "1", "--seconds", "0.05",
         "--json", "bench.json", cwd=tmp_path,
@@ -118,8 +118,5 @@ def test_cli_bench(exported, tmp_path, monkeypatch, capsys):
     assert {(r["backend"], r["batch_size"]) for r in rows} == {
         (b, n) for b in BACKENDS for n in (1, 4)
     }
-    # bad input in this process (the run above is the real one)
-    code, _, err = gradwise_main(
-        monkeypatch, capsys, "bench", str(exported), "--batch-sizes", "one"
-    )
-    assert code == 2 and err.startswith("error: --batch-sizes")
+    bad = gradwise_cli("bench", str(exported), "--batch-sizes", "one", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --batch-sizes")

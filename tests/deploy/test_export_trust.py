@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, gradwise_main
+from conftest import QUIET, gradwise_cli
 
 import gradwise as gw
 from gradwise.deploy import bench, export, load_card, load_reference, load_runner
@@ -60,7 +60,7 @@ def copy(quantized, tmp_path) -> Path:
 # -- card paths stay inside the export directory ------------------------------------------------
 
 
-def test_an_artifact_outside_the_directory_is_refused(copy, tmp_path, monkeypatch, capsys):
+def test_an_artifact_outside_the_directory_is_refused(copy, tmp_path):
     outside = tmp_path / "outside.onnx"
     shutil.copy(copy / "model.onnx", outside)
     edit_card(copy, artifact="../outside.onnx")
@@ -69,9 +69,9 @@ def test_an_artifact_outside_the_directory_is_refused(copy, tmp_path, monkeypatc
     edit_card(copy, artifact=str(outside))  # absolute
     with pytest.raises(ConfigError, match=r"model\.json: artifact: got '/"):
         bench(copy, **FAST)
-    code, _, err = gradwise_main(monkeypatch, capsys, "bench", str(copy), "--seconds", "0.02")
-    assert code == 2 and err.startswith("error: model.json: artifact")
-    assert err.strip().count("\n") == 0
+    result = gradwise_cli("bench", str(copy), "--seconds", "0.02")
+    assert result.returncode == 2 and result.stderr.startswith("error: model.json: artifact")
+    assert result.stderr.strip().count("\n") == 0
 
 
 def test_symbolic_links_that_lead_out_are_refused(copy, tmp_path):
@@ -106,7 +106,7 @@ def test_the_int8_artifact_is_confined_and_checked_too(copy):
         load_card(copy)
 
 
-def test_a_card_without_sha256_is_refused_everywhere(copy, monkeypatch, capsys):
+def test_a_card_without_sha256_is_refused_everywhere(copy):
     from gradwise.deploy.serve import create_app
 
     edit_card(copy, sha256=None)
@@ -116,8 +116,8 @@ def test_a_card_without_sha256_is_refused_everywhere(copy, monkeypatch, capsys):
         create_app(copy)
     with pytest.raises(ConfigError, match=r"model\.json: sha256"):
         gw.deploy.register(copy, "unsigned")
-    code, _, err = gradwise_main(monkeypatch, capsys, "bench", str(copy), "--seconds", "0.02")
-    assert code == 2 and err.startswith("error: model.json: sha256")
+    result = gradwise_cli("bench", str(copy), "--seconds", "0.02")
+    assert result.returncode == 2 and result.stderr.startswith("error: model.json: sha256")
 
 
 def test_bench_measures_only_the_int8_model_its_card_vouches_for(copy):
@@ -129,9 +129,7 @@ def test_bench_measures_only_the_int8_model_its_card_vouches_for(copy):
 # -- pickled artifacts load only from the ledger ------------------------------------------------
 
 
-def test_a_pt2_not_written_by_gradwise_is_refused_unless_trusted(
-    runs, tmp_path, monkeypatch, capsys
-):
+def test_a_pt2_not_written_by_gradwise_is_refused_unless_trusted(runs, tmp_path):
     out = export(runs[0], "torch-export", out=tmp_path / "pt2").dir
     assert load_runner(out / "model.pt2")(torch.zeros(2, 4).numpy()).shape == (2, 3)
     # a hostile directory: its own .pt2, and a card that vouches for it
@@ -140,10 +138,9 @@ def test_a_pt2_not_written_by_gradwise_is_refused_unless_trusted(
     edit_card(out, sha256=sha256_file(out / "model.pt2"))
     with pytest.raises(UntrustedError, match="not in the ledger"):
         load_runner(out / "model.pt2")
-    args = ("bench", str(out), "--seconds", "0.02", "--batch-sizes", "2")
-    code, _, err = gradwise_main(monkeypatch, capsys, *args)
-    assert code == 2 and err.startswith("error: artifact: got ")
-    assert "model.pt2" in err and "--trust" in err
+    result = gradwise_cli("bench", str(out), "--seconds", "0.02", "--batch-sizes", "2")
+    assert result.returncode == 2 and result.stderr.startswith("error: artifact: got ")
+    assert "model.pt2" in result.stderr and "--trust" in result.stderr
     rows = bench(out, trust=True, **FAST).rows
     assert [r["backend"] for r in rows] == ["eager", "torch-export"]
 
@@ -169,10 +166,8 @@ def test_reexport_keeps_the_int8_model_of_the_same_weights_and_removes_a_stale_o
     ]
 
 
-def test_cli_export_says_what_became_of_the_int8_model(
-    runs, quantized, tmp_path, monkeypatch, capsys
-):
+def test_cli_export_says_what_became_of_the_int8_model(runs, quantized, tmp_path):
     out = shutil.copytree(quantized, tmp_path / "onnx")
-    code, stdout, err = gradwise_main(monkeypatch, capsys, "export", str(runs[1]), "-o", str(out))
-    assert code in (0, None), err
-    assert "removed model.int8.onnx of the previous export" in stdout
+    result = gradwise_cli("export", str(runs[1]), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "removed model.int8.onnx of the previous export" in result.stdout
