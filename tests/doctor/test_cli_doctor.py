@@ -1,9 +1,7 @@
-"""gradwise check and gradwise report through the real command line (a healthy check and a report
-in real processes, the rest through gradwise's entry point in this process)."""
+"""gradwise check and gradwise report through the real command line."""
 
 from __future__ import annotations
 
-import sys
 import textwrap
 
 from conftest import gradwise_cli, gradwise_main
@@ -49,28 +47,31 @@ def test_check_reports_a_recipe_lr_above_the_range_tests_divergence(tmp_path, mo
     )
 
 
-def test_check_exits_1_on_an_error_finding(tmp_path, monkeypatch, capsys):
+def test_check_exits_1_on_an_error_finding(tmp_path):
     (tmp_path / "user_models.py").write_text(SOFTMAX_MODEL)
     recipe = tmp_path / "softmax.yaml"
     recipe.write_text("model: {name: 'user_models:softmax_head'}\ndata: {name: iris}\n")
-    monkeypatch.syspath_prepend(str(tmp_path))  # as PYTHONPATH would: user_models is importable
-    monkeypatch.delitem(sys.modules, "user_models", raising=False)  # another test's
-    code, out, err = gradwise_main(monkeypatch, capsys, "check", str(recipe), "--no-lr-range")
-    assert code == 1, out + err
-    assert "GW201" in out
+    result = gradwise_cli(
+        "check", str(recipe), "--no-lr-range", cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)}
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "GW201" in result.stdout
 
 
-def test_report_for_a_trained_run(tmp_path, monkeypatch, capsys):
+def test_report_for_a_trained_run(tmp_path):
     recipe = tmp_path / "iris.yaml"
     recipe.write_text(
         "model: {name: mlp, kwargs: {hidden: [16]}}\ndata: {name: iris}\ntracking: {mlflow: false}\n"
     )
-    train = ("train", str(recipe), "--set", "epochs=2", "--name", "r", "-q")
-    code, _, err = gradwise_main(monkeypatch, capsys, *train)
-    assert code in (0, None), err
+    assert (
+        gradwise_cli(
+            "train", str(recipe), "--set", "epochs=2", "--name", "r", "-q", cwd=tmp_path
+        ).returncode
+        == 0
+    )
     result = gradwise_cli("report", "runs/r", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     html = (tmp_path / "runs" / "r" / "report.html").read_text()
     assert "<svg" in html and "healthy" in html.lower()
-    code, _, err = gradwise_main(monkeypatch, capsys, "report", "runs/nope")
-    assert code == 2 and "run directory" in err
+    missing = gradwise_cli("report", "runs/nope", cwd=tmp_path)
+    assert missing.returncode == 2 and "run directory" in missing.stderr
