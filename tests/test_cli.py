@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import gradwise_cli, gradwise_main
+from conftest import gradwise_cli
 
 import gradwise as gw
 from gradwise.tracking import list_runs
@@ -64,19 +64,15 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize(("recipe", "extra", "names", "expects"), BAD_INPUT)
-def test_bad_input_exits_2_with_one_clear_message(
-    tmp_path, monkeypatch, capsys, recipe, extra, names, expects
-):
-    # gradwise's entry point in this process (a subprocess would import torch again for each case);
-    # the tests below and test_recipe_fuzz's real-process sample check the one line in real processes
+def test_bad_input_exits_2_with_one_clear_message(tmp_path, recipe, extra, names, expects):
     path = _write(tmp_path, recipe)
-    monkeypatch.syspath_prepend(str(tmp_path))  # as PYTHONPATH would: user_models is importable
-    monkeypatch.delitem(sys.modules, "user_models", raising=False)  # another case's
-    code, _, err = gradwise_main(monkeypatch, capsys, "train", str(path), *extra)
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    result = gradwise_cli(
+        "train", str(path), *extra, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)}
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert names in lines[0] and expects in lines[0], lines[0]
     assert not any(run.state == "finished" for run in list_runs(tmp_path / "runs"))
 
@@ -122,7 +118,7 @@ def test_import_gradwise_is_lazy():
     )
 
 
-def test_train_then_list_runs(tmp_path, monkeypatch, capsys):
+def test_train_then_list_runs(tmp_path):
     path = _write(
         tmp_path,
         "model: {name: mlp, kwargs: {hidden: [16]}}\ndata: {name: iris}\ntracking: {mlflow: false, tensorboard: false}\n",
@@ -132,23 +128,25 @@ def test_train_then_list_runs(tmp_path, monkeypatch, capsys):
     )
     assert result.returncode == 0, result.stderr
     assert "best val_accuracy" in result.stdout and "runs/iris-quick" in result.stdout
-    code, listing, _ = gradwise_main(monkeypatch, capsys, "runs")  # in this process
-    assert code in (0, None) and "iris-quick" in listing and "finished" in listing
+    listing = gradwise_cli("runs", cwd=tmp_path)
+    assert (
+        listing.returncode == 0 and "iris-quick" in listing.stdout and "finished" in listing.stdout
+    )
     assert "the advisor was not asked" in result.stderr  # the run says where its settings came from
     assert not (tmp_path / "runs" / "iris-quick" / "advice.json").exists()
 
 
-def test_train_with_advise_chooses_like_the_python_api(tmp_path, monkeypatch, capsys):
+def test_train_with_advise_chooses_like_the_python_api(tmp_path):
     path = _write(
         tmp_path,
         "model: {name: mlp, kwargs: {hidden: [16]}}\ndata: {name: iris}\noptim: {lr: 0.02}\n"
         "tracking: {mlflow: false, tensorboard: false}\n",
     )
-    args = ("train", str(path), "--advise", "--set", "epochs=1", "--name", "adv", "-q")
-    # in this process: test_train_then_list_runs trains in a real one
-    code, _, err = gradwise_main(monkeypatch, capsys, *args)
-    assert code in (0, None), err
-    assert "advised for this model and data" in err
+    result = gradwise_cli(
+        "train", str(path), "--advise", "--set", "epochs=1", "--name", "adv", "-q", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "advised for this model and data" in result.stderr
     run = tmp_path / "runs" / "adv"
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     assert recipe["optim"]["lr"] == 0.02 and recipe["train"]["epochs"] == 1  # the user's win
@@ -205,11 +203,9 @@ def test_a_python_loss_that_returns_no_scalar_is_a_config_error(blobs):
         ).fit()
 
 
-def test_train_quick_check_keeps_nothing(tmp_path, monkeypatch, capsys):
+def test_train_quick_check_keeps_nothing(tmp_path):
     path = _write(tmp_path, "model: {name: mlp, kwargs: {hidden: [8]}}\ndata: {name: iris}\n")
-    code, out, err = gradwise_main(
-        monkeypatch, capsys, "train", str(path), "--quick-check", "2", "-q"
-    )
-    assert code in (0, None), err
-    assert "quick check passed: 2 training steps" in out
+    result = gradwise_cli("train", str(path), "--quick-check", "2", "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "quick check passed: 2 training steps" in result.stdout
     assert not (tmp_path / "runs").exists()
