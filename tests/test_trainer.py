@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -142,12 +140,10 @@ def test_fit_stops_its_persistent_data_loader_workers(blobs, tmp_path):
     steps = trainer.fit().steps
     workers = {int(p) for p in pids.read_text().split()} - {os.getpid()}
     assert len(workers) == 2  # one per loader, kept across the epochs (persistent)
-    for pid in workers:  # stopped and reaped by fit, not at some later garbage collection
+    # stopped and reaped by fit, not at some later garbage collection (which waited 5 s for each)
+    for pid in workers:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
-    start = time.perf_counter()
-    gc.collect()  # a collection used to wait 5 s for each worker the trainer left running
-    assert time.perf_counter() - start < 2.0
     assert trainer.fit().steps == steps  # the loaders start new workers when used again
 
 
