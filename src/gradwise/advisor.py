@@ -1283,17 +1283,13 @@ def _get(recipe: Recipe, path: str) -> Any:
     return value
 
 
-PROBE_BUDGET_NOTE = (
-    "not probed: {steps} optimizer steps are too few to try three rates within a tenth of them"
-)
-
-
 def probe_lr(
     advice: list[Advice], model: Any, dataset: Any, loss_fn: Any, f: Facts, seed: int = 0
 ) -> list[Advice]:
     """Replace the rule's learning rate with a budgeted probe of rates around it
     (:mod:`gradwise.lr_probe`), run on private copies of ``model``; the evidence goes with it."""
     from gradwise.lr_probe import probe_lr as probe
+    from gradwise.lr_probe import too_short
     from gradwise.recipe import OptimSpec, ScheduleSpec
 
     chosen = {a.setting: a.value for a in advice}
@@ -1325,8 +1321,8 @@ def probe_lr(
     )
     rule = next(a for a in advice if a.setting == "optim.lr")
     if result is None:
-        share = PROBE_BUDGET_NOTE.format(steps=run_steps)
-        return [replace(a, why=f"{a.why}; {share}") if a is rule else a for a in advice]
+        why = f"{rule.why}; {too_short(run_steps)}"
+        return [replace(a, why=why) if a is rule else a for a in advice]
     why = f"{result.summary()}; the rule of thumb said {rule.value:g} ({rule.why})"
     refs = [REFS["halving"], *rule.references]
     probed = Advice("optim.lr", result.chosen, why, refs, result.to_dict())
